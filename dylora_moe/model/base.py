@@ -1,0 +1,47 @@
+"""Loading the frozen base model and its tokenizer by name, local path or the shipped default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ConfigError
+
+# The shipped, pretrained tiny Llama (see models/tiny-python-lm/README.md).
+DEFAULT_MODEL_NAME = "tiny-python-lm"
+_SHIPPED_MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory for shipped or local models; otherwise the hub id unchanged."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    shipped = _SHIPPED_MODELS / name.removeprefix("dylora/")
+    if shipped.is_dir():
+        return str(shipped)
+    return name
+
+
+def load_base_model(name: str, dtype=None, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"cannot load base model {name!r}: {err}. Give a Hugging Face hub id (reachable or cached), "
+            f"a local model directory, or {DEFAULT_MODEL_NAME!r} for the shipped model."
+        ) from err
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load the tokenizer of {name!r}: {err}.") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,69 @@
+"""Configuration of a DyLoRA-MoE mixture (what defines its architecture, plus loss weights)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..errors import ConfigError
+
+DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class DyLoRAConfig:
+    num_experts: int = 4
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] | str = DEFAULT_TARGET_MODULES
+    top_k: int = 1
+    router_temperature: float = 2.0
+    balance_coefficient: float = 0.01
+    z_loss_coefficient: float = 0.0
+    base_model_name_or_path: str | None = None
+    mature: list[bool] = field(default_factory=list)  # filled in by the model
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+            self.target_modules = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+        elif isinstance(self.target_modules, list):
+            self.target_modules = tuple(self.target_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ConfigError(f"num_experts={self.num_experts!r} is invalid: the mixture needs at least 1 expert.")
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"lora_r={self.r!r} is invalid: the LoRA rank must be an integer >= 1.")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora_alpha={self.alpha!r} is invalid: it must be > 0 (scaling is alpha / r).")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora_dropout={self.dropout!r} is invalid: it must be in [0, 1).")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(
+                f"top_k={self.top_k!r} is invalid with num_experts={self.num_experts}: "
+                f"choose an integer from 1 to {self.num_experts}."
+            )
+        if self.router_temperature <= 0:
+            raise ConfigError(f"router_temperature={self.router_temperature!r} is invalid: it must be > 0.")
+        if self.balance_coefficient < 0 or self.z_loss_coefficient < 0:
+            raise ConfigError(
+                f"balance_coefficient={self.balance_coefficient!r} / z_loss_coefficient="
+                f"{self.z_loss_coefficient!r}: auxiliary loss coefficients must be >= 0."
+            )
+        if not self.target_modules:
+            raise ConfigError(
+                "target_modules is empty: give module names such as 'q_proj,v_proj' or 'all-linear'."
+            )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if isinstance(self.target_modules, tuple):
+            d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DyLoRAConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)

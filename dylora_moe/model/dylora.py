@@ -1,0 +1,266 @@
+"""``DyLoRAMoE``: a frozen Hugging Face causal LM with routed LoRA experts injected in place.
+
+Like PEFT's LoRA tuner, the base keeps its own modules; each target linear is replaced by a
+:class:`MoELoRALinear` that holds the original as ``base_layer``. Nothing of the base is trained
+or copied (tied embeddings stay tied). Only experts, routers and maturity flags are state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import ConfigError
+from .base import load_base_model
+from .config import ALL_LINEAR, DyLoRAConfig
+from .moe_lora import MoELoRALinear
+from .router import RouterStats, RoutingState
+
+CONFIG_NAME = "dylora_config.json"
+WEIGHTS_NAME = "dylora_model.safetensors"
+MATURITY_KEY = "routing.mature"
+ADMISSION_KEY = "routing.admission"
+
+
+@dataclass
+class DyLoRAOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None  # lm_loss + coefficients x auxiliary losses
+    lm_loss: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    router_stats: RouterStats | None = None
+
+
+def _is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def find_target_modules(model: nn.Module, targets: Sequence[str] | str) -> list[str]:
+    """Full names of the modules to adapt; unknown names are an error listing what exists."""
+    candidates = {name: m for name, m in model.named_modules() if name and _is_adaptable(m)}
+    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if targets == ALL_LINEAR:
+        return [n for n, m in candidates.items() if m is not output_layer]
+    chosen, unknown = [], []
+    for target in targets:
+        hits = [n for n in candidates if n == target or n.endswith("." + target)]
+        (chosen.extend(hits) if hits else unknown.append(target))
+    if unknown:
+        leaf_names = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        raise ConfigError(
+            f"target module(s) {', '.join(repr(u) for u in unknown)} not found among the linear layers "
+            f"of {type(model).__name__}. Known names: {', '.join(leaf_names)}; or use '{ALL_LINEAR}'."
+        )
+    return sorted(set(chosen), key=list(candidates).index)
+
+
+class DyLoRAMoE(nn.Module):
+    def __init__(self, base_model: PreTrainedModel | str, config: DyLoRAConfig | None = None, **base_kwargs):
+        super().__init__()
+        config = config or DyLoRAConfig()
+        if isinstance(base_model, (str, os.PathLike)):
+            config.base_model_name_or_path = str(base_model)
+            base_model = load_base_model(str(base_model), **base_kwargs)
+        elif config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(base_model.config, "_name_or_path", None) or None
+        if any(isinstance(m, MoELoRALinear) for m in base_model.modules()):
+            raise ConfigError("this base model already carries DyLoRA-MoE experts; load a fresh copy of the base.")
+        self.config = config
+        self.base_model = base_model
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+
+        mature = torch.tensor(config.mature or [False] * config.num_experts, dtype=torch.bool)
+        if mature.numel() != config.num_experts:
+            raise ConfigError(f"maturity has {mature.numel()} flags for {config.num_experts} experts.")
+        self.routing = RoutingState(
+            mature=mature,
+            admission=torch.ones(config.num_experts),
+            top_k=config.top_k,
+            temperature=config.router_temperature,
+        )
+        self.adapted_names = find_target_modules(base_model, config.target_modules)
+        for name in self.adapted_names:
+            parent_name, _, child = name.rpartition(".")
+            parent = base_model.get_submodule(parent_name) if parent_name else base_model
+            layer = MoELoRALinear(getattr(parent, child), self.routing, config.r, config.alpha, config.dropout)
+            setattr(parent, child, layer)
+        self._sync_config()
+
+    # ------------------------------------------------------------------ structure
+    def adapted_layers(self) -> Iterable[tuple[str, MoELoRALinear]]:
+        for name in self.adapted_names:
+            yield name, self.base_model.get_submodule(name)
+
+    @property
+    def num_experts(self) -> int:
+        return self.routing.num_experts
+
+    def _sync_config(self) -> None:
+        self.config.num_experts = self.num_experts
+        self.config.mature = [bool(m) for m in self.routing.mature]
+
+    def add_expert(self) -> int:
+        """Grow the mixture by one immature expert and return its index.
+
+        The new expert has B = 0 and admission 0, so outputs are unchanged as long as the routing
+        mode is (growing a fully mature mixture switches it back to dense routing, by design).
+        Phase it in with :meth:`admit_expert`.
+        """
+        for _, layer in self.adapted_layers():
+            layer.add_expert()
+        self.routing.mature = torch.cat([self.routing.mature, torch.zeros(1, dtype=torch.bool)])
+        self.routing.admission = torch.cat([self.routing.admission, torch.zeros(1)])
+        self._sync_config()
+        return self.num_experts - 1
+
+    def admit_expert(self, expert: int, admission: float = 1.0) -> None:
+        """Set how far a grown expert takes part in routing, from 0 (not at all) to 1 (fully)."""
+        if not 0 <= expert < self.num_experts:
+            raise ConfigError(f"expert index {expert} is out of range: the mixture has {self.num_experts} experts.")
+        if not 0.0 <= admission <= 1.0:
+            raise ConfigError(f"admission={admission!r} is invalid: it must be in [0, 1].")
+        self.routing.admission[expert] = admission
+
+    def set_maturity(self, experts: int | Sequence[int] | None = None, mature: bool = True) -> None:
+        """Mark experts (all when None) mature or immature; all mature switches routing to top-k."""
+        index = range(self.num_experts) if experts is None else [experts] if isinstance(experts, int) else experts
+        for e in index:
+            if not 0 <= e < self.num_experts:
+                raise ConfigError(f"expert index {e} is out of range: the mixture has {self.num_experts} experts.")
+            self.routing.mature[e] = mature
+        self._sync_config()
+
+    # ------------------------------------------------------------------ compute
+    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs) -> DyLoRAOutput:
+        token_mask = attention_mask.bool() if attention_mask is not None else None
+        self.routing.start_collecting(token_mask)
+        try:
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        finally:
+            stats = self.routing.stop_collecting()
+        result = DyLoRAOutput(logits=out.logits, router_stats=stats)
+        if labels is not None:
+            zero = out.loss.new_zeros(())
+            result.lm_loss = out.loss
+            result.balance_loss = stats.balance_loss if stats else zero
+            result.z_loss = stats.z_loss if stats else zero
+            result.loss = (
+                out.loss
+                + self.config.balance_coefficient * result.balance_loss
+                + self.config.z_loss_coefficient * result.z_loss
+            )
+        return result
+
+    def generate(self, *args, **kwargs):
+        """The base model's own ``generate`` (KV cache included); every new token is routed."""
+        return self.base_model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ state
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Experts, routers, maturity and admission: all training changes, nothing of the base."""
+        state = {}
+        for name, layer in self.adapted_layers():
+            state[f"{name}.lora_A"] = layer.lora_A.detach()
+            state[f"{name}.lora_B"] = layer.lora_B.detach()
+            state[f"{name}.router.weight"] = layer.router.weight.detach()
+        state[MATURITY_KEY] = self.routing.mature.clone()
+        state[ADMISSION_KEY] = self.routing.admission.clone()
+        return state
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.trainable_state_dict())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ConfigError(
+                f"trainable state does not match this mixture: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}."
+            )
+        mature = state[MATURITY_KEY].bool()
+        if mature.numel() != self.num_experts:
+            raise ConfigError(f"state has {mature.numel()} experts but the mixture has {self.num_experts}.")
+        with torch.no_grad():
+            for name, layer in self.adapted_layers():
+                for key, param in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("router.weight", layer.router.weight)):
+                    value = state[f"{name}.{key}"]
+                    if value.shape != param.shape:
+                        raise ConfigError(f"{name}.{key} has shape {tuple(value.shape)}, expected {tuple(param.shape)}.")
+                    param.copy_(value)
+        self.routing.mature.copy_(mature)
+        self.routing.admission.copy_(state[ADMISSION_KEY].float())
+        self._sync_config()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._sync_config()
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        state = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, base_model: PreTrainedModel | None = None, **base_kwargs):
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file():
+            raise ConfigError(f"{directory} is not a saved DyLoRA-MoE model: {CONFIG_NAME} is missing.")
+        config = DyLoRAConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        if base_model is None:
+            if not config.base_model_name_or_path:
+                raise ConfigError(f"{directory / CONFIG_NAME} names no base model; pass base_model=.")
+            base_model = load_base_model(config.base_model_name_or_path, **base_kwargs)
+        model = cls(base_model, config)
+        model.load_trainable_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        return model
+
+    # ------------------------------------------------------------------ interop
+    def force_expert(self, expert: int | None) -> None:
+        """Route every token to one expert (None restores learned routing)."""
+        if expert is not None and not 0 <= expert < self.num_experts:
+            raise ConfigError(f"expert index {expert} is out of range: the mixture has {self.num_experts} experts.")
+        self.routing.forced_expert = expert
+
+    def export_expert(self, expert: int, directory: str | os.PathLike) -> Path:
+        """Write expert ``expert`` as a standard PEFT LoRA adapter loadable by ``PeftModel``."""
+        from peft import LoraConfig
+
+        if not 0 <= expert < self.num_experts:
+            raise ConfigError(f"expert index {expert} is out of range: the mixture has {self.num_experts} experts.")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        layers = list(self.adapted_layers())
+        fan_in_fan_out = {layer.fan_in_fan_out for _, layer in layers}
+        if len(fan_in_fan_out) > 1:
+            raise ConfigError("cannot export a mixture that adapts both Linear and Conv1D layers as one PEFT adapter.")
+        peft_config = LoraConfig(
+            r=self.config.r,
+            lora_alpha=self.config.alpha,
+            lora_dropout=self.config.dropout,
+            target_modules=[name for name, _ in layers],
+            fan_in_fan_out=fan_in_fan_out.pop(),
+            base_model_name_or_path=self.config.base_model_name_or_path,
+            task_type="CAUSAL_LM",
+        )
+        peft_config.save_pretrained(str(directory))
+        tensors = {}
+        for name, layer in layers:
+            A, B = layer.expert_weights(expert)
+            tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().contiguous().cpu()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().contiguous().cpu()
+        save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+        return directory
+
+
+__all__ = ["DyLoRAMoE", "DyLoRAConfig", "DyLoRAOutput", "find_target_modules"]

@@ -1,0 +1,94 @@
+"""The fused mixture-of-LoRA-experts linear layer.
+
+For a frozen linear ``W`` and E experts of rank r with stacked ``A`` (E·r x in) and
+``B`` (out x E·r), a token x with gate g (E,) gets
+
+    y = W x  +  (alpha / r) · B · (g ⊗ 1_r  ⊙  A · dropout(x))
+
+i.e. one rank-E·r LoRA whose rank-space activations are scaled by the gate of the expert they
+belong to. That is two GEMMs for all experts together: no loop over experts and no second pass
+of the base model. ``B`` starts at zero, so a fresh mixture is exactly the base.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+from .router import HybridRouter, RoutingState
+
+
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an ``nn.Linear`` or GPT-2 style ``Conv1D``."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    raise TypeError(f"cannot adapt {type(layer).__name__}: only nn.Linear and Conv1D are supported")
+
+
+class MoELoRALinear(nn.Module):
+    """Wraps ``base_layer`` (kept frozen and untouched) and adds E routed LoRA experts."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        state: RoutingState,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = linear_shape(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.r = r
+        self.scaling = alpha / r
+        self.state = state
+        num_experts = state.num_experts
+        weight = next(base_layer.parameters())
+        factory = {"device": weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Parameter(torch.empty(num_experts * r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, num_experts * r, **factory))
+        for e in range(num_experts):
+            self._init_A(e)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.router = HybridRouter(self.in_features, state).to(weight.device)
+
+    @property
+    def num_experts(self) -> int:
+        return self.lora_A.shape[0] // self.r
+
+    def _init_A(self, expert: int) -> None:
+        # Same initialisation as PEFT's default LoRA A (kaiming uniform, a=sqrt(5)).
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A[expert * self.r : (expert + 1) * self.r], a=math.sqrt(5))
+
+    def add_expert(self) -> None:
+        """Append one expert: fresh A rows, zero B columns (outputs unchanged), a router row."""
+        r = self.r
+        new_A = torch.empty(r, self.in_features, dtype=self.lora_A.dtype, device=self.lora_A.device)
+        nn.init.kaiming_uniform_(new_A, a=math.sqrt(5))
+        new_B = torch.zeros(self.out_features, r, dtype=self.lora_B.dtype, device=self.lora_B.device)
+        self.lora_A = nn.Parameter(torch.cat([self.lora_A.data, new_A], dim=0))
+        self.lora_B = nn.Parameter(torch.cat([self.lora_B.data, new_B], dim=1))
+        self.router.add_expert()
+
+    def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_e of shape r x in, B_e of shape out x r) of one expert."""
+        rows = slice(expert * self.r, (expert + 1) * self.r)
+        return self.lora_A[rows], self.lora_B[:, rows]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        gate = self.router(x)  # (..., E)
+        h = self.lora_dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()  # (..., E·r)
+        h = (h.unflatten(-1, (self.num_experts, self.r)) * gate.unsqueeze(-1).to(h.dtype)).flatten(-2)
+        update = (h @ self.lora_B.t()) * self.scaling
+        return result + update.to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, r={self.r}"

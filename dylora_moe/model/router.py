@@ -1,0 +1,160 @@
+"""The hybrid token router and its auxiliary losses.
+
+Each adapted layer owns a router that reads the layer's input ``x`` and produces a gate over the
+E experts for every token. All routers share one :class:`RoutingState` (maturity flags, top-k,
+temperature, and a collector for the auxiliary losses of the current forward pass):
+
+* any expert immature  -> dense:  ``g = softmax(W x / T)``
+* all experts mature   -> sparse: ``p = softmax(W x)``, keep the top-k of ``p``, renormalise.
+
+A newly grown expert starts with admission 0: its probability is multiplied by its admission and
+the distribution renormalised, so at admission 0 the gates of the existing experts are exactly
+what they were before growth (and with B = 0 the outputs too). Raising the admission to 1 phases
+the expert in.
+
+Gradients reach ``W`` in both modes (in the sparse case through the kept probabilities).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class RouterStats:
+    """Auxiliary losses and cheap monitoring statistics, averaged over the adapted layers."""
+
+    balance_loss: torch.Tensor
+    z_loss: torch.Tensor
+    expert_usage: torch.Tensor  # (E,) fraction of token-assignments per expert, sums to 1
+    entropy: torch.Tensor  # mean entropy of the routing distribution (nats)
+    max_prob: torch.Tensor  # mean probability of the most likely expert
+
+
+@dataclass
+class RoutingState:
+    """Settings and per-forward scratch space shared by all routers of one model."""
+
+    mature: torch.Tensor  # (E,) bool
+    admission: torch.Tensor | None = None  # (E,) float in [0, 1]; None means all 1
+    top_k: int = 1
+    temperature: float = 2.0
+    forced_expert: int | None = None  # route every token to this expert (export checks, analysis)
+    external_gate: torch.Tensor | None = None  # (..., E) gate supplied by the caller (benchmarks)
+    token_mask: torch.Tensor | None = None  # (batch, seq) bool: which tokens count in aux losses
+    collect: bool = False
+    _records: list = field(default_factory=list)
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.mature.numel())
+
+    @property
+    def dense(self) -> bool:
+        return not bool(self.mature.all())
+
+    def admit(self, probs: torch.Tensor) -> torch.Tensor:
+        if self.admission is None or bool((self.admission == 1).all()):
+            return probs
+        admitted = probs * self.admission.to(probs.device)
+        return admitted / admitted.sum(-1, keepdim=True)
+
+    def start_collecting(self, token_mask: torch.Tensor | None) -> None:
+        self.collect = True
+        self.token_mask = token_mask
+        self._records = []
+
+    def stop_collecting(self) -> RouterStats | None:
+        """Average the records of all layers since ``start_collecting``; None if there were none."""
+        records, self._records = self._records, []
+        self.collect, self.token_mask = False, None
+        if not records:
+            return None
+        stacked = {k: torch.stack([r[k] for r in records]).mean(0) for k in records[0]}
+        return RouterStats(**stacked)
+
+
+def top_k_mask(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest entries along the last dimension."""
+    index = probs.topk(k, dim=-1).indices
+    return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, index, True)
+
+
+def balance_loss(probs: torch.Tensor, dispatch: torch.Tensor) -> torch.Tensor:
+    """Switch/Mixtral load balancing: ``E * sum_e f_e * P_e``.
+
+    ``f_e`` is the fraction of token-assignments sent to expert e, ``P_e`` its mean router
+    probability (both over the N counted tokens). Uniform probabilities give exactly 1 whatever
+    the dispatch; a collapse onto one expert approaches E.
+    """
+    num_experts = probs.shape[-1]
+    fraction = dispatch.float().sum(0) / dispatch.float().sum().clamp(min=1)
+    mean_prob = probs.mean(0)
+    return num_experts * (fraction * mean_prob).sum()
+
+
+class HybridRouter(nn.Module):
+    """Token-level linear router over E experts, dense or top-k according to the shared state."""
+
+    def __init__(self, in_features: int, state: RoutingState):
+        super().__init__()
+        self.state = state
+        self.weight = nn.Parameter(torch.empty(state.num_experts, in_features))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def add_expert(self) -> None:
+        row = torch.empty(1, self.weight.shape[1], dtype=self.weight.dtype, device=self.weight.device)
+        nn.init.normal_(row, std=0.02)
+        self.weight = nn.Parameter(torch.cat([self.weight.data, row], dim=0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate of shape (..., E) in float32; rows sum to 1."""
+        state = self.state
+        if state.external_gate is not None:
+            return state.external_gate
+        logits = F.linear(x.float(), self.weight.float())
+        if state.forced_expert is not None:
+            gate = torch.zeros_like(logits)
+            gate[..., state.forced_expert] = 1.0
+            return gate
+        if state.dense:
+            probs = state.admit(torch.softmax(logits / state.temperature, dim=-1))
+            dispatch = top_k_mask(probs, state.top_k)
+            gate = probs
+        else:
+            probs = state.admit(torch.softmax(logits, dim=-1))
+            dispatch = top_k_mask(probs, state.top_k)
+            kept = probs * dispatch
+            gate = kept / kept.sum(-1, keepdim=True)
+        if state.collect:
+            self._record(logits, probs, dispatch)
+        return gate
+
+    def _record(self, logits: torch.Tensor, probs: torch.Tensor, dispatch: torch.Tensor) -> None:
+        num_experts = probs.shape[-1]
+        logits = logits.reshape(-1, num_experts)
+        probs = probs.reshape(-1, num_experts)
+        dispatch = dispatch.reshape(-1, num_experts)
+        mask = self.state.token_mask
+        if mask is not None and mask.numel() == probs.shape[0]:
+            keep = mask.reshape(-1).bool()
+            logits, probs, dispatch = logits[keep], probs[keep], dispatch[keep]
+        if probs.shape[0] == 0:
+            return
+        with torch.no_grad():
+            usage = dispatch.float().sum(0) / dispatch.float().sum()
+            entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()
+            max_prob = probs.max(-1).values.mean()
+        self.state._records.append(
+            {
+                "balance_loss": balance_loss(probs, dispatch),
+                "z_loss": torch.logsumexp(logits, dim=-1).pow(2).mean(),
+                "expert_usage": usage,
+                "entropy": entropy,
+                "max_prob": max_prob,
+            }
+        )

@@ -1,0 +1,32 @@
+"""Small random models and helpers shared by the model tests."""
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    config.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0, loss_type="ForCausalLM")
+    return GPT2LMHeadModel(config).eval()
+
+
+
+def randomize_experts(model, seed: int = 1, scale: float = 0.1):
+    """Give every expert a non-zero B (a fresh mixture is exactly the base) and a random router."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in model.adapted_layers():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * scale)
+            layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=g))
