@@ -123,15 +123,15 @@ class HybridRouter(nn.Module):
             return gate
         if state.dense:
             probs = state.admit(torch.softmax(logits / state.temperature, dim=-1))
-            dispatch = top_k_mask(probs, state.top_k)
-            gate = probs
+            gate, dispatch = probs, None
         else:
             probs = state.admit(torch.softmax(logits, dim=-1))
             dispatch = top_k_mask(probs, state.top_k)
             kept = probs * dispatch
             gate = kept / kept.sum(-1, keepdim=True)
         if state.collect:
-            self._record(logits, probs, dispatch)
+            # The balance loss counts the top-k choice as the dispatch, in dense mode too (Mixtral).
+            self._record(logits, probs, dispatch if dispatch is not None else top_k_mask(probs, state.top_k))
         return gate
 
     def _record(self, logits: torch.Tensor, probs: torch.Tensor, dispatch: torch.Tensor) -> None:
