@@ -1,0 +1,104 @@
+"""The ``dylora`` command line: ``train``, ``generate``.
+
+User mistakes (:class:`~dylora_moe.errors.DyLoRAError`) print one paragraph on stderr and exit
+with the error's status; they never show a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+from .errors import DyLoRAError
+
+EPILOG = """exit status: 0 success, 1 error, 2 bad input (configuration, data, fingerprint mismatch)."""
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.config import config_from_args
+    from .train.trainer import Trainer
+
+    config = config_from_args(args)
+    summary = Trainer(config).setup().train()
+    print(
+        f"done: held-out loss {summary['eval_loss_base']:.4f} (base) -> {summary['eval_loss_final']:.4f} "
+        f"(trained) in {summary['steps']} steps; model in {summary['model_dir']}"
+    )
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import format_prompt
+    from .model import DyLoRAMoE
+    from .model.base import load_tokenizer
+    from .errors import ConfigError
+    from pathlib import Path
+
+    model_dir = Path(args.model)
+    if not (model_dir / "dylora_config.json").is_file():
+        raise ConfigError(f"--model {args.model!r} is not a trained mixture (no dylora_config.json); "
+                          "give a run's 'final' directory, e.g. runs/RUN_ID/final.")
+    model = DyLoRAMoE.from_pretrained(model_dir).eval()
+    tokenizer_source = str(model_dir) if (model_dir / "tokenizer_config.json").is_file() else model.config.base_model_name_or_path
+    tokenizer = load_tokenizer(tokenizer_source)
+    prompt = args.prompt if args.raw else format_prompt(args.prompt)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    torch.manual_seed(args.seed)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else dict(do_sample=False)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id, **sampling)
+    print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train.config import add_train_arguments
+
+    parser = argparse.ArgumentParser(prog="dylora", description="Dynamic LoRA Mixture of Experts for code LLMs.", epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"dylora-moe {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train", help="train a mixture (no arguments: the shipped tiny model on the built-in dataset)",
+        description="Train a DyLoRA-MoE mixture. With no arguments it trains the shipped tiny-python-lm on "
+        "the built-in stdlib_functions dataset on CPU in a few minutes.", epilog=EPILOG,
+    )
+    add_train_arguments(train)
+    train.set_defaults(func=_train)
+
+    gen = sub.add_parser("generate", help="sample from a trained mixture", epilog=EPILOG)
+    gen.add_argument("--model", required=True, help="a trained mixture directory (e.g. runs/RUN_ID/final)")
+    gen.add_argument("prompt", help="the instruction (wrapped in the training prompt template unless --raw)")
+    gen.add_argument("--raw", action="store_true", help="use the prompt as is, without the template")
+    gen.add_argument("--max_new_tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
+    gen.add_argument("--top_p", type=float, default=0.95)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except DyLoRAError as err:
+        print(f"dylora {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

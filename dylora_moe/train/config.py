@@ -1,0 +1,201 @@
+"""``TrainConfig``: every option of ``dylora train``, and the one place that fills it.
+
+Precedence: dataclass defaults < ``--config FILE.yaml`` < flags given on the command line.
+Flag names are the field names (``--num_epochs``, ``--lora_r``, ...), which are the seed's names;
+``help`` metadata on each field is what ``dylora train --help`` prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+from ..model.base import DEFAULT_MODEL_NAME
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # base model and mixture
+    model_name: str = _opt(DEFAULT_MODEL_NAME, "base causal LM: hub id, local directory, or the shipped 'tiny-python-lm'")
+    num_experts: int = _opt(4, "number of LoRA experts")
+    lora_r: int = _opt(16, "LoRA rank of every expert")
+    lora_alpha: float = _opt(32.0, "LoRA alpha (scaling alpha/r)")
+    lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
+    target_modules: str = _opt("q_proj,v_proj", "comma-separated module names to adapt, or 'all-linear'")
+    top_k: int = _opt(1, "experts per token once all experts are mature (sparse routing)")
+    router_temperature: float = _opt(2.0, "softmax temperature of dense routing while experts are immature")
+    balance_coefficient: float = _opt(0.01, "weight of the load-balancing loss")
+    z_loss_coefficient: float = _opt(0.0, "weight of the router z-loss (0: off)")
+    maturity_fraction: float = _opt(
+        0.5, "fraction of the planned optimizer steps after which all experts are marked mature "
+        "(routing switches from dense to top-k); 1 keeps routing dense, 0 starts sparse")
+    # data
+    datasets: str = _opt("stdlib_functions", "comma-separated dataset names or files; 'name:weight,...' sets mixing weights")
+    data_dir: str | None = _opt(None, "offline directory serving named datasets in their hub schema (env DYLORA_DATA_DIR)")
+    interleaved_sampling: bool = _opt(False, "balance the datasets (equal share each) instead of concatenating them")
+    max_seq_length: int = _opt(512, "longest tokenised example (prompt + response)")
+    validation_fraction: float = _opt(0.05, "share of each dataset held out for validation")
+    training_subset: float = _opt(100.0, "percent (1-100) of each training split to use")
+    eval_subset: float = _opt(100.0, "percent (1-100) of each validation split to use")
+    # optimisation
+    num_epochs: float = _opt(1.0, "training epochs")
+    max_steps: int = _opt(-1, "stop after this many optimizer steps (-1: from num_epochs)")
+    learning_rate: float = _opt(2e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    warmup_ratio: float = _opt(0.05, "share of steps for linear warm-up")
+    cosine_restarts: int = _opt(0, "cosine schedule with this many hard restarts (0: plain cosine)")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
+    train_batch_size: int = _opt(8, "examples per micro-batch")
+    eval_batch_size: int = _opt(16, "examples per evaluation batch")
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
+    fp16: bool = _opt(False, "float16 autocast (CUDA only)")
+    bf16: bool = _opt(False, "bfloat16 autocast")
+    seed: int = _opt(42, "seed for data order, initialisation and dropout")
+    # evaluation and early stopping
+    eval_steps: int = _opt(50, "evaluate every N optimizer steps (0: only at the end)")
+    early_stopping_patience: int = _opt(3, "stop after N evaluations without improvement")
+    disable_early_stopping: bool = _opt(False, "never stop early")
+    # output, logging, checkpoints
+    output_dir: str = _opt("runs", "parent directory of run directories")
+    run_id: str | None = _opt(None, "stable run id (default: CLOUD_ML_JOB_ID, SKYPILOT_TASK_ID, or a timestamp)")
+    logging_steps: int = _opt(10, "log metrics every N optimizer steps")
+    save_steps: int = _opt(100, "checkpoint every N optimizer steps (0: only at the end)")
+    report_to: str = _opt("auto", "metrics sink: 'wandb', 'tensorboard', 'none', or 'auto' (wandb when configured)")
+    wandb_project: str = _opt("dylora-moe", "W&B project")
+    wandb_entity: str | None = _opt(None, "W&B entity")
+    resume_from_checkpoint: str | None = _opt(None, "checkpoint reference to resume from")
+    wandb_checkpoint_artifact: str | None = _opt(None, "W&B artifact ENTITY/PROJECT/NAME:ALIAS to resume from")
+    progress: bool = _opt(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("num_experts", "lora_r", "train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_seq_length")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name} {value!r} is invalid: it must be an integer >= 1.")
+        for name in ("training_subset", "eval_subset"):
+            value = getattr(self, name)
+            if not 1 <= value <= 100:
+                raise ConfigError(f"--{name} {value!r} is invalid: give a percentage from 1 to 100.")
+        if self.num_epochs <= 0:
+            raise ConfigError(f"--num_epochs {self.num_epochs!r} is invalid: it must be > 0.")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"--learning_rate {self.learning_rate!r} is invalid: it must be > 0.")
+        if not 0 <= self.maturity_fraction <= 1:
+            raise ConfigError(f"--maturity_fraction {self.maturity_fraction!r} is invalid: give a value from 0 to 1.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"--warmup_ratio {self.warmup_ratio!r} is invalid: give a value in [0, 1).")
+        if self.fp16 and self.bf16:
+            raise ConfigError("--fp16 and --bf16 were both given: choose one precision.")
+        if self.report_to not in ("auto", "wandb", "tensorboard", "none"):
+            raise ConfigError(f"--report_to {self.report_to!r} is invalid: choose auto, wandb, tensorboard or none.")
+        for name in ("eval_steps", "save_steps", "logging_steps", "early_stopping_patience", "cosine_restarts"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} {getattr(self, name)!r} is invalid: it must be >= 0.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def resolved_run_id(self) -> str:
+        import time
+
+        for candidate in (self.run_id, os.environ.get("CLOUD_ML_JOB_ID"), os.environ.get("SKYPILOT_TASK_ID")):
+            if candidate:
+                return str(candidate)
+        return time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def _flag_type(f) -> Any:
+    text = str(f.type)
+    if "bool" in text:
+        return "bool"
+    if "int" in text:
+        return int
+    if "float" in text:
+        return float
+    return str
+
+
+def _parse_bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean: use true/false")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; every default is SUPPRESS so we know what the user actually gave."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these options; flags override it")
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else None
+        kind = _flag_type(f)
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if kind == "bool":
+            # `--bf16` alone means true; `--bf16 false` is accepted too (seed scripts pass values).
+            parser.add_argument(f"--{f.name}", nargs="?", const=True, type=_parse_bool,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of option: value.")
+    known = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"config file {str(path)!r} has unknown option(s) {', '.join(unknown)}; "
+            f"known options are the flags of `dylora train --help` without dashes."
+        )
+    return {k: _coerce(known[k], v, path) for k, v in data.items()}
+
+
+def _coerce(f, value: Any, path: Path) -> Any:
+    """YAML reads ``2e-4`` as a string and ``1`` where a float is meant: convert by field type."""
+    if value is None:
+        return None
+    kind = _flag_type(f)
+    try:
+        if kind == "bool":
+            return value if isinstance(value, bool) else _parse_bool(str(value))
+        if kind is str and isinstance(value, list):
+            return ",".join(str(v) for v in value)
+        return kind(value)
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        raise ConfigError(f"config file {str(path)!r}: {f.name}: {value!r} is not a valid {getattr(kind, '__name__', kind)}.") from err
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(load_yaml(args.config))
+    values.update({k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
+    if values.get("data_dir") is None and os.environ.get("DYLORA_DATA_DIR"):
+        values["data_dir"] = os.environ["DYLORA_DATA_DIR"]
+    try:
+        return TrainConfig(**values)
+    except TypeError as err:
+        raise ConfigError(f"bad option value: {err}") from err

@@ -1,0 +1,326 @@
+"""The training recipe: ``setup()``, ``train()``, ``evaluate()``, with its state in one place.
+
+A plain PyTorch loop rather than HF ``Trainer``: exact resume needs the data position restored
+directly (epoch, batch within the epoch) and the whole state listed explicitly, which is simpler
+to own than to bend a framework into. Everything that a resume must restore is in
+:class:`TrainerState` plus the model's trainable state, the optimizer, the scheduler and the RNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from ..errors import ConfigError
+from ..model import DyLoRAConfig, DyLoRAMoE
+from ..model.base import load_base_model, load_tokenizer
+from .config import TrainConfig
+from .metrics import make_sink
+from .report import plot_routing, write_summary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerState:
+    """Progress of a run: what, besides tensors, a resume must restore."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed (this rank)
+    tokens_seen: int = 0
+    eval_loss_base: float | None = None
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    maturity_step: int | None = None
+    train_time_s: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.state = TrainerState()
+        self.stop_reason: str | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "Trainer":
+        from ..data import LengthGroupedBatchSampler, PaddingCollator, build_datasets
+
+        cfg = self.config
+        if cfg.fp16 and not torch.cuda.is_available():
+            raise ConfigError("--fp16 needs a CUDA GPU and none is available; use --bf16 (works on CPU) or neither.")
+        seed_everything(cfg.seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.run_id = cfg.resolved_run_id()
+        self.run_dir = Path(cfg.output_dir) / self.run_id
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        self.tokenizer = load_tokenizer(cfg.model_name)
+        self.train_data, self.eval_data, self.data_report = build_datasets(
+            cfg.datasets, self.tokenizer, cfg.max_seq_length, data_dir=cfg.data_dir, seed=cfg.seed,
+            validation_fraction=cfg.validation_fraction, training_subset=cfg.training_subset,
+            eval_subset=cfg.eval_subset, mixing=self._mixing(),
+        )
+        log.info("data:\n%s", self.data_report.summary())
+        if len(self.eval_data) == 0:
+            raise ConfigError("the validation split is empty: raise --validation_fraction or --eval_subset.")
+
+        base = load_base_model(cfg.model_name).to(self.device)
+        self.model = DyLoRAMoE(base, self.model_config())
+        self.model.config.base_model_name_or_path = cfg.model_name
+        self.model.to(self.device)
+
+        self.collator = PaddingCollator.for_tokenizer(self.tokenizer)
+        self.sampler = LengthGroupedBatchSampler(self.train_data["length"], cfg.train_batch_size, seed=cfg.seed)
+        self.eval_sampler = LengthGroupedBatchSampler(self.eval_data["length"], cfg.eval_batch_size, shuffle=False)
+        steps_per_epoch = math.ceil(self.sampler.num_batches / cfg.gradient_accumulation_steps)
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
+        self.steps_per_epoch = steps_per_epoch
+        self.optimizer = torch.optim.AdamW(
+            self.model.trainable_parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = self._make_scheduler()
+        self.sink = make_sink(cfg.report_to, self.run_id, self.run_dir, cfg.wandb_project, cfg.wandb_entity, cfg.to_dict())
+        return self
+
+    def _mixing(self) -> str:
+        if ":" in self.config.datasets:
+            return self.config.datasets
+        return "interleave" if self.config.interleaved_sampling else "concat"
+
+    def model_config(self) -> DyLoRAConfig:
+        cfg = self.config
+        return DyLoRAConfig(
+            num_experts=cfg.num_experts, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+            target_modules=cfg.target_modules, top_k=cfg.top_k, router_temperature=cfg.router_temperature,
+            balance_coefficient=cfg.balance_coefficient, z_loss_coefficient=cfg.z_loss_coefficient,
+        )
+
+    def _make_scheduler(self):
+        from transformers import get_cosine_schedule_with_warmup, get_cosine_with_hard_restarts_schedule_with_warmup
+
+        warmup = int(self.config.warmup_ratio * self.total_steps)
+        if self.config.cosine_restarts > 0:
+            return get_cosine_with_hard_restarts_schedule_with_warmup(
+                self.optimizer, warmup, self.total_steps, num_cycles=self.config.cosine_restarts + 1
+            )
+        return get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
+
+    def autocast(self):
+        if self.config.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.config.fp16:
+            return torch.autocast(self.device.type, dtype=torch.float16)
+        return nullcontext()
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted mean LM loss over the validation set (response tokens only)."""
+        was_training = self.model.training
+        self.model.eval()
+        loader = DataLoader(self.eval_data, batch_sampler=self.eval_sampler, collate_fn=self.collator)
+        total, count = 0.0, 0
+        for batch in loader:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self.autocast():
+                logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            total += F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+            ).item()
+            count += int((labels != -100).sum())
+        self.model.train(was_training)
+        return total / max(count, 1)
+
+    # ------------------------------------------------------------------ training
+    def _optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        n = len(micro_batches)
+        sums = {"lm_loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0, "entropy": 0.0, "max_prob": 0.0}
+        usage = torch.zeros(self.model.num_experts)
+        tokens = 0
+        for batch in micro_batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self.autocast():
+                out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            (out.loss / n).backward()
+            tokens += int(batch["attention_mask"].sum())
+            sums["lm_loss"] += out.lm_loss.item() / n
+            sums["balance_loss"] += out.balance_loss.item() / n
+            sums["z_loss"] += out.z_loss.item() / n
+            if out.router_stats is not None:
+                sums["entropy"] += out.router_stats.entropy.item() / n
+                sums["max_prob"] += out.router_stats.max_prob.item() / n
+                usage += out.router_stats.expert_usage.detach().float().cpu() / n
+        grad_norms = self._expert_grad_norms()
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = {f"train/{k}": v for k, v in sums.items()}
+        metrics.update({f"routing/usage_{e}": float(u) for e, u in enumerate(usage)})
+        metrics.update({f"grad_norm/expert_{e}": float(g) for e, g in enumerate(grad_norms)})
+        metrics["tokens"] = tokens
+        return metrics
+
+    def _expert_grad_norms(self) -> torch.Tensor:
+        squares = torch.zeros(self.model.num_experts)
+        for _, layer in self.model.adapted_layers():
+            E, r = layer.num_experts, layer.r
+            if layer.lora_A.grad is not None:
+                squares += layer.lora_A.grad.float().unflatten(0, (E, r)).pow(2).sum((1, 2)).cpu()
+            if layer.lora_B.grad is not None:
+                squares += layer.lora_B.grad.float().unflatten(1, (E, r)).pow(2).sum((0, 2)).cpu()
+        return squares.sqrt()
+
+    def _maybe_mature(self) -> None:
+        threshold = self.config.maturity_fraction * self.total_steps
+        if self.state.maturity_step is None and self.state.global_step >= threshold and self.config.maturity_fraction < 1:
+            self.model.set_maturity()
+            self.state.maturity_step = self.state.global_step
+            log.info("step %d: all experts mature, routing switches to top-%d", self.state.global_step, self.config.top_k)
+
+    def _after_eval(self, loss: float) -> bool:
+        """Record a validation loss; True when early stopping says stop."""
+        st = self.state
+        if st.best_eval_loss is None or loss < st.best_eval_loss:
+            st.best_eval_loss, st.best_step, st.evals_without_improvement = loss, st.global_step, 0
+        else:
+            st.evals_without_improvement += 1
+        patience = self.config.early_stopping_patience
+        return not self.config.disable_early_stopping and patience > 0 and st.evals_without_improvement >= patience
+
+    def train(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg, st = self.config, self.state
+        self.model.train()
+        if st.eval_loss_base is None:
+            st.eval_loss_base = self.evaluate()  # a fresh mixture is exactly the base model
+            log.info("held-out loss of the base model: %.4f", st.eval_loss_base)
+        self._maybe_mature()
+        bar = tqdm(total=self.total_steps, initial=st.global_step, desc="train", unit="step",
+                   disable=not cfg.progress, dynamic_ncols=True)
+        window: list[dict[str, float]] = []
+        window_start = time.perf_counter()
+        started = time.perf_counter() - st.train_time_s
+        while self.stop_reason is None:
+            if st.global_step >= self.total_steps:
+                self.stop_reason = "max steps reached"
+                break
+            self.sampler.set_epoch(st.epoch, start_batch=st.batch_in_epoch)
+            batches = iter(DataLoader(self.train_data, batch_sampler=self.sampler, collate_fn=self.collator))
+            remaining = self.sampler.num_batches - st.batch_in_epoch
+            while remaining > 0 and self.stop_reason is None:
+                n = min(cfg.gradient_accumulation_steps, remaining)
+                metrics = self._optimizer_step([next(batches) for _ in range(n)])
+                st.batch_in_epoch += n
+                remaining -= n
+                st.global_step += 1
+                st.tokens_seen += metrics["tokens"]
+                st.train_time_s = time.perf_counter() - started
+                window.append(metrics)
+                self._maybe_mature()
+                if cfg.logging_steps and st.global_step % cfg.logging_steps == 0:
+                    self._log_window(window, time.perf_counter() - window_start, bar)
+                    window, window_start = [], time.perf_counter()
+                if cfg.eval_steps and st.global_step % cfg.eval_steps == 0:
+                    loss = self.evaluate()
+                    self._log({"eval/loss": loss})
+                    bar.set_postfix_str(bar.postfix + f" val={loss:.3f}" if bar.postfix else f"val={loss:.3f}")
+                    if self._after_eval(loss):
+                        self.stop_reason = f"early stopping (no improvement in {cfg.early_stopping_patience} evaluations)"
+                if cfg.save_steps and st.global_step % cfg.save_steps == 0:
+                    self.save_checkpoint()
+                bar.update(1)
+                if st.global_step >= self.total_steps and self.stop_reason is None:
+                    self.stop_reason = "max steps reached"
+            if remaining == 0:
+                st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+        bar.close()
+        if window:
+            self._log_window(window, time.perf_counter() - window_start, None)
+        st.train_time_s = time.perf_counter() - started
+        return self.finish()
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        row = {"step": self.state.global_step, **metrics}
+        self.state.history.append(row)
+        self.sink.log(metrics, self.state.global_step)
+
+    def _log_window(self, window: list[dict[str, float]], seconds: float, bar) -> None:
+        keys = [k for k in window[0] if k != "tokens"]
+        mean = {k: sum(m[k] for m in window) / len(window) for k in keys}
+        mean["train/tokens_per_s"] = sum(m["tokens"] for m in window) / max(seconds, 1e-9)
+        mean["train/learning_rate"] = self.scheduler.get_last_lr()[0]
+        mean["routing/dense"] = float(self.model.routing.dense)
+        self._log(mean)
+        if bar is not None:
+            bar.set_postfix_str(f"loss={mean['train/lm_loss']:.3f} tok/s={mean['train/tokens_per_s']:.0f}")
+
+    # ------------------------------------------------------------------ outputs
+    def save_checkpoint(self) -> Path:
+        """A plain checkpoint: trainable weights and trainer state (made durable by the checkpoint layer)."""
+        directory = self.run_dir / "checkpoints" / f"step-{self.state.global_step:08d}"
+        self.model.save_pretrained(directory)
+        (directory / "trainer_state.json").write_text(json.dumps(asdict(self.state), indent=1) + "\n")
+        return directory
+
+    def finish(self) -> dict[str, Any]:
+        from ..data import padding_waste
+
+        st = self.state
+        final_loss = self.evaluate()
+        self._log({"eval/loss": final_loss})
+        self._after_eval(final_loss)
+        model_dir = self.run_dir / "final"
+        self.model.save_pretrained(model_dir)
+        self.tokenizer.save_pretrained(model_dir)
+        png = plot_routing(st.history, self.model.num_experts, self.run_dir / "routing.png", st.maturity_step)
+        lengths = self.train_data["length"]
+        summary = {
+            "run_id": self.run_id,
+            "steps": st.global_step,
+            "epochs": st.global_step / max(self.steps_per_epoch, 1),
+            "stop_reason": self.stop_reason,
+            "eval_loss_base": st.eval_loss_base,
+            "eval_loss_final": final_loss,
+            "eval_loss_best": st.best_eval_loss,
+            "best_step": st.best_step,
+            "train_time_s": st.train_time_s,
+            "tokens_seen": st.tokens_seen,
+            "tokens_per_s": st.tokens_seen / max(st.train_time_s, 1e-9),
+            "padding_waste": padding_waste(lengths, self.sampler.rank_batches(0)),
+            "maturity_step": st.maturity_step,
+            "num_experts": self.model.num_experts,
+            "train_examples": len(self.train_data),
+            "eval_examples": len(self.eval_data),
+            "model_dir": str(model_dir),
+            "routing_png": str(png) if png else None,
+            "data": self.data_report.to_dict(),
+        }
+        text = write_summary(self.run_dir, summary)
+        log.info("summary:\n%s", text)
+        self.sink.finish()
+        return summary
