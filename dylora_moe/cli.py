@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DyLoRAError as err:
-        print(f"dylora {args.command}: error: {err}", file=sys.stderr)
+        paragraph = " ".join(str(err).split())  # one paragraph, whatever the underlying library wrote
+        print(f"dylora {args.command}: error: {paragraph}", file=sys.stderr)
         return err.exit_code
 
 

@@ -23,7 +23,7 @@ def plot_routing(history: list[dict[str, Any]], num_experts: int, path: Path, ma
     ax.stackplot(steps, usage, labels=[f"expert {e}" for e in range(num_experts)], alpha=0.85)
     if maturity_step is not None:
         ax.axvline(maturity_step, color="black", linestyle="--", linewidth=1)
-        ax.text(maturity_step, 1.01, " all mature: top-k", fontsize=8, va="bottom")
+        ax.text(maturity_step, 0.98, " all mature: top-k", fontsize=8, va="top")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("share of token assignments")
     ax.set_ylim(0, 1)

@@ -69,6 +69,7 @@ class Trainer:
         cfg = self.config
         if cfg.fp16 and not torch.cuda.is_available():
             raise ConfigError("--fp16 needs a CUDA GPU and none is available; use --bf16 (works on CPU) or neither.")
+        model_config = self.model_config()  # validates the mixture options before anything is loaded
         seed_everything(cfg.seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.run_id = cfg.resolved_run_id()
@@ -86,7 +87,7 @@ class Trainer:
             raise ConfigError("the validation split is empty: raise --validation_fraction or --eval_subset.")
 
         base = load_base_model(cfg.model_name).to(self.device)
-        self.model = DyLoRAMoE(base, self.model_config())
+        self.model = DyLoRAMoE(base, model_config)
         self.model.config.base_model_name_or_path = cfg.model_name
         self.model.to(self.device)
 

@@ -1,0 +1,209 @@
+"""Checkpoint references: the one syntax used by ``--resume``, ``dylora ckpt`` and ``dylora eval``.
+
+Accepted forms (first match wins):
+
+``auto``
+    The newest complete checkpoint of this run: locally under ``RUN_DIR/checkpoints`` first,
+    then in the configured store. The caller handles it with ``find_auto(run_dir, store)``,
+    which returns a reference of another form, or None (a fresh start).
+``latest``
+    The newest complete checkpoint under ``RUN_DIR/checkpoints`` (``run_dir`` must be given).
+``wandb://ENTITY/PROJECT/NAME[:ALIAS]``
+    A W&B artifact version; ALIAS is a version (``v3``) or alias (``latest``, ``best``,
+    ``step-120``) and defaults to ``latest``.
+``ENTITY/PROJECT/NAME:ALIAS``
+    The seed's bare artifact form, only where the caller says so (``bare_is_wandb=True``, i.e.
+    the value came through ``--wandb_checkpoint_artifact``); otherwise it is a local path.
+``SCHEME://PATH:ALIAS`` with SCHEME one of ``s3``, ``gs``, ``file``, ``memory``
+    A store prefix plus a version or alias, e.g. ``s3://bucket/run1/store:latest`` or
+    ``file:///runs/run1/store:v3``. The suffix is recognised when the URL's last path segment
+    contains ``:``.
+``SCHEME://PATH``
+    One checkpoint folder directly (it must hold ``manifest.json``).
+anything else
+    A local path: a checkpoint directory (has ``manifest.json``), a run directory (its newest
+    complete checkpoint under ``checkpoints/``) or a checkpoints directory itself.
+
+``fetch(ref, dest_root)`` returns a verified local checkpoint directory: local checkpoints are
+verified in place; remote ones are downloaded under ``dest_root`` (a folder named after the
+reference and version, reused when it already holds a verified copy), with retries for stores
+that cannot be reached. A checkpoint without its manifest (its commit record) is never chosen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dylora_moe.checkpoint.format import is_complete, latest_checkpoint, verify_checkpoint
+from dylora_moe.checkpoint.stores import CheckpointStore, StoreUnreachableError, open_store
+from dylora_moe.checkpoint.stores.base import ALIAS_RE, version_number
+from dylora_moe.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+URL_SCHEMES = ("s3", "gs", "file", "memory")
+_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
+_BARE_RE = re.compile(r"^([^/\s:]+)/([^/\s:]+)/([^/\s:]+):([^/\s:]+)$")
+_SYNTAX = ("accepted forms: auto, latest, a local directory, wandb://ENTITY/PROJECT/NAME[:ALIAS], "
+           "ENTITY/PROJECT/NAME:ALIAS (with --wandb_checkpoint_artifact), "
+           "s3:// gs:// file:// memory:// URLs of a checkpoint folder, or of a store followed by "
+           ":ALIAS (e.g. s3://bucket/run1/store:latest)")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A parsed reference. ``kind``: auto, latest, path, wandb or url.
+
+    For ``wandb`` and ``url``, ``location`` is the store address (``wandb://E/P/NAME``, a store
+    prefix URL) or, for a url with ``alias`` None, the checkpoint folder URL itself.
+    """
+
+    raw: str
+    kind: str
+    location: str = ""
+    alias: str | None = None
+
+
+def _bad(ref: str, why: str) -> CheckpointError:
+    return CheckpointError(f"Checkpoint reference {ref!r} is malformed: {why}; {_SYNTAX}.")
+
+
+def _check_alias(ref: str, alias: str) -> str:
+    if not ALIAS_RE.match(alias):
+        raise _bad(ref, f"{alias!r} is not a version (v3) or alias (latest, best, step-120)")
+    return alias
+
+
+def parse_reference(ref: str, *, bare_is_wandb: bool = False) -> Reference:
+    """Parse ``ref`` without touching any store (see the module docstring for the syntax)."""
+    raw = ref
+    ref = (ref or "").strip()
+    if not ref:
+        raise _bad(raw, "it is empty")
+    if ref in ("auto", "latest"):
+        return Reference(raw, ref)
+    url = _URL_RE.match(ref)
+    if url and url.group(1) == "wandb":
+        body, colon, alias = url.group(2).partition(":")
+        parts = body.strip("/").split("/")
+        if len(parts) != 3 or not all(parts):
+            raise _bad(raw, "a W&B reference names ENTITY/PROJECT/NAME (three parts)")
+        return Reference(raw, "wandb", "wandb://" + "/".join(parts),
+                         _check_alias(raw, alias if colon else "latest"))
+    if url:
+        scheme, path = url.group(1).lower(), url.group(2)
+        if scheme not in URL_SCHEMES:
+            raise _bad(raw, f"the scheme {scheme}:// is not supported")
+        head, _, last = path.rstrip("/").rpartition("/")
+        if not path.strip("/"):
+            raise _bad(raw, "the URL has no bucket or path")
+        if ":" in last:
+            name, _, alias = last.rpartition(":")
+            location = f"{scheme}://{head}/{name}" if head else f"{scheme}://{name}"
+            return Reference(raw, "url", location.rstrip("/"), _check_alias(raw, alias))
+        return Reference(raw, "url", f"{scheme}://{path}".rstrip("/"))
+    if bare_is_wandb:
+        bare = _BARE_RE.match(ref)
+        if not bare:
+            raise _bad(raw, "--wandb_checkpoint_artifact expects ENTITY/PROJECT/NAME:vN or "
+                            "ENTITY/PROJECT/NAME:latest")
+        entity, project, name, alias = bare.groups()
+        return Reference(raw, "wandb", f"wandb://{entity}/{project}/{name}",
+                         _check_alias(raw, alias))
+    return Reference(raw, "path", ref)
+
+
+def find_auto(run_dir: Path | None, store: CheckpointStore | None) -> str | None:
+    """``auto``: the newest complete checkpoint of this run, locally first, then in ``store``.
+
+    Returns a reference for ``fetch`` or None when there is none (the caller starts fresh and
+    says so). A store that cannot be reached raises CheckpointError: that is not "none".
+    """
+    if run_dir is not None:
+        local = latest_checkpoint(Path(run_dir) / "checkpoints")
+        if local is not None:
+            return str(local)
+    if store is None:
+        return None
+    versions = [v for v in store.list_versions() if v.step is not None]
+    if not versions:
+        return None
+    newest = max(versions, key=lambda v: (v.step, version_number(v.version)))
+    return store.ref_for(newest.version)
+
+
+def _local(ref: Reference, run_dir: Path | None) -> Path:
+    if ref.kind == "latest" and run_dir is None:
+        raise CheckpointError("'latest' needs a run directory; give the run directory itself or "
+                              "a checkpoint directory instead.")
+    path = Path(run_dir) if ref.kind == "latest" else Path(ref.location).expanduser()
+    if is_complete(path):
+        return path
+    if not path.is_dir():
+        hint = (f" To use a W&B artifact, write wandb://{ref.location} or pass it with "
+                "--wandb_checkpoint_artifact." if _BARE_RE.match(ref.location) else "")
+        raise CheckpointError(f"the local directory {path} does not exist.{hint}")
+    for parent in (path / "checkpoints", path):
+        newest = latest_checkpoint(parent)
+        if newest is not None:
+            return newest
+    raise CheckpointError(
+        f"{path} is neither a complete checkpoint nor a directory holding one (a checkpoint is "
+        "complete when it has manifest.json; interrupted writes have none). Give a checkpoint "
+        "directory or a run directory with checkpoints/.")
+
+
+def _dest_name(location: str, version: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", location.split("://", 1)[-1]).strip("_")[-80:]
+    digest = hashlib.sha256(location.encode()).hexdigest()[:8]
+    return f"{slug}-{digest}-{version}"
+
+
+def _download(ref: Reference, dest_root: Path, storage_options: dict[str, Any] | None,
+              wandb_api: Any, timeout_s: float | None) -> Path:
+    if ref.alias is None:  # a checkpoint folder URL
+        store = open_store(ref.location, storage_options=storage_options, timeout_s=timeout_s)
+        return store.download_folder("", Path(dest_root) / _dest_name(ref.location, "folder"))
+    store = open_store(ref.location, storage_options=storage_options, wandb_api=wandb_api,
+                       timeout_s=timeout_s)
+    version = store.resolve(ref.alias)
+    return store.download(version, Path(dest_root) / _dest_name(ref.location, version))
+
+
+def fetch(ref: str, dest_root: Path, *, run_dir: Path | None = None, bare_is_wandb: bool = False,
+          storage_options: dict[str, Any] | None = None, wandb_api: Any = None,
+          timeout_s: float | None = None, retries: int = 2, backoff_s: float = 1.0) -> Path:
+    """A verified local checkpoint directory for ``ref`` (see the module docstring).
+
+    Stores that cannot be reached are retried ``retries`` times with exponential back-off;
+    every failure is a CheckpointError naming the reference and the cause.
+    """
+    parsed = parse_reference(ref, bare_is_wandb=bare_is_wandb)
+    if parsed.kind == "auto":
+        raise CheckpointError("Checkpoint reference 'auto' is resolved by the caller: use "
+                              "find_auto(run_dir, store) and fetch the reference it returns.")
+    delay = backoff_s
+    for attempt in range(retries + 1):
+        try:
+            if parsed.kind in ("latest", "path"):
+                path = _local(parsed, run_dir)
+                verify_checkpoint(path)
+                return path
+            return _download(parsed, dest_root, storage_options, wandb_api, timeout_s)
+        except StoreUnreachableError as e:
+            if attempt == retries:
+                raise CheckpointError(f"Cannot fetch checkpoint {ref!r} after {retries + 1} "
+                                      f"attempt(s): {e}") from e
+            log.warning("Fetching %s failed (attempt %d), retrying in %.1f s: %s", ref,
+                        attempt + 1, delay, e)
+            time.sleep(delay)
+            delay *= 2
+        except CheckpointError as e:
+            raise CheckpointError(f"Cannot fetch checkpoint {ref!r}: {e}") from e
+    raise AssertionError("unreachable")

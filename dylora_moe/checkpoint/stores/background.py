@@ -1,0 +1,149 @@
+"""Publishing in the background, so training never waits for a store.
+
+``BackgroundPublisher`` owns one worker thread and a FIFO queue. ``submit`` returns at once; the
+worker publishes jobs one at a time, in order (so ``latest`` only moves forward), giving each
+attempt ``timeout_s`` and retrying failures with exponential back-off. An attempt that times out
+is abandoned (Python cannot kill a thread) and the job is retried as a new version. The local
+checkpoint is never deleted here: retention is the trainer's decision.
+
+At preemption the trainer calls ``flush(budget_s)``, which waits for the queue to drain and says
+whether everything was published in time. Only rank 0 publishes: on any other rank (``rank`` or
+the ``RANK`` environment variable) the publisher accepts jobs and does nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from dylora_moe.checkpoint.stores.base import DEFAULT_ALIASES, CheckpointStore
+from dylora_moe.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PublishJob:
+    local_dir: Path
+    step: int
+    aliases: tuple[str, ...]
+    attempts: int = 0
+    version: str | None = None
+    error: str | None = None
+
+
+class BackgroundPublisher:
+    def __init__(self, store: CheckpointStore, *, rank: int | None = None,
+                 timeout_s: float = 600.0, retries: int = 5, backoff_s: float = 2.0,
+                 max_backoff_s: float = 120.0):
+        self.store = store
+        self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        self.enabled = self.rank == 0
+        self.timeout_s, self.retries = timeout_s, retries
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.published: list[PublishJob] = []
+        self.failed: list[PublishJob] = []
+        self._queue: collections.deque[PublishJob] = collections.deque()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._closed = threading.Event()
+        self._worker = None
+        if self.enabled:
+            self._worker = threading.Thread(target=self._run, name="checkpoint-publisher",
+                                            daemon=True)
+            self._worker.start()
+
+    def submit(self, local_dir: Path, step: int, aliases: Sequence[str] = DEFAULT_ALIASES) -> None:
+        """Queue a verified local checkpoint for publishing; returns immediately."""
+        if not self.enabled:
+            return
+        if self._closed.is_set():
+            raise CheckpointError(f"Cannot publish {local_dir}: the publisher to "
+                                  f"{self.store.url} is closed.")
+        with self._cond:
+            self._queue.append(PublishJob(Path(local_dir), step, tuple(aliases)))
+            self._pending += 1
+            self._cond.notify_all()
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait up to ``timeout_s`` (None: forever) until every submitted job is done.
+
+        True when nothing is pending (jobs that failed every retry are in ``failed``).
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cond:
+            while self._pending:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return self._pending == 0
+
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Flush within ``timeout_s``, then stop the worker; returns what ``flush`` returned."""
+        done = self.flush(timeout_s)
+        self._closed.set()
+        with self._cond:
+            self._cond.notify_all()
+        if not done:
+            log.warning("Closing the publisher to %s with %d checkpoint(s) unpublished; the "
+                        "local copies are kept.", self.store.url, self._pending)
+        return done
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed.is_set():
+                    self._cond.wait()
+                if self._closed.is_set():
+                    return
+                job = self._queue.popleft()
+            try:
+                self._publish_with_retries(job)
+            finally:
+                with self._cond:
+                    self._pending -= 1
+                    self._cond.notify_all()
+
+    def _publish_with_retries(self, job: PublishJob) -> None:
+        delay = self.backoff_s
+        while True:
+            job.attempts += 1
+            try:
+                job.version = self._attempt(job)
+                self.published.append(job)
+                return
+            except Exception as e:
+                job.error = f"{type(e).__name__}: {e}"
+                log.warning("Publishing %s to %s failed (attempt %d of %d): %s", job.local_dir,
+                            self.store.url, job.attempts, self.retries + 1, job.error)
+            if job.attempts > self.retries or self._closed.wait(delay):
+                break
+            delay = min(delay * 2, self.max_backoff_s)
+        self.failed.append(job)
+        log.error("Gave up publishing %s to %s after %d attempt(s); the local copy is kept. "
+                  "Last error: %s", job.local_dir, self.store.url, job.attempts, job.error)
+
+    def _attempt(self, job: PublishJob) -> str:
+        result: dict[str, object] = {}
+
+        def target() -> None:
+            try:
+                result["version"] = self.store.publish(job.local_dir, job.step, job.aliases)
+            except BaseException as e:  # handed to the worker thread
+                result["error"] = e
+
+        thread = threading.Thread(target=target, name=f"publish-step-{job.step}", daemon=True)
+        thread.start()
+        thread.join(self.timeout_s)
+        if thread.is_alive():
+            raise TimeoutError(f"publishing took longer than {self.timeout_s} s; abandoned")
+        if "error" in result:
+            raise result["error"]  # type: ignore[misc]
+        return result["version"]  # type: ignore[return-value]
