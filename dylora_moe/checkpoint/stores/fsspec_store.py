@@ -25,8 +25,8 @@ from dylora_moe.checkpoint.stores.base import ObjectCheckpointStore
 from dylora_moe.errors import CheckpointError
 
 PROTOCOLS = ("file", "memory", "s3", "gs", "gcs")
-_EXTRAS = {"s3": "s3fs (pip install 'dylora-moe[s3]')", "gs": "gcsfs (pip install 'dylora-moe[gcs]')",
-           "gcs": "gcsfs (pip install 'dylora-moe[gcs]')"}
+_GCSFS = "gcsfs (pip install 'dylora-moe[gcs]')"
+_EXTRAS = {"s3": "s3fs (pip install 'dylora-moe[s3]')", "gs": _GCSFS, "gcs": _GCSFS}
 
 
 def _options(protocol: str, storage_options: dict[str, Any] | None,
@@ -95,7 +95,8 @@ class FsspecStore(ObjectCheckpointStore):
     def _write(self, key: str, data: bytes) -> None:
         path = self._path(key)
         if isinstance(self.fs, LocalFileSystem):  # make the replacement atomic
-            tmp = f"{posixpath.dirname(path)}/.tmp-{posixpath.basename(path)}-{secrets.token_hex(4)}"
+            parent, name = posixpath.split(path)
+            tmp = f"{parent}/.tmp-{name}-{secrets.token_hex(4)}"
             self.fs.pipe_file(tmp, data)
             self.fs.mv(tmp, path)
         else:

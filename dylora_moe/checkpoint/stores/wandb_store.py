@@ -65,8 +65,9 @@ class WandbStore(CheckpointStore):
                 self._api_obj = _wandb().Api(timeout=self.timeout_s)
             except CheckpointError:
                 raise
-            except Exception as e:
-                raise StoreUnreachableError(
+            except Exception as e:  # no credentials is not worth a retry; a network error is
+                no_login = type(e).__name__ in ("UsageError", "AuthenticationError")
+                raise (CheckpointError if no_login else StoreUnreachableError)(
                     f"Cannot reach W&B for {self.url}: {type(e).__name__}: {e}. Log in (wandb "
                     "login or WANDB_API_KEY), check WANDB_BASE_URL, or retry later.") from e
         return self._api_obj
@@ -117,14 +118,13 @@ class WandbStore(CheckpointStore):
             return api.artifact(full, type=ARTIFACT_TYPE)
         except Exception as e:
             try:
-                available = ", ".join(f"{v.version} {list(v.aliases)}" for v in self.list_versions())
-            except CheckpointError:
-                available = ""
-            raise CheckpointError(
-                f"W&B artifact {full} cannot be found ({type(e).__name__}: {e}); "
-                + (f"available versions: {available}." if available else
-                   "the artifact's versions could not be listed (wrong entity/project/name, or "
-                   "no access).")) from e
+                versions = self.list_versions()
+            except StoreUnreachableError as unreachable:  # not "missing": W&B is unreachable
+                raise StoreUnreachableError(f"W&B artifact {full} cannot be fetched "
+                                            f"({type(e).__name__}: {e}); {unreachable}") from e
+            available = ", ".join(f"{v.version} {list(v.aliases)}" for v in versions) or "none"
+            raise CheckpointError(f"W&B artifact {full} cannot be found ({type(e).__name__}: "
+                                  f"{e}); available versions of {self.url}: {available}.") from e
 
     def resolve(self, ref: str) -> str:
         return self._artifact(ref).version

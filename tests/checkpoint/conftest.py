@@ -1,0 +1,68 @@
+"""Shared helpers: small real checkpoints, and a real S3-protocol server (moto) on loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from dylora_moe.checkpoint.format import checkpoint_name, write_checkpoint
+
+
+def payload(step: int) -> dict[str, bytes]:
+    """Distinct bytes per step, with a nested file, like weights + optimizer + data state."""
+    return {
+        "trainable.safetensors": bytes(range(256)) * 4 + step.to_bytes(4, "little"),
+        "optimizer/state.json": json.dumps({"step": step, "lr": 1e-4}).encode(),
+        "data_state.json": json.dumps({"epoch": 0, "position": step * 8}).encode(),
+    }
+
+
+def make_checkpoint(parent: Path, step: int, **fields) -> Path:
+    def write_files(staging: Path) -> None:
+        for rel, data in payload(step).items():
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            (staging / rel).write_bytes(data)
+
+    fields.setdefault("epoch", 0)
+    fields.setdefault("wandb", {"run_id": "run1", "step": step})
+    return write_checkpoint(parent, checkpoint_name(step), write_files,
+                            {"global_step": step, **fields})
+
+
+@pytest.fixture
+def ckpts(tmp_path):
+    """A run's checkpoints directory and a factory for checkpoints in it."""
+    parent = tmp_path / "run" / "checkpoints"
+    return parent, lambda step, **kw: make_checkpoint(parent, step, **kw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on a random loopback port with bucket 'ckpt', for the real s3fs client."""
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    mp = pytest.MonkeyPatch()
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": "testing"}.items():
+        mp.setenv(key, value)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    import s3fs
+
+    s3 = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    s3.mkdir("ckpt")
+    yield endpoint
+    server.stop()
+    mp.undo()

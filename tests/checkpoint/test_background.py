@@ -1,0 +1,121 @@
+"""The background publisher: retries with back-off, budgets, timeouts, rank 0 only."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from dylora_moe.checkpoint.format import verify_checkpoint
+from dylora_moe.checkpoint.stores import BackgroundPublisher, LocalStore
+from dylora_moe.errors import CheckpointError
+
+FAST = {"backoff_s": 0.01, "max_backoff_s": 0.05}
+
+
+class FlakyStore(LocalStore):
+    """A real local store whose first ``failures`` publishes raise a transient error."""
+
+    def __init__(self, root, failures: int):
+        super().__init__(root)
+        self.failures, self.calls = failures, 0
+
+    def publish(self, local_dir, step, aliases=("latest",)):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionError(f"transient failure {self.calls}")
+        return super().publish(local_dir, step, aliases)
+
+
+class HangingStore(LocalStore):
+    """A real local store whose publish blocks until ``release`` is set (a stuck network)."""
+
+    def __init__(self, root, hang_calls: int = 10**9):
+        super().__init__(root)
+        self.release, self.hang_calls, self.calls = threading.Event(), hang_calls, 0
+
+    def publish(self, local_dir, step, aliases=("latest",)):
+        self.calls += 1
+        if self.calls <= self.hang_calls:
+            self.release.wait(30)
+        return super().publish(local_dir, step, aliases)
+
+
+def test_retries_after_transient_failures_then_succeeds(ckpts, tmp_path):
+    store = FlakyStore(tmp_path / "store", failures=2)
+    publisher = BackgroundPublisher(store, rank=0, retries=3, **FAST)
+    path = ckpts[1](10)
+    started = time.monotonic()
+    publisher.submit(path, 10, ["latest", "best"])
+    assert time.monotonic() - started < 0.5  # submit does not wait for the store
+    assert publisher.flush(10) is True
+    [job] = publisher.published
+    assert (job.version, job.attempts, store.calls) == ("v0", 3, 3)
+    assert store.resolve("latest") == "v0" and store.resolve("best") == "v0"
+    assert publisher.failed == [] and verify_checkpoint(path).global_step == 10
+    assert publisher.close(1) is True
+    with pytest.raises(CheckpointError, match="publisher to .* is closed"):
+        publisher.submit(path, 10)
+
+
+def test_gives_up_after_retries_and_keeps_local_copy(ckpts, tmp_path):
+    store = FlakyStore(tmp_path / "store", failures=100)
+    publisher = BackgroundPublisher(store, rank=0, retries=2, **FAST)
+    path = ckpts[1](10)
+    publisher.submit(path, 10)
+    assert publisher.flush(10) is True
+    [job] = publisher.failed
+    assert job.attempts == 3 and "ConnectionError: transient failure 3" in job.error
+    assert verify_checkpoint(path).global_step == 10 and store.list_versions() == []
+
+
+def test_flush_with_a_budget_returns_false_when_the_store_hangs(ckpts, tmp_path):
+    store = HangingStore(tmp_path / "store")
+    publisher = BackgroundPublisher(store, rank=0, **FAST)
+    path = ckpts[1](10)
+    publisher.submit(path, 10)
+    started = time.monotonic()
+    assert publisher.flush(0.3) is False
+    assert 0.25 <= time.monotonic() - started < 2
+    assert verify_checkpoint(path).global_step == 10 and store.list_versions() == []
+    assert publisher.close(0.05) is False
+    store.release.set()
+
+
+def test_an_attempt_that_times_out_is_retried(ckpts, tmp_path):
+    store = HangingStore(tmp_path / "store", hang_calls=1)
+    publisher = BackgroundPublisher(store, rank=0, timeout_s=0.2, retries=2, **FAST)
+    publisher.submit(ckpts[1](10), 10)
+    assert publisher.flush(10) is True
+    [job] = publisher.published
+    assert job.attempts == 2 and "took longer than 0.2 s" in job.error
+    assert store.resolve("latest") == job.version
+    store.release.set()  # the abandoned attempt finishes late, as a further version
+    deadline = time.monotonic() + 5
+    while len(store.list_versions()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [v.version for v in store.list_versions()] == ["v0", "v1"]
+
+
+def test_jobs_publish_in_order(ckpts, tmp_path):
+    store = LocalStore(tmp_path / "store")
+    publisher = BackgroundPublisher(store, rank=0, **FAST)
+    for step in (10, 20, 30):
+        publisher.submit(ckpts[1](step), step)
+    assert publisher.close(10) is True
+    assert [(j.step, j.version) for j in publisher.published] == [(10, "v0"), (20, "v1"),
+                                                                   (30, "v2")]
+    assert store.resolve("latest") == "v2"
+
+
+def test_only_rank_zero_publishes(ckpts, tmp_path, monkeypatch):
+    store = LocalStore(tmp_path / "store")
+    publisher = BackgroundPublisher(store, rank=1)
+    publisher.submit(ckpts[1](10), 10)
+    assert publisher.flush(1) is True and publisher.close() is True
+    monkeypatch.setenv("RANK", "3")
+    from_env = BackgroundPublisher(store)
+    from_env.submit(ckpts[0] / "step-00000010", 10)
+    assert not from_env.enabled and from_env.flush(1) is True
+    assert store.list_versions() == [] and not store.root.exists()
