@@ -13,7 +13,8 @@ import sys
 from . import __version__
 from .errors import DyLoRAError
 
-EPILOG = """exit status: 0 success, 1 error, 2 bad input (configuration, data, fingerprint mismatch)."""
+EPILOG = """exit status: 0 success, 1 error, 2 bad input (configuration, data, fingerprint mismatch),
+75 stopped by SIGTERM/SIGINT after a durable checkpoint (continue with --resume auto)."""
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -97,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except DyLoRAError as err:
         paragraph = " ".join(str(err).split())  # one paragraph, whatever the underlying library wrote
-        print(f"dylora {args.command}: error: {paragraph}", file=sys.stderr)
+        kind = "stopped" if err.exit_code == 75 else "error"
+        print(f"dylora {args.command}: {kind}: {paragraph}", file=sys.stderr)
+        if getattr(err, "table", None):
+            print(err.table, file=sys.stderr)
         return err.exit_code
 
 

@@ -60,11 +60,16 @@ class DataReport:
 
     def summary(self) -> str:
         """A small table, one line per dataset, for the log and the run summary."""
-        head = f"{'dataset':<32}{'loaded':>8}{'skipped':>8}{'train':>8}{'valid':>8}{'trunc':>8}{'in mix':>8}"
-        rows = [f"{name[:31]:<32}{c.loaded:>8}{c.skipped:>8}{c.train:>8}{c.validation:>8}"
-                f"{c.truncated:>8}{c.in_mix:>8}" for name, c in self.datasets.items()]
-        total = f"{'total (' + self.mixing + ')':<32}{'':>8}{'':>8}{self.train_size:>8}{self.eval_size:>8}"
-        return "\n".join([head, *rows, total])
+        def line(name: object, *cells: object) -> str:
+            return f"{str(name)[:31]:<32}" + "".join(f"{c:>8}" for c in cells)
+
+        rows = [line(name, c.loaded, c.skipped, c.train, c.validation, c.truncated, c.in_mix)
+                for name, c in self.datasets.items()]
+        return "\n".join([
+            line("dataset", "loaded", "skipped", "train", "valid", "trunc", "in mix"),
+            *rows,
+            line(f"total ({self.mixing})", "", "", self.train_size, self.eval_size),
+        ])
 
 
 # Fixed column types: every part concatenates with every other, and ids take 4 bytes, not 8.
@@ -95,9 +100,9 @@ def _tokenise(records: datasets.Dataset, indices: list[int], encoder: ExampleTok
 
 
 def build_datasets(
-    names: Sequence[str] | str = DEFAULT_DATASETS,
-    tokenizer: Any = None,
-    max_seq_length: int = 512,
+    names: Sequence[str] | str,
+    tokenizer: Any,
+    max_seq_length: int,
     data_dir: str | os.PathLike | None = None,
     seed: int = DEFAULT_SEED,
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
@@ -107,14 +112,17 @@ def build_datasets(
 ) -> tuple[datasets.Dataset, datasets.Dataset, DataReport]:
     """Tokenised (train, eval) datasets and a :class:`DataReport` for the named datasets.
 
-    ``names``: registry names, ``stdlib_functions`` or file paths (a list, or one comma-separated
-    string as ``--datasets`` gives it). ``mixing``: ``"concat"``, ``"interleave"`` (balanced) or
-    ``"name:weight,..."``. ``training_subset`` / ``eval_subset`` are percentages in (0, 100] of each
-    dataset's training / validation split. Both datasets have the columns ``input_ids``,
-    ``attention_mask``, ``labels`` (-100 on the prompt), ``length`` (tokens) and ``source`` (the
-    dataset's name, for per-dataset metrics); batch them with
-    :class:`~dylora_moe.data.sampler.LengthGroupedBatchSampler` over ``dataset["length"]`` and
-    :class:`~dylora_moe.data.collate.PaddingCollator`.
+    ``names``: registry names, ``stdlib_functions`` (the default, :data:`DEFAULT_DATASETS`) or
+    file paths, as a list or one comma-separated string as ``--datasets`` gives it. ``tokenizer``:
+    the base model's Hugging Face tokenizer (it needs an EOS; its BOS is used when it has one).
+    ``mixing``: ``"concat"``, ``"interleave"`` (balanced) or ``"name:weight,..."``.
+    ``training_subset`` / ``eval_subset`` are percentages in (0, 100] of each dataset's training /
+    validation split; ``validation_fraction`` is the share of each dataset held out (0 for none).
+
+    Both returned datasets have the columns ``input_ids``, ``attention_mask``, ``labels`` (-100 on
+    the prompt), ``length`` (tokens) and ``source`` (the dataset's name, for per-dataset metrics);
+    batch them with :class:`~dylora_moe.data.sampler.LengthGroupedBatchSampler` over
+    ``dataset["length"]`` and :class:`~dylora_moe.data.collate.PaddingCollator`.
     """
     if isinstance(names, str):
         names = names.split(",")
@@ -124,10 +132,9 @@ def build_datasets(
                         "set) or code_alpaca, mbpp, or a .json/.jsonl/.parquet file.")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise DataError(f"Dataset(s) {', '.join(repeated)} listed more than once; list each once and "
-                        f"use mixing weights (e.g. \"{repeated[0]}:2,...\") to give one more weight.")
-    if tokenizer is None:
-        raise DataError("build_datasets needs a tokenizer (the base model's) to tokenise examples.")
+        raise DataError(
+            f"Dataset(s) {', '.join(repeated)} listed more than once; list each once and use "
+            f"mixing weights (e.g. \"{repeated[0]}:2,...\") to give one more weight.")
     check_fraction(validation_fraction)
     check_percent(training_subset, "training_subset")
     check_percent(eval_subset, "eval_subset")
@@ -146,8 +153,8 @@ def build_datasets(
         valid, v_trunc, v_drop = _tokenise(records, val_idx, encoder, f"{name} (validation)")
         if len(train) == 0:
             raise DataError(
-                f"Dataset {name!r} has no training example left: all {len(train_idx)} were too long "
-                f"for max_seq_length {max_seq_length}. Raise max_seq_length or use other data."
+                f"Dataset {name!r} has no training example left: all {len(train_idx)} were too "
+                f"long for max_seq_length {max_seq_length}. Raise max_seq_length or use other data."
             )
         report.datasets[name] = DatasetCounts(
             origin=stats.origin, rows=stats.rows, excluded=stats.excluded, skipped=stats.skipped,
@@ -172,7 +179,7 @@ def build_datasets(
                   else non_empty[0] if non_empty else eval_parts[0])
     report.train_size, report.eval_size = len(train), len(evaluation)
     for name, c in report.datasets.items():
-        log.info("%s: %d loaded, %d skipped, %d excluded, %d train (%d in the %s mix), %d validation, "
-                 "%d truncated, %d dropped", name, c.loaded, c.skipped, c.excluded, c.train, c.in_mix,
-                 report.mixing, c.validation, c.truncated, c.dropped)
+        log.info("%s: %d loaded, %d skipped, %d excluded, %d train (%d in the %s mix), "
+                 "%d validation, %d truncated, %d dropped", name, c.loaded, c.skipped, c.excluded,
+                 c.train, c.in_mix, report.mixing, c.validation, c.truncated, c.dropped)
     return train, evaluation, report

@@ -73,7 +73,9 @@ def _clean_docstring(doc: str) -> str:
 
 
 def extract_pairs(
-    files: list[Path], max_chars: int = DEFAULT_MAX_CHARS, min_body_nodes: int = DEFAULT_MIN_BODY_NODES
+    files: list[Path],
+    max_chars: int = DEFAULT_MAX_CHARS,
+    min_body_nodes: int = DEFAULT_MIN_BODY_NODES,
 ) -> list[dict[str, str]]:
     """Records {instruction, input, output, source} for the documented functions in ``files``."""
     records, seen = [], set()

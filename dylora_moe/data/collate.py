@@ -32,9 +32,11 @@ class PaddingCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Any, pad_to_multiple_of: int | None = None) -> "PaddingCollator":
+    def for_tokenizer(cls, tokenizer: Any, pad_to_multiple_of: int | None = None
+                      ) -> PaddingCollator:
         """Pads with the tokenizer's pad token, or its EOS when it has none (as GPT-2 needs)."""
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        pad = tokenizer.eos_token_id if pad is None else pad
         return cls(pad, pad_to_multiple_of)
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -53,7 +55,7 @@ class PaddingCollator:
 def padding_waste(
     lengths: Sequence[int], batches: Sequence[Sequence[int]], pad_to_multiple_of: int | None = None
 ) -> float:
-    """Padding tokens / all tokens when ``batches`` (index lists) are padded as the collator does."""
+    """Padding tokens / all tokens when ``batches`` (index lists) are padded like the collator."""
     total = padding = 0
     for batch in batches:
         if not batch:

@@ -11,11 +11,13 @@ Mixing (``mixing`` argument of :func:`dylora_moe.data.build.build_datasets`):
 - ``"interleave"``: balanced, every dataset contributes the same number of examples.
 - ``"name:weight,name:weight"``: dataset *i* contributes a share ``weight_i / sum(weights)``.
 
-Balanced and weighted mixes are done by our own seeded sampler, not ``datasets.interleave_datasets``:
-an epoch keeps the size of the concatenation (the sum of the training sets), each dataset's
-quota is rounded by largest remainders so quotas sum exactly, and a dataset smaller than its quota
-is repeated in whole reshuffled passes before a partial pass, so no example repeats twice more
-than another of the same dataset. The result is shuffled, so any stretch of it is mixed too.
+Balanced and weighted mixes are done by our own seeded sampler, not
+``datasets.interleave_datasets``: an epoch keeps the size of the concatenation (the sum of the
+training sets, so ``interleave`` does not multiply the epoch as ``all_exhausted`` would, nor cut
+it to the smallest set as ``first_exhausted`` would); each dataset's quota is rounded by largest
+remainders; a dataset smaller than its quota is repeated in whole reshuffled passes before a
+partial pass (its examples are used equally often, give or take one), and a larger one is
+subsampled without repeats. The result is shuffled, so any stretch of the epoch is mixed too.
 """
 
 from __future__ import annotations
@@ -116,10 +118,12 @@ def parse_mixing(mixing: str | None, names: Sequence[str]) -> Mixing:
             raise DataError(f"Mixing {mixing!r} has a bad entry {entry.strip()!r}: accepted are "
                             f"{accepted}.")
         if name not in names:
-            raise DataError(f"Mixing {mixing!r} weights dataset {name!r}, which is not among the "
-                            f"datasets being trained on ({', '.join(names)}); accepted are {accepted}.")
+            raise DataError(
+                f"Mixing {mixing!r} weights dataset {name!r}, which is not among the datasets "
+                f"being trained on ({', '.join(names)}); accepted are {accepted}.")
         if name in weights:
-            raise DataError(f"Mixing {mixing!r} gives dataset {name!r} twice; accepted are {accepted}.")
+            raise DataError(
+                f"Mixing {mixing!r} gives dataset {name!r} twice; accepted are {accepted}.")
         try:
             weight = float(value)
         except ValueError:
@@ -139,7 +143,11 @@ def parse_mixing(mixing: str | None, names: Sequence[str]) -> Mixing:
 
 
 def quotas(sizes: Sequence[int], weights: Sequence[float], total: int) -> list[int]:
-    """Integer shares of ``total`` proportional to ``weights`` (largest remainders; sums to total)."""
+    """Integer shares of ``total`` proportional to ``weights``, by largest remainders.
+
+    They sum to ``total``, except that a dataset with a positive weight gets at least one
+    example even when its share rounds to 0.
+    """
     scale = sum(weights)
     exact = [total * w / scale for w in weights]
     counts = [math.floor(x) for x in exact]
@@ -147,7 +155,8 @@ def quotas(sizes: Sequence[int], weights: Sequence[float], total: int) -> list[i
     for i in by_remainder[: total - sum(counts)]:
         counts[i] += 1
     # A positive-weight dataset is never starved by rounding, and an empty one gets nothing.
-    return [0 if sizes[i] == 0 else max(c, 1 if weights[i] > 0 else 0) for i, c in enumerate(counts)]
+    return [0 if size == 0 else max(count, 1 if weight > 0 else 0)
+            for size, count, weight in zip(sizes, counts, weights)]
 
 
 def draw(size: int, count: int, seed: int) -> list[int]:

@@ -155,7 +155,8 @@ def _load_files(files: list[Path], what: str) -> datasets.Dataset:
     if len(builders) != 1:
         raise DataError(f"The files of {what} mix formats ({', '.join(map(str, files))}); use one.")
     try:
-        return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
+        return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files],
+                                     split="train")
     except Exception as err:  # the json/parquet builders raise many kinds
         raise DataError(
             f"Cannot read {what} from {', '.join(map(str, files))}: {type(err).__name__}: "
@@ -187,11 +188,13 @@ def _normalise(raw: datasets.Dataset, stats: LoadStats, mbpp_first_test: bool,
     records = raw.map(
         records_from_batch, batched=True, remove_columns=raw.column_names,
         fn_kwargs={"schema": schema, "source": stats.name, "mbpp_first_test": mbpp_first_test},
+        load_from_cache_file=False,  # cheap, and a cache would not notice edits to schemas.py
         desc=f"normalising {stats.name}",
     )
     stats.skipped = stats.rows - stats.excluded - len(records)
-    log.info("%s: %d usable records from %d rows (%d skipped as unusable, %d outside the split) [%s]",
-             stats.name, len(records), stats.rows, stats.skipped, stats.excluded, stats.origin)
+    log.info("%s: %d usable records from %d rows (%d skipped as unusable, %d outside the "
+             "split) [%s]", stats.name, len(records), stats.rows, stats.skipped, stats.excluded,
+             stats.origin)
     if len(records) == 0:
         raise DataError(
             f"Dataset {stats.name!r} ({stats.origin}) has no usable records: {stats.rows} rows "
@@ -221,8 +224,9 @@ def load_records(
     if _looks_like_file(key):
         path = Path(key).expanduser()
         if not path.is_file():
-            raise DataError(f"Dataset file {str(path)!r} does not exist. Give an existing "
-                            f".json, .jsonl or .parquet file or one of: {', '.join(known_names())}.")
+            raise DataError(
+                f"Dataset file {str(path)!r} does not exist. Give an existing .json, .jsonl or "
+                f".parquet file or one of: {', '.join(known_names())}.")
         stats = LoadStats(name=path.stem, origin=str(path))
         return _normalise(_load_files([path], f"file {path.name}"), stats, mbpp_first_test), stats
 

@@ -27,6 +27,8 @@ from dylora_moe.data.mixing import derive_seed
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of similar-length examples in a seeded order; see the module docstring."""
+
     def __init__(
         self,
         lengths: Sequence[int],
@@ -49,7 +51,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
-        self.mega_batch_mult = mega_batch_mult or max(1, min(len(self.lengths) // (4 * batch_size), 50))
+        default_mult = max(1, min(len(self.lengths) // (4 * batch_size), 50))
+        self.mega_batch_mult = mega_batch_mult or default_mult
         self.drop_last = drop_last
         self.num_replicas = num_replicas
         self.rank = rank
@@ -76,7 +79,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             batches = []
             for start in range(0, len(order), mega):
                 group = sorted(order[start: start + mega], key=lambda i: -self.lengths[i])
-                batches += [group[i: i + self.batch_size] for i in range(0, len(group), self.batch_size)]
+                batches += [group[i: i + self.batch_size]
+                            for i in range(0, len(group), self.batch_size)]
             rng.shuffle(batches)
             if batches:
                 longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]])

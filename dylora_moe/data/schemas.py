@@ -72,22 +72,28 @@ def _response(value: Any) -> str | None:
     return value.replace("\r\n", "\n").replace("\r", "\n").strip("\n").rstrip()
 
 
+def _speaker(turn: Mapping[str, Any]) -> str:
+    # Arrow gives every turn all keys seen in the column, so absent ones are None, not missing.
+    return str(turn.get("from") or turn.get("role") or "").lower()
+
+
+def _said(turn: Mapping[str, Any]) -> Any:
+    return turn.get("value") if turn.get("value") is not None else turn.get("content")
+
+
 def _sharegpt(row: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-    """The first human turn and the assistant reply that follows it; later turns are ignored."""
+    """The first human turn and the assistant reply that follows it; later turns are ignored.
+
+    Turns are ``{from, value}`` (ShareGPT: human/gpt) or ``{role, content}`` (user/assistant).
+    """
     turns = row.get("conversations")
-    if not isinstance(turns, list):
+    if not isinstance(turns, list) or not all(isinstance(t, Mapping) for t in turns):
         return None, "", None
-    for i, turn in enumerate(turns[:-1]):
-        if not isinstance(turn, Mapping):
-            return None, "", None
-        speaker = str(turn.get("from", turn.get("role", ""))).lower()
-        if speaker in _HUMAN:
-            reply = turns[i + 1]
-            if not isinstance(reply, Mapping):
+    for turn, reply in zip(turns, turns[1:]):
+        if _speaker(turn) in _HUMAN:
+            if _speaker(reply) not in _ASSISTANT:
                 return None, "", None
-            if str(reply.get("from", reply.get("role", ""))).lower() not in _ASSISTANT:
-                return None, "", None
-            return turn.get("value", turn.get("content")), "", reply.get("value", reply.get("content"))
+            return _said(turn), "", _said(reply)
     return None, "", None
 
 
@@ -124,7 +130,7 @@ def to_record(
 def records_from_batch(
     batch: Mapping[str, list[Any]], schema: str, source: str, mbpp_first_test: bool = True
 ) -> dict[str, list[str]]:
-    """``Dataset.map(batched=True)`` helper: the usable rows of a column batch, as record columns."""
+    """``Dataset.map(batched=True)`` helper: a column batch's usable rows, as record columns."""
     size = len(next(iter(batch.values()))) if batch else 0
     out: dict[str, list[str]] = {field: [] for field in RECORD_FIELDS}
     for i in range(size):

@@ -14,9 +14,12 @@ a small model's context and teaches nothing)::
 
 :func:`format_prompt` is what generation must use too, so evaluation prompts match training.
 
-:func:`tokenize_example` returns ``input_ids``, ``attention_mask`` and ``labels``; labels are
-``-100`` on the prompt (and the tokenizer's BOS, prepended when it has one) so the loss counts the
-response and its EOS only. Padding is the collator's job (:mod:`dylora_moe.data.collate`).
+:class:`ExampleTokenizer` (batched, for ``Dataset.map``) and :func:`tokenize_example` (one
+record) give ``input_ids``, ``attention_mask``, ``labels`` and ``length``; labels are ``-100`` on
+the prompt (and on the tokenizer's BOS, prepended when it has one) so the loss counts the response
+and its EOS only. Prompt and response are tokenised separately, so the prompt tokens are exactly
+those of ``format_prompt`` at generation time. Padding is the collator's job
+(:mod:`dylora_moe.data.collate`).
 
 Truncation to ``max_seq_length`` keeps the response: the prompt is cut first, and only down to
 half the window when the response needs more; the cut removes the middle of the prompt, keeping
@@ -28,6 +31,8 @@ no response left and is dropped (``None``); with usual lengths this does not hap
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 from dylora_moe.errors import DataError
@@ -35,6 +40,10 @@ from dylora_moe.errors import DataError
 IGNORE_INDEX = -100
 
 RESPONSE_HEADER = "### Response:\n"
+
+# ``Dataset.map`` caches by a hash of the function's state, which names this class but does not
+# include its code: the digest of this file in that state makes an edited template re-tokenise.
+_CODE_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 def format_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - the schema's name
@@ -87,6 +96,7 @@ class ExampleTokenizer:
         self.eos = tokenizer.eos_token_id
         # The prompt's end ("### Response:\n") must survive a cut, or the model never sees it.
         self.keep_tail = len(_encode(tokenizer, ["\n\n" + RESPONSE_HEADER])[0])
+        self.code_digest = _CODE_DIGEST
 
     def __call__(self, batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         """``Dataset.map(batched=True)`` function: record columns in, token columns out.

@@ -73,8 +73,19 @@ class TrainConfig:
     report_to: str = _opt("auto", "metrics sink: 'wandb', 'tensorboard', 'none', or 'auto' (wandb when configured)")
     wandb_project: str = _opt("dylora-moe", "W&B project")
     wandb_entity: str | None = _opt(None, "W&B entity")
-    resume_from_checkpoint: str | None = _opt(None, "checkpoint reference to resume from")
-    wandb_checkpoint_artifact: str | None = _opt(None, "W&B artifact ENTITY/PROJECT/NAME:ALIAS to resume from")
+    resume: str | None = _opt(
+        None, "resume from a checkpoint reference: a directory, 'latest', 'auto' (newest complete checkpoint "
+        "of this run id, locally then in the store; none means a fresh start), wandb://E/P/NAME:ALIAS, "
+        "s3://, gs://, file://, memory:// URLs")
+    resume_from_checkpoint: str | None = _opt(None, "the seed's name for --resume")
+    wandb_checkpoint_artifact: str | None = _opt(None, "the seed's form: resume from W&B artifact ENTITY/PROJECT/NAME:ALIAS")
+    allow_fresh_start: bool = _opt(False, "if the resume reference cannot be fetched, warn and start fresh instead of failing")
+    grow_experts: bool = _opt(False, "allow resuming with a larger --num_experts (the new experts start immature)")
+    save_total_limit: int = _opt(3, "keep the newest N local checkpoints (plus the best)")
+    checkpoint_store: str | None = _opt(
+        None, "where checkpoints are published as versions: a directory, an fsspec URL (s3://, gs://, "
+        "file://, memory://) or wandb://ENTITY/PROJECT/NAME (default: RUN_DIR/store)")
+    preemption_budget_s: float = _opt(25.0, "on SIGTERM/SIGINT: seconds to checkpoint and publish before exiting")
     progress: bool = _opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:
@@ -100,6 +111,13 @@ class TrainConfig:
             raise ConfigError(f"--warmup_ratio {self.warmup_ratio!r} is invalid: give a value in [0, 1).")
         if self.fp16 and self.bf16:
             raise ConfigError("--fp16 and --bf16 were both given: choose one precision.")
+        if self.save_total_limit < 1:
+            raise ConfigError(f"--save_total_limit {self.save_total_limit!r} is invalid: keep at least 1 checkpoint.")
+        given = [r for r in (self.resume, self.resume_from_checkpoint, self.wandb_checkpoint_artifact) if r]
+        if len(set(given)) > 1:
+            raise ConfigError(
+                f"conflicting resume references {given}: give one of --resume, --resume_from_checkpoint, "
+                "--wandb_checkpoint_artifact.")
         if self.report_to not in ("auto", "wandb", "tensorboard", "none"):
             raise ConfigError(f"--report_to {self.report_to!r} is invalid: choose auto, wandb, tensorboard or none.")
         for name in ("eval_steps", "save_steps", "logging_steps", "early_stopping_patience", "cosine_restarts"):
@@ -108,6 +126,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def resume_reference(self) -> tuple[str | None, bool]:
+        """(reference, whether a bare ENTITY/PROJECT/NAME:ALIAS means W&B)."""
+        if self.wandb_checkpoint_artifact:
+            return self.wandb_checkpoint_artifact, True
+        return self.resume or self.resume_from_checkpoint, False
 
     def resolved_run_id(self) -> str:
         import time

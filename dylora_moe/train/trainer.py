@@ -23,14 +23,27 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DyLoRAError
 from ..model import DyLoRAConfig, DyLoRAMoE
 from ..model.base import load_base_model, load_tokenizer
+from ..checkpoint.fingerprint import ArchitectureFingerprint, FingerprintMismatch
+from ..checkpoint.format import apply_retention, checkpoint_name, read_manifest
+from ..checkpoint.resume import resolve_resume
+from ..checkpoint.stores import BackgroundPublisher, LocalStore, open_store
+from ..checkpoint.training import restore_training_checkpoint, save_training_checkpoint
 from .config import TrainConfig
 from .metrics import make_sink
 from .report import plot_routing, write_summary
 
 log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after a durable checkpoint; resume with --resume auto
+
+
+class Preempted(DyLoRAError):
+    """Training stopped on a signal after checkpointing; the CLI exits with EXIT_PREEMPTED."""
+
+    exit_code = EXIT_PREEMPTED
 
 
 @dataclass
@@ -43,6 +56,7 @@ class TrainerState:
     tokens_seen: int = 0
     eval_loss_base: float | None = None
     best_eval_loss: float | None = None
+    last_eval_loss: float | None = None
     best_step: int | None = None
     evals_without_improvement: int = 0
     maturity_step: int | None = None
@@ -61,6 +75,8 @@ class Trainer:
         self.config = config
         self.state = TrainerState()
         self.stop_reason: str | None = None
+        self._signal: int | None = None
+        self.interrupt_at_step: int | None = None  # tests: behave as if SIGTERM arrived during this step
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -75,6 +91,12 @@ class Trainer:
         self.run_id = cfg.resolved_run_id()
         self.run_dir = Path(cfg.output_dir) / self.run_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.store = self._open_store()
+        reference, bare_is_wandb = cfg.resume_reference
+        self.resume_dir = resolve_resume(
+            reference, self.run_dir, self.store, bare_is_wandb=bare_is_wandb, allow_fresh_start=cfg.allow_fresh_start
+        )
 
         self.tokenizer = load_tokenizer(cfg.model_name)
         self.train_data, self.eval_data, self.data_report = build_datasets(
@@ -90,6 +112,8 @@ class Trainer:
         self.model = DyLoRAMoE(base, model_config)
         self.model.config.base_model_name_or_path = cfg.model_name
         self.model.to(self.device)
+        if self.resume_dir is not None:
+            self._check_fingerprint(reference)
 
         self.collator = PaddingCollator.for_tokenizer(self.tokenizer)
         self.sampler = LengthGroupedBatchSampler(self.train_data["length"], cfg.train_batch_size, seed=cfg.seed)
@@ -101,8 +125,29 @@ class Trainer:
             self.model.trainable_parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )
         self.scheduler = self._make_scheduler()
+        if self.resume_dir is not None:
+            restore_training_checkpoint(self, self.resume_dir)
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", self.resume_dir, self.state.global_step,
+                     self.state.epoch, self.state.batch_in_epoch)
         self.sink = make_sink(cfg.report_to, self.run_id, self.run_dir, cfg.wandb_project, cfg.wandb_entity, cfg.to_dict())
+        self.publisher = BackgroundPublisher(self.store) if self.store is not None else None
         return self
+
+    def _open_store(self):
+        address = self.config.checkpoint_store
+        if address and address.startswith("wandb://") is False and "://" not in address:
+            return LocalStore(Path(address))
+        return open_store(address) if address else LocalStore.for_run_dir(self.run_dir)
+
+    def _check_fingerprint(self, reference: str | None) -> None:
+        saved = ArchitectureFingerprint.from_dict(read_manifest(self.resume_dir).fingerprint)
+        requested = ArchitectureFingerprint.of(self.model)
+        diffs = saved.differences(requested, grow_experts=self.config.grow_experts)
+        if diffs:
+            hint = ""
+            if any(d[0] == "num_experts" and d[2] > d[1] for d in diffs):
+                hint = " A larger --num_experts is allowed with --grow_experts."
+            raise FingerprintMismatch(str(reference), diffs, hint)
 
     def _mixing(self) -> str:
         if ":" in self.config.datasets:
@@ -140,7 +185,8 @@ class Trainer:
         """Token-weighted mean LM loss over the validation set (response tokens only)."""
         was_training = self.model.training
         self.model.eval()
-        loader = DataLoader(self.eval_data, batch_sampler=self.eval_sampler, collate_fn=self.collator)
+        loader = DataLoader(self.eval_data, batch_sampler=self.eval_sampler, collate_fn=self.collator,
+                            generator=torch.Generator())  # own generator: never draw from the global RNG
         total, count = 0.0, 0
         for batch in loader:
             batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -205,6 +251,7 @@ class Trainer:
     def _after_eval(self, loss: float) -> bool:
         """Record a validation loss; True when early stopping says stop."""
         st = self.state
+        st.last_eval_loss = loss
         if st.best_eval_loss is None or loss < st.best_eval_loss:
             st.best_eval_loss, st.best_step, st.evals_without_improvement = loss, st.global_step, 0
         else:
@@ -223,6 +270,7 @@ class Trainer:
         self._maybe_mature()
         bar = tqdm(total=self.total_steps, initial=st.global_step, desc="train", unit="step",
                    disable=not cfg.progress, dynamic_ncols=True)
+        self._install_signal_handlers()
         window: list[dict[str, float]] = []
         window_start = time.perf_counter()
         started = time.perf_counter() - st.train_time_s
@@ -231,7 +279,10 @@ class Trainer:
                 self.stop_reason = "max steps reached"
                 break
             self.sampler.set_epoch(st.epoch, start_batch=st.batch_in_epoch)
-            batches = iter(DataLoader(self.train_data, batch_sampler=self.sampler, collate_fn=self.collator))
+            # A DataLoader iterator draws a seed from its generator: a private one keeps the global
+            # RNG (dropout) identical whether or not the run was resumed mid-epoch.
+            batches = iter(DataLoader(self.train_data, batch_sampler=self.sampler, collate_fn=self.collator,
+                                      generator=torch.Generator()))
             remaining = self.sampler.num_batches - st.batch_in_epoch
             while remaining > 0 and self.stop_reason is None:
                 n = min(cfg.gradient_accumulation_steps, remaining)
@@ -255,6 +306,12 @@ class Trainer:
                 if cfg.save_steps and st.global_step % cfg.save_steps == 0:
                     self.save_checkpoint()
                 bar.update(1)
+                if self.interrupt_at_step == st.global_step:
+                    import signal
+
+                    self._signal = signal.SIGTERM
+                if self._signal is not None:
+                    self._preempt(bar)
                 if st.global_step >= self.total_steps and self.stop_reason is None:
                     self.stop_reason = "max steps reached"
             if remaining == 0:
@@ -264,6 +321,33 @@ class Trainer:
             self._log_window(window, time.perf_counter() - window_start, None)
         st.train_time_s = time.perf_counter() - started
         return self.finish()
+
+    def _install_signal_handlers(self) -> None:
+        import signal
+
+        def handler(signum, frame):
+            if self._signal is None:
+                self._signal = signum
+                log.warning("received %s: finishing the current optimizer step, then checkpointing",
+                            signal.Signals(signum).name)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+    def _preempt(self, bar) -> None:
+        import signal
+
+        started = time.perf_counter()
+        bar.close()
+        directory = self.save_checkpoint(wait_s=self.config.preemption_budget_s)
+        published = self.publisher is None or not self.publisher._pending
+        self.sink.finish()
+        name = signal.Signals(self._signal).name
+        raise Preempted(
+            f"stopped by {name} at step {self.state.global_step}: checkpoint {directory} written"
+            f"{' and published' if published else ' (publishing did not finish in the budget)'} in "
+            f"{time.perf_counter() - started:.1f} s. Continue with --resume auto --run_id {self.run_id}."
+        )
 
     def _log(self, metrics: dict[str, float]) -> None:
         row = {"step": self.state.global_step, **metrics}
@@ -281,11 +365,18 @@ class Trainer:
             bar.set_postfix_str(f"loss={mean['train/lm_loss']:.3f} tok/s={mean['train/tokens_per_s']:.0f}")
 
     # ------------------------------------------------------------------ outputs
-    def save_checkpoint(self) -> Path:
-        """A plain checkpoint: trainable weights and trainer state (made durable by the checkpoint layer)."""
-        directory = self.run_dir / "checkpoints" / f"step-{self.state.global_step:08d}"
-        self.model.save_pretrained(directory)
-        (directory / "trainer_state.json").write_text(json.dumps(asdict(self.state), indent=1) + "\n")
+    def save_checkpoint(self, wait_s: float | None = None) -> Path:
+        """Write a durable checkpoint and publish it (in the background unless ``wait_s`` is given)."""
+        st = self.state
+        directory = save_training_checkpoint(self, self.checkpoint_dir)
+        aliases = ["latest"] + (["best"] if st.best_step == st.global_step else [])
+        if self.publisher is not None:
+            self.publisher.submit(directory, st.global_step, aliases)
+            if wait_s is not None and not self.publisher.flush(wait_s):
+                log.warning("checkpoint %s is safe locally but not yet published to %s", directory, self.store.url)
+        best = checkpoint_name(st.best_step) if st.best_step is not None else None
+        if self.publisher is None or self.publisher.flush(0):
+            apply_retention(self.checkpoint_dir, self.config.save_total_limit, best if best and (self.checkpoint_dir / best).exists() else None)
         return directory
 
     def finish(self) -> dict[str, Any]:
@@ -295,6 +386,9 @@ class Trainer:
         final_loss = self.evaluate()
         self._log({"eval/loss": final_loss})
         self._after_eval(final_loss)
+        self.save_checkpoint()
+        if self.publisher is not None and not self.publisher.close(timeout_s=120):
+            log.warning("some checkpoints were not published to %s; local copies are kept in %s", self.store.url, self.checkpoint_dir)
         model_dir = self.run_dir / "final"
         self.model.save_pretrained(model_dir)
         self.tokenizer.save_pretrained(model_dir)

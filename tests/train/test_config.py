@@ -10,7 +10,7 @@ SEED_FLAGS = [
     "--interleaved_sampling", "--cosine_restarts", "2", "--train_batch_size", "4", "--eval_batch_size", "8",
     "--gradient_accumulation_steps", "2", "--early_stopping_patience", "5", "--disable_early_stopping",
     "--training_subset", "50", "--eval_subset", "20", "--model_name", "some/model",
-    "--resume_from_checkpoint", "runs/x/checkpoints/step-00000010", "--wandb_checkpoint_artifact", "e/p/a:v3",
+    "--wandb_checkpoint_artifact", "e/p/a:v3",
 ]
 
 
@@ -24,6 +24,13 @@ def test_every_seed_flag_is_accepted():
     assert cfg.interleaved_sampling and cfg.disable_early_stopping and cfg.cosine_restarts == 2
     assert cfg.datasets == "code_alpaca,mbpp" and cfg.training_subset == 50 and cfg.eval_subset == 20
     assert cfg.wandb_checkpoint_artifact == "e/p/a:v3" and cfg.model_name == "some/model"
+    assert cfg.resume_reference == ("e/p/a:v3", True)
+    assert parse(["--resume_from_checkpoint", "runs/x"]).resume_reference == ("runs/x", False)
+
+
+def test_two_different_resume_references_conflict():
+    with pytest.raises(ConfigError, match="conflicting resume references"):
+        parse(["--resume", "auto", "--wandb_checkpoint_artifact", "e/p/a:v3"])
 
 
 def test_no_arguments_gives_the_embedded_default():

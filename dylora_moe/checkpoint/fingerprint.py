@@ -1,0 +1,101 @@
+"""``ArchitectureFingerprint``: what a checkpoint's tensors mean, compared before any resume.
+
+Two runs can share a checkpoint only if they agree on the base model (its config and the shapes
+of its weights) and on the mixture's architecture (experts, rank, alpha, adapted modules, router
+settings). Maturity is recorded for information: it is state that training changes.
+Hyper-parameters outside the fingerprint (learning rate, batch size, datasets, epochs,
+patience) may change between a checkpoint and its resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import DyLoRAError
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ArchitectureFingerprint:
+    base_model: str
+    base_config_sha: str
+    base_weight_shapes_sha: str
+    num_experts: int
+    r: int
+    alpha: float
+    target_modules: list[str]
+    top_k: int
+    router_temperature: float
+    maturity: list[bool] = field(default_factory=list)
+
+    INFORMATIONAL = ("maturity",)
+
+    @classmethod
+    def of(cls, model) -> "ArchitectureFingerprint":
+        """The fingerprint of a live :class:`~dylora_moe.model.DyLoRAMoE`."""
+        base = model.base_model
+        config = base.config.to_dict()
+        for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"):
+            config.pop(volatile, None)
+        shapes = sorted((name, list(p.shape)) for name, p in base.named_parameters() if not p.requires_grad)
+        mc = model.config
+        return cls(
+            base_model=str(mc.base_model_name_or_path),
+            base_config_sha=_sha(config),
+            base_weight_shapes_sha=_sha(shapes),
+            num_experts=model.num_experts,
+            r=mc.r,
+            alpha=float(mc.alpha),
+            target_modules=list(model.adapted_names),
+            top_k=mc.top_k,
+            router_temperature=float(mc.router_temperature),
+            maturity=[bool(m) for m in model.routing.mature],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ArchitectureFingerprint":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    def differences(self, requested: "ArchitectureFingerprint", grow_experts: bool = False) -> list[tuple[str, Any, Any]]:
+        """(field, checkpoint value, requested value) for every field that forbids the resume."""
+        diffs = []
+        for name in self.__dataclass_fields__:
+            if name in self.INFORMATIONAL or name == "base_model":
+                continue
+            ours, theirs = getattr(self, name), getattr(requested, name)
+            if name == "num_experts" and grow_experts and theirs >= ours:
+                continue
+            if ours != theirs:
+                diffs.append((name, ours, theirs))
+        return diffs
+
+
+class FingerprintMismatch(DyLoRAError):
+    """The checkpoint was made for another architecture; exit status 2 with a table."""
+
+    exit_code = 2
+
+    def __init__(self, reference: str, diffs: list[tuple[str, Any, Any]], hint: str = ""):
+        self.diffs = diffs
+        width = max(len("field"), *(len(d[0]) for d in diffs))
+        rows = [f"  {'field':<{width}}  {'checkpoint':<24}  requested"]
+        rows += [f"  {n:<{width}}  {_short(a):<24}  {_short(b)}" for n, a, b in diffs]
+        self.table = "\n".join(rows)
+        super().__init__(
+            f"checkpoint {reference!r} does not fit the requested model: {len(diffs)} architecture field(s) "
+            f"differ. Resume with the checkpoint's settings, or start a new run.{hint}"
+        )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,118 @@
+"""What a training checkpoint holds, listed in one place, and how it is restored.
+
+    dylora_config.json + dylora_model.safetensors   trainable weights only (a loadable mixture)
+    optimizer.pt, scheduler.pt                      torch.save of state dicts, loaded weights_only
+    rng.json                                        python, numpy and torch RNG states
+    trainer_state.json                              progress: step, epoch, batch within the epoch,
+                                                    early stopping, maturity, metric history
+    manifest.json                                   sha256/size of every file, fingerprint, config,
+                                                    data position, W&B run, library versions
+
+Everything loads without executing code. Saves happen at optimizer-step boundaries.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..model import DyLoRAMoE
+from .fingerprint import ArchitectureFingerprint
+from .format import checkpoint_name, read_manifest, write_checkpoint
+
+if TYPE_CHECKING:
+    from ..train.trainer import Trainer
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def save_training_checkpoint(trainer: "Trainer", parent: Path) -> Path:
+    st = trainer.state
+
+    def write_files(staging: Path) -> None:
+        trainer.model.save_pretrained(staging)
+        torch.save(trainer.optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(trainer.scheduler.state_dict(), staging / "scheduler.pt")
+        (staging / "rng.json").write_text(json.dumps(rng_state()))
+        (staging / "trainer_state.json").write_text(json.dumps(asdict(st)) + "\n")
+
+    fields = {
+        "global_step": st.global_step,
+        "epoch": st.epoch,
+        "fingerprint": ArchitectureFingerprint.of(trainer.model).to_dict(),
+        "training_config": trainer.config.to_dict(),
+        "data_state": {
+            "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "seed": trainer.config.seed,
+            "batches_per_epoch": trainer.sampler.num_batches, "train_examples": len(trainer.train_data),
+        },
+        "wandb": {"run_id": trainer.sink.run_id, "step": st.global_step},
+        "extra": {"run_id": trainer.run_id, "eval_loss": st.last_eval_loss},
+    }
+    return write_checkpoint(parent, checkpoint_name(st.global_step), write_files, fields, overwrite=True)
+
+
+def restore_training_checkpoint(trainer: "Trainer", directory: Path, grow_experts: bool = False) -> None:
+    """Load a verified checkpoint into a set-up trainer (same fingerprint already checked)."""
+    from ..train.trainer import TrainerState
+
+    directory = Path(directory)
+    from safetensors.torch import load_file
+
+    state = load_file(str(directory / "dylora_model.safetensors"))
+    model = trainer.model
+    grown = state["routing.mature"].numel() < model.num_experts
+    if grown:
+        _load_into_grown(model, state)
+    else:
+        model.load_trainable_state_dict(state)
+    st = json.loads((directory / "trainer_state.json").read_text())
+    trainer.state = TrainerState(**{k: v for k, v in st.items() if k in TrainerState.__dataclass_fields__})
+    if grown:
+        # The optimizer's tensors no longer fit the grown parameters: start its moments afresh.
+        return
+    trainer.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+    trainer.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+    set_rng_state(json.loads((directory / "rng.json").read_text()))
+
+
+def _load_into_grown(model: DyLoRAMoE, state: dict[str, torch.Tensor]) -> None:
+    """Copy a smaller mixture's experts into the first slots; the rest stay new and immature."""
+    old = state["routing.mature"].numel()
+    with torch.no_grad():
+        for name, layer in model.adapted_layers():
+            r = layer.r
+            layer.lora_A[: old * r].copy_(state[f"{name}.lora_A"])
+            layer.lora_B[:, : old * r].copy_(state[f"{name}.lora_B"])
+            layer.lora_B[:, old * r :].zero_()
+            layer.router.weight[:old].copy_(state[f"{name}.router.weight"])
+    model.routing.mature[:old] = state["routing.mature"].bool()
+    model.routing.mature[old:] = False
+    model._sync_config()
+
+
+def checkpoint_step(directory: Path) -> int:
+    return read_manifest(Path(directory)).global_step
