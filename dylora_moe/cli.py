@@ -57,6 +57,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ckpt(args: argparse.Namespace) -> int:
+    from .checkpoint import inspect
+
+    print({"list": inspect.list_refs, "show": inspect.show, "verify": inspect.verify}[args.action](args.ref))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train.config import add_train_arguments
 
@@ -82,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top_p", type=float, default=0.95)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=_generate)
+
+    ckpt = sub.add_parser(
+        "ckpt", help="list, show or verify checkpoints",
+        description="Inspect checkpoints. REF: a checkpoint or run directory, wandb://ENTITY/PROJECT/NAME[:ALIAS], "
+        "ENTITY/PROJECT/NAME:ALIAS, or s3:// gs:// file:// memory:// URLs (a store followed by :ALIAS, or a "
+        "checkpoint folder).", epilog=EPILOG,
+    )
+    ckpt.add_argument("action", choices=["list", "show", "verify"],
+                      help="list: versions/checkpoints; show: manifest and fingerprint; verify: every checksum")
+    ckpt.add_argument("ref", help="checkpoint reference")
+    ckpt.set_defaults(func=_ckpt)
     return parser
 
 

@@ -32,17 +32,12 @@ def resolve_resume(
         return None
     if ref == "auto":
         try:
-            found = find_auto(run_dir, store)
+            return _auto(run_dir, store, allow_fresh_start)
         except CheckpointError as err:
             if allow_fresh_start:
                 log.warning("--resume auto: %s; starting fresh (--allow_fresh_start)", err)
                 return None
             raise
-        if found is None:
-            log.info("--resume auto: no complete checkpoint of run %s locally or in the store; starting fresh", run_dir.name)
-            return None
-        log.info("--resume auto: resuming from %s", found)
-        ref = found
     try:
         return fetch(ref, run_dir / "downloads", run_dir=run_dir, bare_is_wandb=bare_is_wandb)
     except CheckpointError as err:
@@ -50,3 +45,29 @@ def resolve_resume(
             log.warning("%s Starting fresh instead (--allow_fresh_start).", err)
             return None
         raise
+
+
+def _auto(run_dir: Path, store: CheckpointStore | None, allow_fresh_start: bool) -> Path | None:
+    """Newest complete local checkpoint; if it fails verification, the store's newest version."""
+    local = find_auto(run_dir, None)
+    if local is not None:
+        try:
+            path = fetch(local, run_dir / "downloads", run_dir=run_dir)
+            log.info("--resume auto: resuming from %s", path)
+            return path
+        except CheckpointError as err:
+            if store is None:
+                raise
+            log.warning("--resume auto: the local checkpoint is unusable (%s); trying the store %s", err, store.url)
+            local_error = err
+    else:
+        local_error = None
+    remote = find_auto(None, store) if store is not None else None
+    if remote is None:
+        if local_error is not None:
+            raise local_error
+        log.info("--resume auto: no complete checkpoint of run %s locally or in the store; starting fresh", run_dir.name)
+        return None
+    path = fetch(remote, run_dir / "downloads", run_dir=run_dir)
+    log.info("--resume auto: resuming from %s (%s)", remote, path)
+    return path

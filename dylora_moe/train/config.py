@@ -84,7 +84,8 @@ class TrainConfig:
     save_total_limit: int = _opt(3, "keep the newest N local checkpoints (plus the best)")
     checkpoint_store: str | None = _opt(
         None, "where checkpoints are published as versions: a directory, an fsspec URL (s3://, gs://, "
-        "file://, memory://) or wandb://ENTITY/PROJECT/NAME (default: RUN_DIR/store)")
+        "file://, memory://), wandb://ENTITY/PROJECT/NAME, or 'wandb' for this W&B run's artifact "
+        "RUN_ID-checkpoint (default: RUN_DIR/store)")
     preemption_budget_s: float = _opt(25.0, "on SIGTERM/SIGINT: seconds to checkpoint and publish before exiting")
     progress: bool = _opt(True, "show a progress bar")
 

@@ -80,8 +80,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
-        from ..data import LengthGroupedBatchSampler, PaddingCollator, build_datasets
-
         cfg = self.config
         if cfg.fp16 and not torch.cuda.is_available():
             raise ConfigError("--fp16 needs a CUDA GPU and none is available; use --bf16 (works on CPU) or neither.")
@@ -92,6 +90,17 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir) / self.run_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.sink = make_sink(cfg.report_to, self.run_id, self.run_dir, cfg.wandb_project, cfg.wandb_entity, cfg.to_dict())
+        try:
+            return self._setup_rest(model_config)
+        except BaseException:
+            self.sink.finish()
+            raise
+
+    def _setup_rest(self, model_config: DyLoRAConfig) -> "Trainer":
+        from ..data import LengthGroupedBatchSampler, PaddingCollator, build_datasets
+
+        cfg = self.config
         self.store = self._open_store()
         reference, bare_is_wandb = cfg.resume_reference
         self.resume_dir = resolve_resume(
@@ -99,6 +108,13 @@ class Trainer:
         )
 
         self.tokenizer = load_tokenizer(cfg.model_name)
+        base = load_base_model(cfg.model_name).to(self.device)
+        self.model = DyLoRAMoE(base, model_config)
+        self.model.config.base_model_name_or_path = cfg.model_name
+        self.model.to(self.device)
+        if self.resume_dir is not None:
+            self._check_fingerprint(reference)
+
         self.train_data, self.eval_data, self.data_report = build_datasets(
             cfg.datasets, self.tokenizer, cfg.max_seq_length, data_dir=cfg.data_dir, seed=cfg.seed,
             validation_fraction=cfg.validation_fraction, training_subset=cfg.training_subset,
@@ -107,13 +123,6 @@ class Trainer:
         log.info("data:\n%s", self.data_report.summary())
         if len(self.eval_data) == 0:
             raise ConfigError("the validation split is empty: raise --validation_fraction or --eval_subset.")
-
-        base = load_base_model(cfg.model_name).to(self.device)
-        self.model = DyLoRAMoE(base, model_config)
-        self.model.config.base_model_name_or_path = cfg.model_name
-        self.model.to(self.device)
-        if self.resume_dir is not None:
-            self._check_fingerprint(reference)
 
         self.collator = PaddingCollator.for_tokenizer(self.tokenizer)
         self.sampler = LengthGroupedBatchSampler(self.train_data["length"], cfg.train_batch_size, seed=cfg.seed)
@@ -129,15 +138,22 @@ class Trainer:
             restore_training_checkpoint(self, self.resume_dir)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", self.resume_dir, self.state.global_step,
                      self.state.epoch, self.state.batch_in_epoch)
-        self.sink = make_sink(cfg.report_to, self.run_id, self.run_dir, cfg.wandb_project, cfg.wandb_entity, cfg.to_dict())
         self.publisher = BackgroundPublisher(self.store) if self.store is not None else None
         return self
 
     def _open_store(self):
+        """The store checkpoints are published to: ``wandb`` means this W&B run's artifact."""
         address = self.config.checkpoint_store
-        if address and address.startswith("wandb://") is False and "://" not in address:
-            return LocalStore(Path(address))
-        return open_store(address) if address else LocalStore.for_run_dir(self.run_dir)
+        if address == "wandb":
+            run = getattr(self.sink, "run", None)
+            if run is None:
+                raise ConfigError("--checkpoint_store wandb needs W&B metrics: add --report_to wandb (and WANDB_API_KEY or WANDB_MODE).")
+            from ..checkpoint.stores.wandb_store import WandbStore
+
+            return WandbStore.for_run(run)
+        if not address:
+            return LocalStore.for_run_dir(self.run_dir)
+        return open_store(address)
 
     def _check_fingerprint(self, reference: str | None) -> None:
         saved = ArchitectureFingerprint.from_dict(read_manifest(self.resume_dir).fingerprint)
@@ -392,6 +408,9 @@ class Trainer:
         model_dir = self.run_dir / "final"
         self.model.save_pretrained(model_dir)
         self.tokenizer.save_pretrained(model_dir)
+        best_dir = self.checkpoint_dir / checkpoint_name(st.best_step) if st.best_step is not None else None
+        if hasattr(self.store, "publish_final_best") and best_dir is not None and best_dir.exists():
+            self.store.publish_final_best(best_dir, st.best_step, model_dir)  # the seed's best-dylora-model-full
         png = plot_routing(st.history, self.model.num_experts, self.run_dir / "routing.png", st.maturity_step)
         lengths = self.train_data["length"]
         summary = {

@@ -1,0 +1,72 @@
+"""A preempted job that restarts with the same run id continues the SAME W&B run, steps continuing.
+
+The real ``dylora train`` (real wandb client, online mode) talks to a local fake W&B backend
+(tests/fakes/wandb_server.py): W&B itself is a boundary we cannot reach offline. Each job is a
+separate process, as on a restarted VM (and because a failed ``wandb.init`` leaves the id in use
+inside a process).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.fakes.wandb_server import FakeWandb
+
+RUN_ID = "spot-1"
+
+
+@pytest.fixture
+def fake_wandb():
+    with FakeWandb() as fake:
+        yield fake
+
+
+def train(model_dir, tmp_path, fake, *extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_BASE_URL=fake.url, WANDB_API_KEY="0123456789abcdef" * 2 + "01234567", WANDB_MODE="online",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_SILENT="false")
+    for name in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        env[name] = str(tmp_path / name.lower())
+        os.makedirs(env[name], exist_ok=True)
+    argv = [sys.executable, "-m", "dylora_moe.cli", "train", "--model_name", model_dir, "--report_to", "wandb",
+            "--run_id", RUN_ID, "--output_dir", str(tmp_path / "out"), "--logging_steps", "1", "--eval_steps", "0",
+            "--progress", "false", "--training_subset", "8", "--max_seq_length", "128", "--train_batch_size", "4",
+            *extra]
+    done = subprocess.run(argv, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    log = f"$ {' '.join(argv[1:])}\n--- exit {done.returncode}\n{done.stdout[-4000:]}{done.stderr[-8000:]}"
+    return done.returncode, log
+
+
+@pytest.mark.slow
+def test_restarted_job_continues_the_same_wandb_run_and_its_steps(small_model_dir, tmp_path, fake_wandb):
+    fake = fake_wandb
+    code, log = train(small_model_dir, tmp_path, fake, "--max_steps", "4")
+    assert code == 0, log
+    assert set(fake.runs) == {RUN_ID}, (fake.runs.keys(), log)
+    run = fake.runs[RUN_ID]
+    assert run.upserts >= 1 and run.resumed_as_existing == 0 and run.started, (run, log)
+    assert run.config["run_id"]["value"] == RUN_ID and run.config["max_steps"]["value"] == 4
+    first = [row["_step"] for row in run.history]
+    assert first == [1, 2, 3, 4], (run.history, log)  # one row per optimizer step, W&B step == global step
+    assert all("train/lm_loss" in row for row in run.history), run.history
+    assert "eval/loss" in run.history[-1]  # the final evaluation, logged at the last step
+    assert run.exit_codes == [0], log
+    upserts_before, lines_before = run.upserts, len(run.history)
+
+    # The restarted job: same command, same run id, resuming from its checkpoint, two more steps.
+    code, log = train(small_model_dir, tmp_path, fake, "--max_steps", "6", "--resume", "auto")
+    assert code == 0, log
+    assert set(fake.runs) == {RUN_ID}, (fake.runs.keys(), log)  # no new W&B run
+    assert run.resumed_as_existing == 1, (fake.operations(), log)  # the client was told the run exists...
+    assert run.upserts > upserts_before, log  # ...and initialised it again
+    second = [row["_step"] for row in run.history[lines_before:]]
+    assert second == [5, 6], (run.history, log)  # steps continue where they were, nothing dropped
+    assert all("train/lm_loss" in row for row in run.history[lines_before:]), run.history
+    assert run.summary["_step"] == 6 and "eval/loss" in run.summary, run.summary
+    assert run.config["max_steps"]["value"] == 6, run.config  # the restart's config replaced the old one
+    assert run.exit_codes == [0, 0], log
+    assert "resumed from" in log and "at step 4" in log, log
+    assert not fake.errors, fake.errors
