@@ -53,8 +53,8 @@ def test_restarted_job_continues_the_same_wandb_run_and_its_steps(small_model_di
     assert first == [1, 2, 3, 4], (run.history, log)  # one row per optimizer step, W&B step == global step
     assert all("train/lm_loss" in row for row in run.history), run.history
     assert "eval/loss" in run.history[-1]  # the final evaluation, logged at the last step
-    assert run.exit_codes == [0], log
-    upserts_before, lines_before = run.upserts, len(run.history)
+    assert run.exit_codes == [0] and run.history_offsets[0] == 0, log
+    upserts_before, lines_before, chunks_before = run.upserts, len(run.history), len(run.history_offsets)
 
     # The restarted job: same command, same run id, resuming from its checkpoint, two more steps.
     code, log = train(small_model_dir, tmp_path, fake, "--max_steps", "6", "--resume", "auto")
@@ -62,6 +62,9 @@ def test_restarted_job_continues_the_same_wandb_run_and_its_steps(small_model_di
     assert set(fake.runs) == {RUN_ID}, (fake.runs.keys(), log)  # no new W&B run
     assert run.resumed_as_existing == 1, (fake.operations(), log)  # the client was told the run exists...
     assert run.upserts > upserts_before, log  # ...and initialised it again
+    assert "Resuming run spot-1" in log, log  # the client's own word that it resumed (not a fresh start)
+    assert run.history_offsets[chunks_before] == lines_before, run.history_offsets  # appended, kept the old rows
+    assert [row["_step"] for row in run.history[:lines_before]] == first
     second = [row["_step"] for row in run.history[lines_before:]]
     assert second == [5, 6], (run.history, log)  # steps continue where they were, nothing dropped
     assert all("train/lm_loss" in row for row in run.history[lines_before:]), run.history
