@@ -4,15 +4,20 @@
     optimizer.pt, scheduler.pt                      torch.save of state dicts, loaded weights_only
     rng.json                                        python, numpy and torch RNG states
     trainer_state.json                              progress: step, epoch, batch within the epoch,
-                                                    early stopping, maturity, metric history
+                                                    early stopping, maturity, metric-history length
     manifest.json                                   sha256/size of every file, fingerprint, config,
                                                     data position, W&B run, library versions
 
 Everything loads without executing code. Saves happen at optimizer-step boundaries.
+
+The metric history (for the routing picture) grows with the run, so it lives beside the
+checkpoints in ``RUN_DIR/history.jsonl``, written before each checkpoint; the checkpoint records
+how many rows belong to it. A checkpoint therefore costs the same at step 10 and step 10,000.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 from dataclasses import asdict
@@ -35,7 +40,7 @@ def rng_state() -> dict:
     return {
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state().tolist(),
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
         "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
     }
 
@@ -45,20 +50,40 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+HISTORY_NAME = "history.jsonl"
+
+
+def _write_history(run_dir: Path, history: list[dict]) -> None:
+    tmp = run_dir / f".{HISTORY_NAME}.tmp"
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    tmp.replace(run_dir / HISTORY_NAME)
+
+
+def _read_history(run_dir: Path, rows: int) -> list[dict]:
+    path = run_dir / HISTORY_NAME
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()[:rows]
+    return [json.loads(line) for line in lines]
+
+
 def save_training_checkpoint(trainer: "Trainer", parent: Path) -> Path:
     st = trainer.state
+    _write_history(trainer.run_dir, st.history)
+    progress = {k: v for k, v in asdict(st).items() if k != "history"}
+    progress["history_rows"] = len(st.history)
 
     def write_files(staging: Path) -> None:
         trainer.model.save_pretrained(staging)
         torch.save(trainer.optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(trainer.scheduler.state_dict(), staging / "scheduler.pt")
         (staging / "rng.json").write_text(json.dumps(rng_state()))
-        (staging / "trainer_state.json").write_text(json.dumps(asdict(st)) + "\n")
+        (staging / "trainer_state.json").write_text(json.dumps(progress) + "\n")
 
     fields = {
         "global_step": st.global_step,
@@ -91,6 +116,7 @@ def restore_training_checkpoint(trainer: "Trainer", directory: Path, grow_expert
         model.load_trainable_state_dict(state)
     st = json.loads((directory / "trainer_state.json").read_text())
     trainer.state = TrainerState(**{k: v for k, v in st.items() if k in TrainerState.__dataclass_fields__})
+    trainer.state.history = _read_history(trainer.run_dir, st.get("history_rows", 0))
     if grown:
         # The optimizer's tensors no longer fit the grown parameters: start its moments afresh.
         return

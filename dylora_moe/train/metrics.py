@@ -21,7 +21,7 @@ class MetricsSink:
     def log(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
         pass
 
 
@@ -38,7 +38,7 @@ class TensorBoardSink(MetricsSink):
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
         self.writer.close()
 
 
@@ -55,12 +55,19 @@ class WandbSink(MetricsSink):
             dir=str(run_dir), name=run_id, reinit="finish_previous",
         )
         self.run_id = self.run.id
+        # Our optimizer step is the x-axis, not W&B's own step: a job that resumes from a
+        # checkpoint older than the run's last logged step would otherwise have its metrics
+        # dropped ("Tried to log to step 3 that is less than the current step 5").
+        self.run.define_metric("global_step")
+        self.run.define_metric("*", step_metric="global_step")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.run.log(metrics, step=step)
+        self.run.log({**metrics, "global_step": step})
 
-    def finish(self) -> None:
-        self.run.finish()
+    def finish(self, exit_code: int = 0) -> None:
+        if exit_code:
+            self.run.mark_preempting()
+        self.run.finish(exit_code=exit_code)
 
 
 def make_sink(report_to: str, run_id: str, run_dir: Path, project: str, entity: str | None, config: dict) -> MetricsSink:

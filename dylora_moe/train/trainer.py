@@ -32,7 +32,7 @@ from ..checkpoint.resume import resolve_resume
 from ..checkpoint.stores import BackgroundPublisher, LocalStore, open_store
 from ..checkpoint.training import restore_training_checkpoint, save_training_checkpoint
 from .config import TrainConfig
-from .metrics import make_sink
+from .metrics import MetricsSink, make_sink
 from .report import plot_routing, write_summary
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,9 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir) / self.run_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir = self.run_dir / "checkpoints"
-        self.sink = make_sink(cfg.report_to, self.run_id, self.run_dir, cfg.wandb_project, cfg.wandb_entity, cfg.to_dict())
+        self.sink, self._sink_open = MetricsSink(), False
+        if cfg.checkpoint_store == "wandb":  # the store is this run's artifact: open the run first
+            self._open_sink()
         try:
             return self._setup_rest(model_config)
         except BaseException:
@@ -114,6 +116,8 @@ class Trainer:
         self.model.to(self.device)
         if self.resume_dir is not None:
             self._check_fingerprint(reference)
+        if not self._sink_open:
+            self._open_sink()  # only now: a refused resume must not touch the W&B run
 
         self.train_data, self.eval_data, self.data_report = build_datasets(
             cfg.datasets, self.tokenizer, cfg.max_seq_length, data_dir=cfg.data_dir, seed=cfg.seed,
@@ -140,6 +144,11 @@ class Trainer:
                      self.state.epoch, self.state.batch_in_epoch)
         self.publisher = BackgroundPublisher(self.store) if self.store is not None else None
         return self
+
+    def _open_sink(self) -> None:
+        cfg = self.config
+        self.sink = make_sink(cfg.report_to, self.run_id, self.run_dir, cfg.wandb_project, cfg.wandb_entity, cfg.to_dict())
+        self._sink_open = True
 
     def _open_store(self):
         """The store checkpoints are published to: ``wandb`` means this W&B run's artifact."""
@@ -301,6 +310,7 @@ class Trainer:
                                       generator=torch.Generator()))
             remaining = self.sampler.num_batches - st.batch_in_epoch
             while remaining > 0 and self.stop_reason is None:
+                self._flush_log()  # the previous step's row is complete: one row per step
                 n = min(cfg.gradient_accumulation_steps, remaining)
                 metrics = self._optimizer_step([next(batches) for _ in range(n)])
                 st.batch_in_epoch += n
@@ -357,7 +367,8 @@ class Trainer:
         bar.close()
         directory = self.save_checkpoint(wait_s=self.config.preemption_budget_s)
         published = self.publisher is None or not self.publisher._pending
-        self.sink.finish()
+        self._flush_log()
+        self.sink.finish(exit_code=EXIT_PREEMPTED)
         name = signal.Signals(self._signal).name
         raise Preempted(
             f"stopped by {name} at step {self.state.global_step}: checkpoint {directory} written"
@@ -366,9 +377,19 @@ class Trainer:
         )
 
     def _log(self, metrics: dict[str, float]) -> None:
-        row = {"step": self.state.global_step, **metrics}
-        self.state.history.append(row)
-        self.sink.log(metrics, self.state.global_step)
+        """Add metrics to this step's row; the sink gets one row per step (see ``_flush_log``)."""
+        history, step = self.state.history, self.state.global_step
+        if history and history[-1]["step"] == step:
+            history[-1].update(metrics)
+        else:
+            history.append({"step": step, **metrics})
+        self._unflushed = True
+
+    def _flush_log(self) -> None:
+        if getattr(self, "_unflushed", False):
+            row = dict(self.state.history[-1])
+            self.sink.log({k: v for k, v in row.items() if k != "step"}, row["step"])
+            self._unflushed = False
 
     def _log_window(self, window: list[dict[str, float]], seconds: float, bar) -> None:
         keys = [k for k in window[0] if k != "tokens"]
@@ -401,6 +422,7 @@ class Trainer:
         st = self.state
         final_loss = self.evaluate()
         self._log({"eval/loss": final_loss})
+        self._flush_log()
         self._after_eval(final_loss)
         self.save_checkpoint()
         if self.publisher is not None and not self.publisher.close(timeout_s=120):

@@ -49,8 +49,8 @@ def test_restarted_job_continues_the_same_wandb_run_and_its_steps(small_model_di
     run = fake.runs[RUN_ID]
     assert run.upserts >= 1 and run.resumed_as_existing == 0 and run.started, (run, log)
     assert run.config["run_id"]["value"] == RUN_ID and run.config["max_steps"]["value"] == 4
-    first = [row["_step"] for row in run.history]
-    assert first == [1, 2, 3, 4], (run.history, log)  # one row per optimizer step, W&B step == global step
+    first = [row["global_step"] for row in run.history]
+    assert first == [1, 2, 3, 4], (run.history, log)  # one row per optimizer step, x-axis = our global step
     assert all("train/lm_loss" in row for row in run.history), run.history
     assert "eval/loss" in run.history[-1]  # the final evaluation, logged at the last step
     assert run.exit_codes == [0] and run.history_offsets[0] == 0, log
@@ -64,11 +64,11 @@ def test_restarted_job_continues_the_same_wandb_run_and_its_steps(small_model_di
     assert run.upserts > upserts_before, log  # ...and initialised it again
     assert "Resuming run spot-1" in log, log  # the client's own word that it resumed (not a fresh start)
     assert run.history_offsets[chunks_before] == lines_before, run.history_offsets  # appended, kept the old rows
-    assert [row["_step"] for row in run.history[:lines_before]] == first
-    second = [row["_step"] for row in run.history[lines_before:]]
+    assert [row["global_step"] for row in run.history[:lines_before]] == first
+    second = [row["global_step"] for row in run.history[lines_before:]]
     assert second == [5, 6], (run.history, log)  # steps continue where they were, nothing dropped
     assert all("train/lm_loss" in row for row in run.history[lines_before:]), run.history
-    assert run.summary["_step"] == 6 and "eval/loss" in run.summary, run.summary
+    assert run.summary["global_step"] == 6 and "eval/loss" in run.summary, run.summary
     assert run.config["max_steps"]["value"] == 6, run.config  # the restart's config replaced the old one
     assert run.exit_codes == [0, 0], log
     assert "resumed from" in log and "at step 4" in log, log

@@ -1,0 +1,121 @@
+"""The shipped base model ``models/tiny-python-lm``: loadable offline, small, and really pretrained."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import tokenize
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import pytest
+import torch
+
+from dylora_moe.data.stdlib_split import stdlib_files
+
+MODEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "models" / "tiny-python-lm"
+MAX_BYTES = 20 * 1000 * 1000
+SNIPPET = (
+    "import os\n\n\n"
+    "class Greeter:\n"
+    '    """Say hello."""\n\n'
+    "    def __init__(self, name: str = 'wörld') -> None:\n"
+    "        self.name = name\n\n"
+    "\tdef greet(self):  # tab-indented, odd spacing\n"
+    "        return f\"hello, {self.name}!\" if self.name else None  \n"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(MODEL_DIR, local_files_only=True)
+    m.eval()
+    return m
+
+
+@pytest.fixture(scope="module")
+def report():
+    return json.loads((MODEL_DIR / "build_report.json").read_text())
+
+
+def test_loads_offline_as_llama(model, tokenizer):
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    assert isinstance(model, LlamaForCausalLM)
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= names
+    assert model.dtype == torch.float32
+    assert model.config.vocab_size == len(tokenizer)
+
+
+def test_special_tokens_consistent(model, tokenizer):
+    assert None not in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert model.config.bos_token_id == tokenizer.bos_token_id
+    assert model.config.eos_token_id == tokenizer.eos_token_id
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert tokenizer("x = 1").input_ids[0] == tokenizer.bos_token_id
+
+
+def test_size_on_disk():
+    files = [f for f in MODEL_DIR.rglob("*") if f.is_file()]
+    apparent = sum(f.stat().st_size for f in files)
+    allocated = sum(f.stat().st_blocks * 512 for f in files)  # what `du` counts
+    assert max(apparent, allocated) <= MAX_BYTES, (apparent, allocated)
+    assert (MODEL_DIR / "model.safetensors").is_file()
+
+
+def test_tokenizer_round_trip(tokenizer):
+    ids = tokenizer.encode(SNIPPET, add_special_tokens=False)
+    assert tokenizer.decode(ids) == SNIPPET
+    with_bos = tokenizer.encode(SNIPPET)
+    assert tokenizer.decode(with_bos, skip_special_tokens=True) == SNIPPET
+    assert len(ids) < len(SNIPPET.encode("utf-8")) / 2  # BPE actually merges
+
+
+def test_recorded_held_out_loss_beats_unigram(report):
+    ev = report["evaluation"]
+    assert ev["held_out_loss"] < ev["unigram_held_out_loss"] - 1.0
+    assert math.isclose(ev["held_out_perplexity"], math.exp(ev["held_out_loss"]), rel_tol=1e-3)
+
+
+def test_remeasured_held_out_loss(model, tokenizer, report):
+    """Re-measure on a few thousand held-out tokens: the model must beat, by a wide margin, the best
+    unigram model for this very sample (its own empirical token entropy, a lower bound on any
+    unigram model's cross-entropy here, fit on training data or not)."""
+    held_out = stdlib_files(held_out=True)
+    assert held_out
+    step = max(1, len(held_out) // 8)
+    windows = []
+    for path in held_out[::step][:8]:
+        with tokenize.open(path) as f:  # decoded as the build script does
+            ids = tokenizer.encode(f.read())[:513]  # <|bos|> + 512 tokens
+        if len(ids) == 513:
+            windows.append(ids)
+    assert len(windows) >= 4
+    batch = torch.tensor(windows)
+    with torch.no_grad():
+        logits = model(input_ids=batch[:, :-1]).logits
+    targets = batch[:, 1:].reshape(-1)
+    loss = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets))
+
+    counts = torch.bincount(targets, minlength=len(tokenizer)).double()
+    probs = counts[counts > 0] / counts.sum()
+    sample_unigram_entropy = float(-(probs * probs.log()).sum())
+
+    assert targets.numel() >= 2000
+    assert loss < sample_unigram_entropy - 1.5, (loss, sample_unigram_entropy)
+    assert loss < report["evaluation"]["unigram_held_out_loss"] - 2.0, loss
