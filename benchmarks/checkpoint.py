@@ -98,7 +98,7 @@ def main() -> None:
         t.state.epoch, t.state.batch_in_epoch = divmod(step, t.sampler.num_batches)
         row = {k: 1.0 for k in ("train/lm_loss", "train/balance_loss", "train/z_loss", "train/entropy", "train/max_prob",
                                 "routing/usage_0", "routing/usage_1", "routing/usage_2", "routing/usage_3")}
-        t.state.history = [{"step": s, **row} for s in range(10, step + 1, 10)]
+        t.state.history, t.state.history_base = [{"step": s, **row} for s in range(10, step + 1, 10)], 0
         dirs[step] = save_training_checkpoint(t, t.checkpoint_dir)
     times = {10: [], 10_000: []}
     for _ in range(args.repeats):

@@ -64,7 +64,7 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
     tmp.replace(run_dir / HISTORY_NAME)
 
 
-def _read_history(run_dir: Path, rows: int) -> list[dict]:
+def read_history(run_dir: Path, rows: int) -> list[dict]:
     path = run_dir / HISTORY_NAME
     if not path.is_file():
         return []
@@ -74,9 +74,10 @@ def _read_history(run_dir: Path, rows: int) -> list[dict]:
 
 def save_training_checkpoint(trainer: "Trainer", parent: Path) -> Path:
     st = trainer.state
-    _write_history(trainer.run_dir, st.history)
-    progress = {k: v for k, v in asdict(st).items() if k != "history"}
-    progress["history_rows"] = len(st.history)
+    history = trainer.full_history()
+    _write_history(trainer.run_dir, history)
+    progress = {k: v for k, v in asdict(st).items() if k not in ("history", "history_base")}
+    progress["history_rows"] = len(history)
 
     def write_files(staging: Path) -> None:
         trainer.model.save_pretrained(staging)
@@ -116,7 +117,7 @@ def restore_training_checkpoint(trainer: "Trainer", directory: Path, grow_expert
         model.load_trainable_state_dict(state)
     st = json.loads((directory / "trainer_state.json").read_text())
     trainer.state = TrainerState(**{k: v for k, v in st.items() if k in TrainerState.__dataclass_fields__})
-    trainer.state.history = _read_history(trainer.run_dir, st.get("history_rows", 0))
+    trainer.state.history_base = st.get("history_rows", 0)  # parsed only when the history is needed
     if grown:
         # The optimizer's tensors no longer fit the grown parameters: start its moments afresh.
         return

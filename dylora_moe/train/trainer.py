@@ -61,7 +61,8 @@ class TrainerState:
     evals_without_improvement: int = 0
     maturity_step: int | None = None
     train_time_s: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # rows logged since this process started
+    history_base: int = 0  # rows before those, kept in RUN_DIR/history.jsonl (read only when needed)
 
 
 def seed_everything(seed: int) -> None:
@@ -385,6 +386,12 @@ class Trainer:
             history.append({"step": step, **metrics})
         self._unflushed = True
 
+    def full_history(self) -> list[dict[str, Any]]:
+        """Every logged row of the run, including those before a resume."""
+        from ..checkpoint.training import read_history
+
+        return read_history(self.run_dir, self.state.history_base) + self.state.history
+
     def _flush_log(self) -> None:
         if getattr(self, "_unflushed", False):
             row = dict(self.state.history[-1])
@@ -433,7 +440,7 @@ class Trainer:
         best_dir = self.checkpoint_dir / checkpoint_name(st.best_step) if st.best_step is not None else None
         if hasattr(self.store, "publish_final_best") and best_dir is not None and best_dir.exists():
             self.store.publish_final_best(best_dir, st.best_step, model_dir)  # the seed's best-dylora-model-full
-        png = plot_routing(st.history, self.model.num_experts, self.run_dir / "routing.png", st.maturity_step)
+        png = plot_routing(self.full_history(), self.model.num_experts, self.run_dir / "routing.png", st.maturity_step)
         lengths = self.train_data["length"]
         summary = {
             "run_id": self.run_id,

@@ -28,7 +28,7 @@ def config(model_dir, out, run_id, **overrides):
 
 
 def losses(trainer):
-    return [h["train/lm_loss"] for h in trainer.state.history if "train/lm_loss" in h]
+    return [h["train/lm_loss"] for h in trainer.full_history() if "train/lm_loss" in h]
 
 
 def interrupt_during_micro_batch(trainer, step, micro_batch):
