@@ -50,7 +50,7 @@ class TrainConfig:
     # optimisation
     num_epochs: float = _opt(1.0, "training epochs")
     max_steps: int = _opt(-1, "stop after this many optimizer steps (-1: from num_epochs)")
-    learning_rate: float = _opt(2e-4, "peak learning rate (AdamW)")
+    learning_rate: float = _opt(5e-4, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     warmup_ratio: float = _opt(0.05, "share of steps for linear warm-up")
     cosine_restarts: int = _opt(0, "cosine schedule with this many hard restarts (0: plain cosine)")
