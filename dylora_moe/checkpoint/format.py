@@ -176,7 +176,7 @@ def _payload_files(root: Path) -> list[str]:
     return sorted(found)
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -188,8 +188,8 @@ def fsync_tree(root: Path) -> None:
     """fsync every file and directory under ``root`` (directories after their contents)."""
     for dirpath, _, filenames in os.walk(root, topdown=False):
         for name in filenames:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
 
 
 def make_staging_dir(parent_dir: Path, name: str) -> Path:
@@ -220,7 +220,7 @@ def commit_staged(staging: Path, final: Path, *, overwrite: bool = False) -> Pat
         _swap(staging, final)
     else:
         os.rename(staging, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
     return final
 
 
@@ -231,7 +231,7 @@ def _swap(staging: Path, final: Path) -> None:
     aside = final.parent / f"{OLD_PREFIX}{final.name}-{secrets.token_hex(6)}"
     os.rename(final, aside)
     os.rename(staging, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
     shutil.rmtree(aside)
 
 

@@ -13,15 +13,8 @@ import secrets
 import shutil
 from pathlib import Path
 
+from dylora_moe.checkpoint.format import fsync_path
 from dylora_moe.checkpoint.stores.base import ObjectCheckpointStore
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LocalStore(ObjectCheckpointStore):
@@ -59,11 +52,11 @@ class LocalStore(ObjectCheckpointStore):
         tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(4)}")
         try:
             fill(tmp)
-            _fsync(tmp)
+            fsync_path(tmp)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync(path.parent)
+        fsync_path(path.parent)
 
     def _write(self, key: str, data: bytes) -> None:
         self._replace_with(key, lambda tmp: tmp.write_bytes(data))
