@@ -24,6 +24,7 @@ demo: install
 
 bench: install
 	$(OFFLINE) $(PY) benchmarks/step_time.py
+	$(OFFLINE) $(PY) benchmarks/checkpoint.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
