@@ -21,8 +21,11 @@ def _train(args: argparse.Namespace) -> int:
     from .train.config import config_from_args
     from .train.trainer import Trainer
 
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     config = config_from_args(args)
-    summary = Trainer(config).setup().train()
+    with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
+        summary = Trainer(config).setup().train()
     print(
         f"done: held-out loss {summary['eval_loss_base']:.4f} (base) -> {summary['eval_loss_final']:.4f} "
         f"(trained) in {summary['steps']} steps; model in {summary['model_dir']}"
@@ -103,12 +106,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bar and log say what happens; the libraries' per-step bars only add noise."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    # Examples longer than the model's window are cut by our template; the tokenizer's warning
+    # about the untruncated text is noise.
+    transformers.utils.logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose:
+        _quiet_libraries()
     if args.command is None:
         parser.print_help()
         return 2
