@@ -164,19 +164,34 @@ def _parse_bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"{value!r} is not a boolean: use true/false")
 
 
+# --help groups: the first field of each section of TrainConfig, and its title.
+_SECTIONS = {
+    "model_name": "base model and mixture",
+    "datasets": "data",
+    "num_epochs": "optimisation",
+    "eval_steps": "evaluation and early stopping",
+    "output_dir": "output, logging, checkpoints and resume",
+}
+_METAVARS = {int: "N", float: "X", str: "VALUE", "bool": "BOOL"}
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field; every default is SUPPRESS so we know what the user actually gave."""
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these options; flags override it")
+    group = parser
     for f in fields(TrainConfig):
+        if f.name in _SECTIONS:
+            group = parser.add_argument_group(_SECTIONS[f.name])
         default = f.default if f.default is not MISSING else None
         kind = _flag_type(f)
         help_text = f"{f.metadata['help']} (default: {default})"
         if kind == "bool":
             # `--bf16` alone means true; `--bf16 false` is accepted too (seed scripts pass values).
-            parser.add_argument(f"--{f.name}", nargs="?", const=True, type=_parse_bool,
-                                default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(f"--{f.name}", nargs="?", const=True, type=_parse_bool, metavar=_METAVARS[kind],
+                               default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS, metavar=_METAVARS[kind],
+                               help=help_text)
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
