@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Mapping
+from typing import Iterable, Any, Callable, Mapping
 
 import dylora_moe
 from dylora_moe.errors import CheckpointError
@@ -358,8 +358,10 @@ def _remove_dir(path: Path) -> None:
     shutil.rmtree(doomed)
 
 
-def apply_retention(parent_dir: Path, keep_last: int, best_name: str | None = None) -> list[Path]:
-    """Delete complete checkpoints older than the newest ``keep_last``, never ``best_name``.
+def apply_retention(parent_dir: Path, keep_last: int, best_name: str | None = None,
+                    keep: Iterable[str] = ()) -> list[Path]:
+    """Delete complete checkpoints older than the newest ``keep_last``, never ``best_name`` nor
+    the names in ``keep`` (e.g. checkpoints a store has not confirmed yet).
 
     Staging directories (partial checkpoints being written) are never touched. Returns the
     deleted paths.
@@ -368,7 +370,8 @@ def apply_retention(parent_dir: Path, keep_last: int, best_name: str | None = No
         raise CheckpointError(f"keep_last={keep_last!r} is not allowed; retention keeps at least "
                               "the newest checkpoint, so use an integer >= 1.")
     found = list_checkpoints(parent_dir)
-    doomed = [path for _, path in found[:-keep_last] if path.name != best_name]
+    protected = {best_name, *keep}
+    doomed = [path for _, path in found[:-keep_last] if path.name not in protected]
     for path in doomed:
         _remove_dir(path)
         log.info("Retention removed checkpoint %s", path)

@@ -419,8 +419,8 @@ class Trainer:
             if wait_s is not None and not self.publisher.flush(wait_s):
                 log.warning("checkpoint %s is safe locally but not yet published to %s", directory, self.store.url)
         best = checkpoint_name(st.best_step) if st.best_step is not None else None
-        if self.publisher is None or self.publisher.flush(0):
-            apply_retention(self.checkpoint_dir, self.config.save_total_limit, best if best and (self.checkpoint_dir / best).exists() else None)
+        unconfirmed = {p.name for p in self.publisher.unconfirmed()} if self.publisher is not None else set()
+        apply_retention(self.checkpoint_dir, self.config.save_total_limit, best, keep=unconfirmed)
         return directory
 
     def finish(self) -> dict[str, Any]:

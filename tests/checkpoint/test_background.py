@@ -119,3 +119,24 @@ def test_only_rank_zero_publishes(ckpts, tmp_path, monkeypatch):
     from_env.submit(ckpts[0] / "step-00000010", 10)
     assert not from_env.enabled and from_env.flush(1) is True
     assert store.list_versions() == [] and not store.root.exists()
+
+
+def test_unconfirmed_checkpoints_are_protected_from_retention(ckpts, tmp_path):
+    from dylora_moe.checkpoint.format import apply_retention, list_checkpoints
+
+    parent, make = ckpts
+    store = HangingStore(tmp_path / "store")
+    publisher = BackgroundPublisher(store, rank=0, **FAST)
+    paths = [make(step) for step in (10, 20, 30, 40)]
+    publisher.submit(paths[0], 10)  # in flight (the store hangs)
+    publisher.submit(paths[1], 20)  # queued behind it
+    deadline = time.monotonic() + 5
+    while publisher._current is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert publisher.unconfirmed() == {paths[0], paths[1]}
+    deleted = apply_retention(parent, keep_last=1, keep={p.name for p in publisher.unconfirmed()})
+    assert [p.name for p in deleted] == ["step-00000030"]
+    assert [step for step, _ in list_checkpoints(parent)] == [10, 20, 40]
+    store.release.set()
+    assert publisher.flush(10) is True and publisher.unconfirmed() == set()
+    assert [v.step for v in store.list_versions()] == [10, 20]

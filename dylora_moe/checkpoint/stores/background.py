@@ -51,6 +51,7 @@ class BackgroundPublisher:
         self.failed: list[PublishJob] = []
         self._queue: collections.deque[PublishJob] = collections.deque()
         self._pending = 0
+        self._current: PublishJob | None = None
         self._cond = threading.Condition()
         self._closed = threading.Event()
         self._worker = None
@@ -85,6 +86,12 @@ class BackgroundPublisher:
                 self._cond.wait(remaining)
             return self._pending == 0
 
+    def unconfirmed(self) -> set[Path]:
+        """Local checkpoints the store has not confirmed: queued, in flight, or given up on."""
+        with self._cond:
+            jobs = [*self._queue, *([self._current] if self._current else []), *self.failed]
+            return {job.local_dir for job in jobs}
+
     def close(self, timeout_s: float | None = None) -> bool:
         """Flush within ``timeout_s``, then stop the worker; returns what ``flush`` returned."""
         done = self.flush(timeout_s)
@@ -104,11 +111,13 @@ class BackgroundPublisher:
                 if self._closed.is_set():
                     return
                 job = self._queue.popleft()
+                self._current = job
             try:
                 self._publish_with_retries(job)
             finally:
                 with self._cond:
                     self._pending -= 1
+                    self._current = None
                     self._cond.notify_all()
 
     def _publish_with_retries(self, job: PublishJob) -> None:
