@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import random
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -57,6 +58,7 @@ class TrainerState:
     eval_loss_base: float | None = None
     best_eval_loss: float | None = None
     last_eval_loss: float | None = None
+    last_eval_step: int | None = None
     best_step: int | None = None
     evals_without_improvement: int = 0
     maturity_step: int | None = None
@@ -77,6 +79,7 @@ class Trainer:
         self.state = TrainerState()
         self.stop_reason: str | None = None
         self._signal: int | None = None
+        self._unflushed = False  # the last history row has metrics the sink has not seen
         self.interrupt_at_step: int | None = None  # tests: behave as if SIGTERM arrived during this step
 
     # ------------------------------------------------------------------ setup
@@ -277,7 +280,7 @@ class Trainer:
     def _after_eval(self, loss: float) -> bool:
         """Record a validation loss; True when early stopping says stop."""
         st = self.state
-        st.last_eval_loss = loss
+        st.last_eval_loss, st.last_eval_step = loss, st.global_step
         if st.best_eval_loss is None or loss < st.best_eval_loss:
             st.best_eval_loss, st.best_step, st.evals_without_improvement = loss, st.global_step, 0
         else:
@@ -334,8 +337,6 @@ class Trainer:
                     self.save_checkpoint()
                 bar.update(1)
                 if self.interrupt_at_step == st.global_step:
-                    import signal
-
                     self._signal = signal.SIGTERM
                 if self._signal is not None:
                     self._preempt(bar)
@@ -350,8 +351,6 @@ class Trainer:
         return self.finish()
 
     def _install_signal_handlers(self) -> None:
-        import signal
-
         def handler(signum, frame):
             if self._signal is None:
                 self._signal = signum
@@ -362,12 +361,10 @@ class Trainer:
             signal.signal(sig, handler)
 
     def _preempt(self, bar) -> None:
-        import signal
-
         started = time.perf_counter()
         bar.close()
         directory = self.save_checkpoint(wait_s=self.config.preemption_budget_s)
-        published = self.publisher is None or not self.publisher._pending
+        published = self.publisher is None or self.publisher.flush(0)
         self._flush_log()
         self.sink.finish(exit_code=EXIT_PREEMPTED)
         name = signal.Signals(self._signal).name
@@ -393,7 +390,7 @@ class Trainer:
         return read_history(self.run_dir, self.state.history_base) + self.state.history
 
     def _flush_log(self) -> None:
-        if getattr(self, "_unflushed", False):
+        if self._unflushed:
             row = dict(self.state.history[-1])
             self.sink.log({k: v for k, v in row.items() if k != "step"}, row["step"])
             self._unflushed = False
@@ -427,11 +424,18 @@ class Trainer:
         from ..data import padding_waste
 
         st = self.state
-        final_loss = self.evaluate()
-        self._log({"eval/loss": final_loss})
+        # The loop may have just evaluated this step, and then saved it: neither is done twice.
+        evaluated = st.last_eval_step == st.global_step
+        saved_after_eval = evaluated and (self.checkpoint_dir / checkpoint_name(st.global_step)).exists()
+        if evaluated:
+            final_loss = st.last_eval_loss
+        else:
+            final_loss = self.evaluate()
+            self._log({"eval/loss": final_loss})
+            self._after_eval(final_loss)
         self._flush_log()
-        self._after_eval(final_loss)
-        self.save_checkpoint()
+        if not saved_after_eval:
+            self.save_checkpoint()
         if self.publisher is not None and not self.publisher.close(timeout_s=120):
             log.warning("some checkpoints were not published to %s; local copies are kept in %s", self.store.url, self.checkpoint_dir)
         model_dir = self.run_dir / "final"
