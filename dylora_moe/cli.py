@@ -39,12 +39,13 @@ def _generate(args: argparse.Namespace) -> int:
     from .data import format_prompt
     from .model import DyLoRAMoE
     from .model.base import load_tokenizer
+    from .model.dylora import CONFIG_NAME
     from .errors import ConfigError
     from pathlib import Path
 
     model_dir = Path(args.model)
-    if not (model_dir / "dylora_config.json").is_file():
-        raise ConfigError(f"--model {args.model!r} is not a trained mixture (no dylora_config.json); "
+    if not (model_dir / CONFIG_NAME).is_file():
+        raise ConfigError(f"--model {args.model!r} is not a trained mixture (no {CONFIG_NAME}); "
                           "give a run's 'final' directory, e.g. runs/RUN_ID/final.")
     model = DyLoRAMoE.from_pretrained(model_dir).eval()
     tokenizer_source = str(model_dir) if (model_dir / "tokenizer_config.json").is_file() else model.config.base_model_name_or_path

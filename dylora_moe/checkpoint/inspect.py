@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .format import latest_checkpoint, list_checkpoints, read_manifest, verify_checkpoint
+from .format import list_checkpoints, read_manifest
 from .references import fetch, parse_reference
 from .stores import open_store
 
@@ -77,8 +77,8 @@ def show(ref: str) -> str:
 def verify(ref: str) -> str:
     with tempfile.TemporaryDirectory() as work:
         directory = _local_copy(ref, Path(work))  # fetch verifies every checksum
-        manifest = verify_checkpoint(directory)
+        manifest = read_manifest(directory)
         return f"ok: {ref} (step {manifest.global_step}, {len(manifest.files)} files, {manifest.total_size:,} bytes verified)"
 
 
-__all__ = ["list_refs", "show", "verify", "latest_checkpoint"]
+__all__ = ["list_refs", "show", "verify"]

@@ -32,7 +32,7 @@ def resolve_resume(
         return None
     if ref == "auto":
         try:
-            return _auto(run_dir, store, allow_fresh_start)
+            return _auto(run_dir, store)
         except CheckpointError as err:
             if allow_fresh_start:
                 log.warning("--resume auto: %s; starting fresh (--allow_fresh_start)", err)
@@ -47,7 +47,7 @@ def resolve_resume(
         raise
 
 
-def _auto(run_dir: Path, store: CheckpointStore | None, allow_fresh_start: bool) -> Path | None:
+def _auto(run_dir: Path, store: CheckpointStore | None) -> Path | None:
     """Newest complete local checkpoint; if it fails verification, the store's newest version."""
     local = find_auto(run_dir, None)
     if local is not None:

@@ -27,9 +27,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..model import DyLoRAMoE
 from .fingerprint import ArchitectureFingerprint
-from .format import checkpoint_name, read_manifest, write_checkpoint
+from .format import checkpoint_name, write_checkpoint
 
 if TYPE_CHECKING:
     from ..train.trainer import Trainer
@@ -101,45 +100,26 @@ def save_training_checkpoint(trainer: "Trainer", parent: Path) -> Path:
     return write_checkpoint(parent, checkpoint_name(st.global_step), write_files, fields, overwrite=True)
 
 
-def restore_training_checkpoint(trainer: "Trainer", directory: Path, grow_experts: bool = False) -> None:
-    """Load a verified checkpoint into a set-up trainer (same fingerprint already checked)."""
+def restore_training_checkpoint(trainer: "Trainer", directory: Path) -> None:
+    """Load a verified checkpoint into a set-up trainer (same fingerprint already checked).
+
+    A checkpoint with fewer experts than the model (``--grow_experts``) fills the first slots;
+    the optimizer's moments then no longer fit the parameters and start afresh.
+    """
+    from safetensors.torch import load_file
+
     from ..train.trainer import TrainerState
 
     directory = Path(directory)
-    from safetensors.torch import load_file
-
     state = load_file(str(directory / "dylora_model.safetensors"))
     model = trainer.model
     grown = state["routing.mature"].numel() < model.num_experts
-    if grown:
-        _load_into_grown(model, state)
-    else:
-        model.load_trainable_state_dict(state)
+    model.load_trainable_state_dict(state, allow_growth=grown)
     st = json.loads((directory / "trainer_state.json").read_text())
     trainer.state = TrainerState(**{k: v for k, v in st.items() if k in TrainerState.__dataclass_fields__})
     trainer.state.history_base = st.get("history_rows", 0)  # parsed only when the history is needed
     if grown:
-        # The optimizer's tensors no longer fit the grown parameters: start its moments afresh.
         return
     trainer.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
     trainer.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
     set_rng_state(json.loads((directory / "rng.json").read_text()))
-
-
-def _load_into_grown(model: DyLoRAMoE, state: dict[str, torch.Tensor]) -> None:
-    """Copy a smaller mixture's experts into the first slots; the rest stay new and immature."""
-    old = state["routing.mature"].numel()
-    with torch.no_grad():
-        for name, layer in model.adapted_layers():
-            r = layer.r
-            layer.lora_A[: old * r].copy_(state[f"{name}.lora_A"])
-            layer.lora_B[:, : old * r].copy_(state[f"{name}.lora_B"])
-            layer.lora_B[:, old * r :].zero_()
-            layer.router.weight[:old].copy_(state[f"{name}.router.weight"])
-    model.routing.mature[:old] = state["routing.mature"].bool()
-    model.routing.mature[old:] = False
-    model._sync_config()
-
-
-def checkpoint_step(directory: Path) -> int:
-    return read_manifest(Path(directory)).global_step

@@ -178,7 +178,9 @@ class DyLoRAMoE(nn.Module):
         state[ADMISSION_KEY] = self.routing.admission.clone()
         return state
 
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], allow_growth: bool = False) -> None:
+        """Load a trainable state; with ``allow_growth`` a state with fewer experts fills the first
+        slots and the remaining experts become new (B = 0) and immature."""
         expected = set(self.trainable_state_dict())
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
@@ -187,17 +189,23 @@ class DyLoRAMoE(nn.Module):
                 f"unexpected {sorted(unexpected)[:5]}."
             )
         mature = state[MATURITY_KEY].bool()
-        if mature.numel() != self.num_experts:
-            raise ConfigError(f"state has {mature.numel()} experts but the mixture has {self.num_experts}.")
+        n = mature.numel()
+        if n > self.num_experts or (n < self.num_experts and not allow_growth):
+            raise ConfigError(f"state has {n} experts but the mixture has {self.num_experts}.")
         with torch.no_grad():
             for name, layer in self.adapted_layers():
-                for key, param in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("router.weight", layer.router.weight)):
+                rows = n * layer.r  # the first n experts' slices of the stacked tensors
+                slots = (("lora_A", layer.lora_A[:rows]), ("lora_B", layer.lora_B[:, :rows]),
+                         ("router.weight", layer.router.weight[:n]))
+                for key, param in slots:
                     value = state[f"{name}.{key}"]
                     if value.shape != param.shape:
                         raise ConfigError(f"{name}.{key} has shape {tuple(value.shape)}, expected {tuple(param.shape)}.")
                     param.copy_(value)
-        self.routing.mature.copy_(mature)
-        self.routing.admission.copy_(state[ADMISSION_KEY].float())
+                layer.lora_B[:, rows:].zero_()
+        self.routing.mature[:n] = mature
+        self.routing.mature[n:] = False
+        self.routing.admission[:n] = state[ADMISSION_KEY].float()
         self._sync_config()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
