@@ -118,8 +118,23 @@ def restore_training_checkpoint(trainer: "Trainer", directory: Path) -> None:
     st = json.loads((directory / "trainer_state.json").read_text())
     trainer.state = TrainerState(**{k: v for k, v in st.items() if k in TrainerState.__dataclass_fields__})
     trainer.state.history_base = st.get("history_rows", 0)  # parsed only when the history is needed
-    if grown:
-        return
-    trainer.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-    trainer.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+    if not grown:
+        trainer.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+    _continue_schedule(trainer, torch.load(directory / "scheduler.pt", weights_only=True)["last_epoch"])
     set_rng_state(json.loads((directory / "rng.json").read_text()))
+
+
+def _continue_schedule(trainer: "Trainer", step: int) -> None:
+    """Put the requested schedule at the checkpoint's step.
+
+    Only the position comes from the checkpoint: the peak learning rate and the schedule's length
+    are this run's (they may change on resume), and a fresh optimizer (growth) continues the
+    schedule instead of restarting it. With an unchanged configuration this is the value the
+    uninterrupted run's scheduler computes, by the same expression.
+    """
+    scheduler = trainer.scheduler
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, base, lr in zip(trainer.optimizer.param_groups, scheduler.base_lrs, lrs):
+        group["initial_lr"], group["lr"] = base, lr
+    scheduler._last_lr = lrs

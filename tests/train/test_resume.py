@@ -94,11 +94,16 @@ def test_fingerprint_mismatch_exits_2_with_a_table_before_training(small_model_d
     grown = Trainer(config(small_model_dir, tmp_path, "c", resume=str(ckpt), num_experts=5, grow_experts=True,
                            max_steps=3, eval_steps=0)).setup()
     assert grown.model.num_experts == 5 and grown.state.global_step == 2
+    assert grown.scheduler.last_epoch == 2  # the schedule continues from the checkpoint's step
+    assert grown.optimizer.param_groups[0]["lr"] == grown.scheduler.get_last_lr()[0] > 0  # not restarted at 0
     assert grown.model.routing.mature.tolist()[4] is False
     # Hyper-parameters outside the fingerprint may change.
     changed = Trainer(config(small_model_dir, tmp_path, "d", resume=str(ckpt), learning_rate=5e-4,
                              train_batch_size=2)).setup()
     assert changed.state.global_step == 2
+    group = changed.optimizer.param_groups[0]
+    assert changed.scheduler.base_lrs == [5e-4] and group["initial_lr"] == 5e-4  # the new peak applies
+    assert group["lr"] == changed.scheduler.get_last_lr()[0] > 0 and changed.scheduler.last_epoch == 2
 
 
 @pytest.mark.slow
