@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""Build the shipped tiny base model ``models/tiny-python-lm`` from scratch, offline, on CPU.
+"""Build the shipped tiny base model ``tiny-python-lm`` from scratch, offline, on CPU.
+
+By default it writes ``dylora_moe/model/shipped/tiny-python-lm``: package data, where
+``dylora_moe.model.base.resolve_model_path`` finds it and from where the wheel carries it.
 
 No model hub is reachable from where this project is developed and tested, so it ships its own
 small, genuinely pretrained causal LM. This script rebuilds it end to end:
@@ -37,7 +40,7 @@ gives the exact command).
 
 Usage::
 
-    python scripts/build_base_model.py --output models/tiny-python-lm
+    python scripts/build_base_model.py
     python scripts/build_base_model.py --output /tmp/lm --time_budget_min 2 --num_layers 2
 """
 
@@ -54,6 +57,7 @@ import time
 import tokenize
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHIPPED_MODEL_DIR = REPO_ROOT / "dylora_moe" / "model" / "shipped" / "tiny-python-lm"
 sys.path.insert(0, str(REPO_ROOT))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,7 +74,7 @@ def log(msg: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", default="models/tiny-python-lm", help="output folder")
+    p.add_argument("--output", default=str(SHIPPED_MODEL_DIR), help="output folder (default: the package data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     # tokenizer

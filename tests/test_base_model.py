@@ -1,4 +1,5 @@
-"""The shipped base model ``models/tiny-python-lm``: loadable offline, small, and really pretrained."""
+"""The shipped base model ``tiny-python-lm`` (package data in ``dylora_moe/model/shipped/``): loadable
+offline, small, and really pretrained."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import pytest
 import torch
 
 from dylora_moe.data.stdlib_split import stdlib_files
+from dylora_moe.model.base import DEFAULT_MODEL_NAME, resolve_model_path
 
-MODEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "models" / "tiny-python-lm"
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODEL_DIR = pathlib.Path(resolve_model_path(DEFAULT_MODEL_NAME))
 MAX_BYTES = 20 * 1000 * 1000
 SNIPPET = (
     "import os\n\n\n"
@@ -48,6 +51,12 @@ def model():
 @pytest.fixture(scope="module")
 def report():
     return json.loads((MODEL_DIR / "build_report.json").read_text())
+
+
+def test_default_name_resolves_to_the_package_data():
+    assert MODEL_DIR == REPO_ROOT / "dylora_moe" / "model" / "shipped" / "tiny-python-lm"
+    assert resolve_model_path("dylora/tiny-python-lm") == str(MODEL_DIR)
+    assert resolve_model_path("org/not-shipped") == "org/not-shipped"  # a hub id passes through
 
 
 def test_loads_offline_as_llama(model, tokenizer):

@@ -1,8 +1,8 @@
 """Which CPython standard-library modules the shipped base model never saw.
 
-The base model (``models/tiny-python-lm``) is pretrained on the standard library minus these
-top-level modules and packages; the built-in ``stdlib_functions`` dataset is drawn from them only,
-so fine-tuning on it measures learning something new rather than recall.
+The base model (``dylora_moe/model/shipped/tiny-python-lm``) is pretrained on the standard library
+minus these top-level modules and packages; the built-in ``stdlib_functions`` dataset is drawn from
+them only, so fine-tuning on it measures learning something new rather than recall.
 """
 
 from __future__ import annotations

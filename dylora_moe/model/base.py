@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from ..errors import ConfigError
 
-# The shipped, pretrained tiny Llama (see models/tiny-python-lm/README.md).
+# The shipped, pretrained tiny Llama (card: shipped/tiny-python-lm/README.md beside this file). It is
+# package data, found through the installed package: a wheel install and a source checkout both have it.
 DEFAULT_MODEL_NAME = "tiny-python-lm"
-_SHIPPED_MODELS = Path(__file__).resolve().parents[2] / "models"
+_SHIPPED_MODELS = resources.files(__package__) / "shipped"
 
 
 def resolve_model_path(name: str) -> str:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT
+from dylora_moe.model.base import DEFAULT_MODEL_NAME, resolve_model_path
 
 
 @pytest.fixture(scope="session")
@@ -9,7 +9,7 @@ def small_model_dir(tmp_path_factory):
     """The shipped tokenizer on a small random Llama: real code paths, seconds per training step."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(REPO_ROOT / "models" / "tiny-python-lm")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_MODEL_NAME))
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

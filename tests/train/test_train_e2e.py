@@ -6,9 +6,10 @@ import os
 import pytest
 
 from dylora_moe.cli import main
-from tests.conftest import REPO_ROOT, SHARED_DATASETS
+from dylora_moe.model.base import DEFAULT_MODEL_NAME
+from tests.conftest import SHARED_DATASETS
 
-MODEL = os.environ.get("DYLORA_TEST_MODEL", str(REPO_ROOT / "models" / "tiny-python-lm"))
+MODEL = os.environ.get("DYLORA_TEST_MODEL", DEFAULT_MODEL_NAME)
 FAST = ["--model_name", MODEL, "--report_to", "none", "--progress", "false", "--logging_steps", "2",
         "--save_steps", "0", "--max_seq_length", "256", "--learning_rate", "2e-3", "--train_batch_size", "8"]
 
