@@ -116,15 +116,63 @@ def test_exported_expert_is_a_peft_adapter_with_the_same_logits(tmp_path, input_
 
 @pytest.mark.parametrize("mature", [False, True])
 def test_greedy_generation_with_cache_equals_without(mature):
+    """Twelve new tokens whatever the model predicts (EOS suppressed), and with the KV cache they
+    are the tokens a full forward pass over the whole sequence picks at every position."""
     model = trained_mixture(top_k=2)
     if mature:
         model.set_maturity()
     prompt = torch.tensor([[1, 17, 42, 99, 5]])
-    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=2)
     with_cache = model.generate(prompt, use_cache=True, **kwargs)
     without = model.generate(prompt, use_cache=False, **kwargs)
-    assert with_cache.shape[1] == 17
+    assert with_cache.shape == (1, 17)
     assert torch.equal(with_cache, without)
+    reference = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            logits = model(reference).logits[:, -1]
+            logits[:, 2] = float("-inf")  # what min_new_tokens does to EOS
+            reference = torch.cat([reference, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(with_cache, reference)
+    assert len(set(with_cache[0, 5:].tolist())) > 1  # a real continuation, not one repeated token
+
+
+def test_loads_the_shipped_base_by_name_as_the_readme_shows():
+    """README: ``DyLoRAMoE("tiny-python-lm", DyLoRAConfig(...))``; a fresh mixture is the base."""
+    from transformers import AutoModelForCausalLM
+
+    from dylora_moe.model.base import resolve_model_path
+
+    model = DyLoRAMoE("tiny-python-lm", DyLoRAConfig(num_experts=4, r=16, target_modules="q_proj,v_proj")).eval()
+    assert model.config.base_model_name_or_path == "tiny-python-lm"
+    assert model.num_experts == 4 and all(name.endswith(("q_proj", "v_proj")) for name in model.adapted_names)
+    input_ids = torch.tensor([[1, 200, 300, 400, 500]])
+    out = model(input_ids, labels=input_ids)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-python-lm")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, base(input_ids).logits)
+    assert out.loss.item() > 0 and out.router_stats is not None
+
+
+def test_a_base_that_already_carries_experts_is_refused():
+    base = tiny_llama()
+    DyLoRAMoE(base, DyLoRAConfig(num_experts=2, r=4))
+    with pytest.raises(ConfigError, match="this base model already carries DyLoRA-MoE experts; load a fresh copy"):
+        DyLoRAMoE(base, DyLoRAConfig(num_experts=2, r=4))
+
+
+@pytest.mark.parametrize("where", ["hub", "directory"])
+def test_a_base_that_cannot_be_loaded_is_named(tmp_path, where):
+    """A hub id that is neither reachable (tests run offline) nor cached, or a directory without a model."""
+    if where == "hub":
+        name = "nobody-dylora-test/no-such-model"
+    else:
+        (tmp_path / "empty-model").mkdir()
+        name = str(tmp_path / "empty-model")
+    with pytest.raises(ConfigError) as error:
+        DyLoRAMoE(name, DyLoRAConfig())
+    message = str(error.value)
+    assert f"cannot load base model {name!r}" in message and "'tiny-python-lm' for the shipped model" in message
 
 
 @pytest.mark.parametrize(

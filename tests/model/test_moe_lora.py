@@ -1,8 +1,10 @@
+import collections
 import copy
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dylora_moe.model import DyLoRAConfig, DyLoRAMoE
 
@@ -89,7 +91,7 @@ def test_dense_gate_is_tempered_softmax(llama):
     torch.testing.assert_close(layer.router(x), expected)
 
 
-def test_layer_has_no_python_loop_over_experts_in_compute(llama):
+def test_layer_update_equals_the_per_expert_sum(llama):
     """The update equals the explicit per-expert sum (the equation), computed fused."""
     model = DyLoRAMoE(llama, DyLoRAConfig(num_experts=3, r=4, dropout=0.0))
     randomize_experts(model)
@@ -101,3 +103,50 @@ def test_layer_has_no_python_loop_over_experts_in_compute(llama):
         A, B = layer.expert_weights(e)
         expected = expected + gate[..., e : e + 1] * (x @ A.t() @ B.t()) * layer.scaling
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every ATen operation a forward pass runs (a Python loop over experts multiplies them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(module, *inputs) -> collections.Counter:
+    with torch.no_grad(), OpCounter() as counter:
+        module(*inputs)
+    return counter.ops
+
+
+MATMULS = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear")
+
+
+@pytest.mark.parametrize("mature", [False, True], ids=["dense", "top-k"])
+def test_layer_has_no_python_loop_over_experts_in_compute(mature):
+    """The same operations, as many of each, for 2 and for 6 experts: two GEMMs for all experts
+    together, besides the frozen linear and the router."""
+    x = torch.randn(2, 5, 64)
+    counts = {}
+    for experts in (2, 6):
+        model = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=experts, r=4, dropout=0.0, top_k=2))
+        if mature:
+            model.set_maturity()
+        layer = next(iter(dict(model.adapted_layers()).values()))
+        counts[experts] = count_ops(layer, x)
+    assert counts[2] == counts[6]
+    assert sum(counts[2][name] for name in MATMULS) == 4  # frozen W x, router, A x, B h
+
+
+def test_one_base_pass_per_forward(input_ids):
+    """The mixture runs the base's matmuls once, plus three per adapted layer (router, A, B)."""
+    base_ops = count_ops(tiny_llama(), input_ids)
+    model = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=4, r=4, dropout=0.0))
+    mixture_ops = count_ops(model, input_ids)
+    adapted = len(model.adapted_names)
+    assert adapted == 4  # q_proj and v_proj of two layers
+    assert sum(mixture_ops[n] for n in MATMULS) == sum(base_ops[n] for n in MATMULS) + 3 * adapted
