@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -91,6 +92,20 @@ def long_one(x):
     assert pairs[1]["output"].startswith("def method(self, items):\n    kept = ")
 
 
-def test_python_version_noted(records):
-    # The count depends on the CPython version's stdlib; this documents the one measured.
+def test_pairs_come_from_every_held_out_module_of_this_interpreter(records):
+    """The count depends on the running CPython's stdlib (printed); every held-out module gives pairs."""
+    import os
+
+    from dylora_moe.data.stdlib_split import HELD_OUT_MODULES, stdlib_root
+
     print(f"stdlib_functions: {len(records)} pairs on Python {sys.version.split()[0]}")
+    root = stdlib_root()
+    assert root.resolve() == Path(os.__file__).resolve().parent  # this interpreter's stdlib
+    files = stdlib_files(held_out=True)
+    assert files and all(root in f.parents for f in files)
+    inputs = {r["input"] for r in records}
+    for module in HELD_OUT_MODULES:
+        own = [f for f in files if f.relative_to(root).parts[0] in (module, module + ".py")]
+        assert own, f"held-out module {module} not found in {root}"
+        pairs = extract_pairs(own)
+        assert pairs and any(p["input"] in inputs for p in pairs), module
