@@ -1,16 +1,24 @@
-"""A FAKE Weights & Biases backend for tests. It stands in for the W&B servers (api.wandb.ai), a
-boundary we cannot reach offline; it is not W&B and checks nothing W&B would check (auth, schema).
+"""A FAKE Weights & Biases backend for tests and local trials. It stands in for the W&B servers
+(api.wandb.ai), a boundary we cannot reach offline; it is not W&B: it keeps everything in memory,
+accepts any API key, and checks only the shapes the real client relies on.
 
-It answers just enough of the protocol for the real client (Python SDK + bundled ``wandb-core``,
+It answers enough of the protocol for the real client (Python SDK + bundled ``wandb-core``,
 observed with wandb 0.31.0), pointed at it through ``WANDB_BASE_URL``, to run
-``init -> log -> finish`` online and to continue a run by id (``init(id=..., resume="allow")``):
+``init -> log -> finish`` online, to continue a run by id (``init(id=..., resume="allow")``), and
+to log, resolve and download artifacts (tests/fakes/wandb_artifacts.py documents those operations):
 
-- ``POST /graphql``: ``Viewer``, ``ServerFeaturesQuery``, ``RunResumeStatus``, ``UpsertBucket``,
-  ``CreateRunFiles`` (upload URLs point back here). Other operations (e.g.
-  ``OrganizationCoreWeaveOrganizationID``) get ``{"<field>": null}``: an empty ``data`` crashes
-  wandb-core.
+- ``POST /graphql``: ``Viewer`` / ``GetDefaultEntity`` (entity ``fake-entity``),
+  ``ServerFeaturesQuery`` (no optional features), ``RunResumeStatus``, ``UpsertBucket``,
+  ``CreateRunFiles`` (upload URLs point back here), and the artifact operations. Other operations
+  (e.g. ``OrganizationCoreWeaveOrganizationID``) get ``{"<field>": null}``: an empty ``data``
+  crashes wandb-core.
 - ``PUT /upload/<run>/<file>``: run files (metadata, config.yaml, output.log, ...), names recorded.
 - ``POST /files/<entity>/<project>/<run>/file_stream``: history lines, summary, exit code.
+- ``PUT``/``GET /artifact-files/<artifact id>/<path>`` and ``/artifact-manifests/<artifact id>``:
+  artifact uploads and downloads.
+- ``GET /_fake/artifacts`` (JSON: every collection, its versions, aliases and files with their
+  SHA-256) and ``POST /_fake/corrupt`` with ``{"artifact": "E/P/NAME:ALIAS", "path": "FILE"}``:
+  the fake's own controls, for trials from another process; not W&B routes.
 - Anything else (the client's ``/sdk/otel/v1/metrics`` telemetry) gets a 404, which it tolerates.
 
 Resume, as wandb-core decides it: the run counts as existing only when ``RunResumeStatus`` returns a
@@ -22,8 +30,12 @@ Recorded per run name, in ``FakeWandb.runs[name]`` (a ``FakeRun``): ``upserts``,
 and ``resumed_as_existing`` (how many ``RunResumeStatus`` answers said the run exists), ``config``,
 ``history`` (rows from file_stream, each chunk placed at its ``offset`` as the backend does),
 ``history_offsets`` (the offset of each history chunk), ``summary``, ``exit_codes``, ``files``.
-``FakeWandb.requests`` logs (method, path, GraphQL operation) for every request and
-``FakeWandb.errors`` any exception the fake raised while answering (the client then got a 500).
+Artifacts are in ``FakeWandb.artifacts`` (a ``FakeArtifacts``). ``FakeWandb.requests`` logs
+(method, path, GraphQL operation) for every request and ``FakeWandb.errors`` any exception the fake
+raised while answering (the client then got a 500).
+
+On its own, for manual trials: ``python -m tests.fakes.wandb_server --port 8765`` serves until
+stopped and prints the ``WANDB_BASE_URL`` and ``WANDB_API_KEY`` to export (docs/wandb-local.md).
 """
 
 from __future__ import annotations
@@ -35,8 +47,12 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote
+
+from tests.fakes.wandb_artifacts import ARTIFACT_OPERATIONS, FakeArtifacts
 
 ENTITY = "fake-entity"
+API_KEY = "0123456789abcdef" * 2 + "01234567"  # any 40 characters: the fake accepts every key
 
 
 @dataclass
@@ -81,15 +97,17 @@ class _Server(ThreadingHTTPServer):
 
 
 class FakeWandb:
-    """``with FakeWandb() as fake:`` serves on ``fake.url`` (127.0.0.1, a free port) from a thread."""
+    """``with FakeWandb() as fake:`` serves on ``fake.url`` (127.0.0.1, a free port unless ``port``
+    is given) from a thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
         self.runs: dict[str, FakeRun] = {}
         self.requests: list[tuple[str, str, str | None]] = []
         self.errors: list[str] = []
         self.lock = threading.Lock()
-        self.server = _Server(("127.0.0.1", 0), _handler(self))
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server = _Server((host, port), _handler(self))
+        self.url = f"http://{host}:{self.server.server_address[1]}"
+        self.artifacts = FakeArtifacts(self.url)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> "FakeWandb":
@@ -109,7 +127,7 @@ class FakeWandb:
         return run
 
     def graphql(self, op: str, query: str, v: dict[str, Any]) -> dict[str, Any]:
-        if op == "Viewer":
+        if op in ("Viewer", "GetDefaultEntity"):
             return {"viewer": {"id": "viewer", "entity": ENTITY, "username": "fake-user", "email": None,
                                "admin": False, "flags": "{}", "teams": {"edges": []}}}
         if op == "ServerFeaturesQuery":
@@ -127,6 +145,8 @@ class FakeWandb:
             run.upserts += 1
             run.config.update(json.loads(v.get("config") or "{}"))
             return {"upsertBucket": {"bucket": run.bucket(), "inserted": run.upserts == 1}}
+        if op in ARTIFACT_OPERATIONS:
+            return self.artifacts.graphql(op, v)
         if op == "CreateRunFiles":
             run = self._run(v["run"], v.get("project"), v.get("entity"))
             files = [{"name": name, "uploadUrl": f"{self.url}/upload/{run.name}/{name}"} for name in v["files"]]
@@ -162,6 +182,53 @@ def _handler(fake: FakeWandb):
             self.end_headers()
             self.wfile.write(data)
 
+        def reply_bytes(self, status: int, data: bytes, content_type: str = "application/octet-stream") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def control(self, method: str, parts: list[str], body: bytes) -> None:
+            """The fake's own routes (not W&B's): inspect artifacts, corrupt a file."""
+            if method == "GET" and parts == ["_fake", "artifacts"]:
+                return self.reply(200, fake.artifacts.describe())
+            if method == "POST" and parts == ["_fake", "corrupt"]:
+                request = json.loads(body or b"{}")
+                entity, _, rest = str(request.get("artifact", "")).partition("/")
+                project, _, name = rest.partition("/")
+                try:
+                    version = fake.artifacts.corrupt(entity, project, name, str(request.get("path")))
+                except (KeyError, ValueError) as error:
+                    return self.reply(404, {"error": str(error)})
+                return self.reply(200, {"corrupted": f"{entity}/{project}/{version.collection}:"
+                                                     f"{version.version}/{request.get('path')}"})
+            return self.reply(404, {"error": f"fake W&B: no control route {method} {self.path}"})
+
+        def artifact_route(self, method: str, parts: list[str], body: bytes) -> bool:
+            """Artifact uploads (PUT) and downloads (GET); False when the path is not one."""
+            artifacts = fake.artifacts
+            if len(parts) >= 3 and parts[0] == "artifact-files":
+                artifact_id, name = unquote(parts[1]), unquote("/".join(parts[2:]))
+                if method == "PUT":
+                    status, why = artifacts.put_file(artifact_id, name, body)
+                    self.reply(status, {"error": why} if why else {})
+                    return True
+                data = artifacts.get_file(artifact_id, name)
+            elif len(parts) == 2 and parts[0] == "artifact-manifests":
+                if method == "PUT":
+                    status, why = artifacts.put_manifest(unquote(parts[1]), body)
+                    self.reply(status, {"error": why} if why else {})
+                    return True
+                data = artifacts.get_manifest(unquote(parts[1]))
+            else:
+                return False
+            if data is None:
+                self.reply(404, {"error": f"fake W&B: nothing at {self.path}"})
+            else:
+                self.reply_bytes(200, data)
+            return True
+
         def answer(self, method: str) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             parts = self.path.split("?")[0].strip("/").split("/")
@@ -178,6 +245,10 @@ def _handler(fake: FakeWandb):
                     if method == "POST" and len(parts) == 5 and parts[0] == "files" and parts[4] == "file_stream":
                         fake.file_stream(parts[3], json.loads(body))
                         return self.reply(200, {"exitcode": None, "limits": {}})
+                    if parts[:1] == ["_fake"]:
+                        return self.control(method, parts, body)
+                    if self.artifact_route(method, parts, body):
+                        return None
                     if method == "PUT" and len(parts) >= 3 and parts[0] == "upload":
                         fake._run(parts[1]).files.append("/".join(parts[2:]))
                         return self.reply(200, {})
@@ -196,3 +267,35 @@ def _handler(fake: FakeWandb):
             self.answer("GET")
 
     return Handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.fakes.wandb_server",
+        description="Serve the FAKE W&B backend until stopped (Ctrl-C or SIGTERM), for trying the W&B "
+                    "flow of dylora locally; see docs/wandb-local.md. Not W&B: state is kept in memory.")
+    parser.add_argument("--port", type=int, default=0, help="TCP port (default: a free one)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    args = parser.parse_args(argv)
+    fake = FakeWandb(port=args.port, host=args.host)
+    fake.artifacts.log = lambda line: print(line, flush=True)
+    print(f"export WANDB_BASE_URL={fake.url}", flush=True)
+    print(f"export WANDB_API_KEY={API_KEY}", flush=True)
+    print(f"# entity: {ENTITY}; fake W&B serving until stopped (Ctrl-C)", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        fake.server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fake.server.server_close()
+    for error in fake.errors:
+        print(f"fake W&B error: {error}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
