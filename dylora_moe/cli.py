@@ -13,8 +13,10 @@ import sys
 from . import __version__
 from .errors import DyLoRAError
 
-EPILOG = """exit status: 0 success, 1 error, 2 bad input (configuration, data, fingerprint mismatch),
-75 stopped by SIGTERM/SIGINT after a durable checkpoint (continue with --resume auto)."""
+EPILOG = """exit status: 0 success, 1 error, 2 bad input (configuration, data, checkpoint reference,
+fingerprint mismatch), 3 training finished but some checkpoints were not published to the store
+(local copies kept; rerun with --resume auto to publish them), 75 stopped by SIGTERM/SIGINT (after a
+durable checkpoint once training has started; continue with --resume auto)."""
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -25,7 +27,7 @@ def _train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
-        summary = Trainer(config).setup().train()
+        summary = Trainer(config, signals=args.signals).setup().train()
     print(
         f"done: held-out loss {summary['eval_loss_base']:.4f} (base) -> {summary['eval_loss_final']:.4f} "
         f"(trained) in {summary['steps']} steps; model in {summary['model_dir']}"
@@ -104,7 +106,49 @@ def build_parser() -> argparse.ArgumentParser:
                       help="list: versions/checkpoints; show: manifest and fingerprint; verify: every checksum")
     ckpt.add_argument("ref", help="checkpoint reference")
     ckpt.set_defaults(func=_ckpt)
+
+    from .eval.config import add_eval_parser  # flags only: models and the sandbox load when it runs
+
+    add_eval_parser(sub, EPILOG)
+
+    from .cloud.command import add_submit_parser  # flags only: the cloud clients load when a job is sent
+
+    add_submit_parser(sub, EPILOG)
+
+    report = sub.add_parser("report", help="reports on a trained mixture (routing: which expert serves which dataset)",
+                            epilog=EPILOG)
+    report_sub = report.add_subparsers(dest="report", metavar="REPORT", required=True)
+    routing = report_sub.add_parser(
+        "routing", help="per-dataset expert usage, mutual information and a heatmap",
+        description="Route the held-out split of each dataset through a trained mixture and report, per dataset, "
+        "the share of top-1 choices per expert and the mean gate, the mutual information between dataset and "
+        "top-1 expert (bits, per adapted layer: mean and max), and a datasets x experts heatmap. Writes "
+        "routing_report.json and routing_heatmap.png (in --output_dir, default the model directory).", epilog=EPILOG)
+    routing.add_argument("--model", required=True, metavar="DIR", help="a trained mixture: runs/RUN_ID/final or a checkpoint directory")
+    routing.add_argument("--datasets", required=True, metavar="A,B,...", help="comma-separated dataset names or files, as for train")
+    routing.add_argument("--data_dir", metavar="DIR", default=None, help="offline directory serving named datasets (env DYLORA_DATA_DIR)")
+    routing.add_argument("--output_dir", metavar="DIR", default=None, help="where to write the report (default: the model directory)")
+    routing.add_argument("--max_seq_length", type=int, default=256, metavar="N", help="longest tokenised example (default: 256)")
+    routing.add_argument("--validation_fraction", type=float, default=0.05, metavar="X",
+                         help="held-out share of each dataset, as in training (default: 0.05)")
+    routing.add_argument("--eval_subset", type=float, default=100.0, metavar="X", help="percent of each held-out split (default: 100)")
+    routing.add_argument("--seed", type=int, default=42, metavar="N", help="the training run's seed: it chose the held-out split (default: 42)")
+    routing.set_defaults(func=_report_routing)
     return parser
+
+
+def _report_routing(args: argparse.Namespace) -> int:
+    import os
+
+    from .train.routing_report import routing_report
+
+    data_dir = args.data_dir or os.environ.get("DYLORA_DATA_DIR") or None
+    table, json_path, png = routing_report(
+        args.model, args.datasets, data_dir=data_dir, output_dir=args.output_dir, max_seq_length=args.max_seq_length,
+        validation_fraction=args.validation_fraction, eval_subset=args.eval_subset, seed=args.seed)
+    print(table.summary())
+    print(f"wrote {json_path} and {png}")
+    return 0
 
 
 def _quiet_libraries() -> None:
@@ -120,8 +164,25 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .train.preemption import SignalWatch
+
+    # Spot VMs are reclaimed during start-up too: from the first moment, SIGTERM/SIGINT end the command
+    # with one line and status 75 (training then takes them over to checkpoint first).
+    signals = SignalWatch().install()
+    try:
+        return _run(argv, signals)
+    except DyLoRAError as err:  # a signal before the command was even parsed
+        return _report(err, "")
+    finally:
+        signals.restore()
+
+
+def _run(argv: list[str] | None, signals) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.signals = signals
+    if args.command != "train":
+        signals.restore()  # only training has a checkpoint to protect and a 75 to promise
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -133,12 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DyLoRAError as err:
-        paragraph = " ".join(str(err).split())  # one paragraph, whatever the underlying library wrote
-        kind = "stopped" if err.exit_code == 75 else "error"
-        print(f"dylora {args.command}: {kind}: {paragraph}", file=sys.stderr)
-        if getattr(err, "table", None):
-            print(err.table, file=sys.stderr)
-        return err.exit_code
+        return _report(err, args.command)
+
+
+def _report(err: DyLoRAError, command: str) -> int:
+    paragraph = " ".join(str(err).split())  # one paragraph, whatever the underlying library wrote
+    kind = "stopped" if err.exit_code == 75 else "error"
+    print(f"dylora{' ' + command if command else ''}: {kind}: {paragraph}", file=sys.stderr)
+    if getattr(err, "table", None):
+        print(err.table, file=sys.stderr)
+    return err.exit_code
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ class ArchitectureFingerprint:
     top_k: int
     router_temperature: float
     maturity: list[bool] = field(default_factory=list)
+    routing: str = "token"  # per token or per example; checkpoints from before it routed per token
 
     INFORMATIONAL = ("maturity",)
 
@@ -55,6 +56,7 @@ class ArchitectureFingerprint:
             target_modules=list(model.adapted_names),
             top_k=mc.top_k,
             router_temperature=float(mc.router_temperature),
+            routing=getattr(mc, "routing", "token"),
             maturity=[bool(m) for m in model.routing.mature],
         )
 

@@ -8,6 +8,7 @@ from ..errors import ConfigError
 
 DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
 ALL_LINEAR = "all-linear"
+ROUTING_GRANULARITIES = ("token", "example")
 
 
 @dataclass
@@ -21,6 +22,10 @@ class DyLoRAConfig:
     router_temperature: float = 2.0
     balance_coefficient: float = 0.01
     z_loss_coefficient: float = 0.0
+    # "token": every token is routed on its own; "example": one gate per example, computed in each
+    # adapted layer from the mean of that layer's input over the prompt tokens, and kept for
+    # every generated token (works with the KV cache).
+    routing: str = "token"
     base_model_name_or_path: str | None = None
     mature: list[bool] = field(default_factory=list)  # filled in by the model
 
@@ -51,6 +56,11 @@ class DyLoRAConfig:
             raise ConfigError(
                 f"balance_coefficient={self.balance_coefficient!r} / z_loss_coefficient="
                 f"{self.z_loss_coefficient!r}: auxiliary loss coefficients must be >= 0."
+            )
+        if self.routing not in ROUTING_GRANULARITIES:
+            raise ConfigError(
+                f"routing={self.routing!r} is invalid: choose 'token' (per token) or 'example' "
+                "(one gate per example, from its prompt)."
             )
         if not self.target_modules:
             raise ConfigError(

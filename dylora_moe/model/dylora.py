@@ -88,6 +88,7 @@ class DyLoRAMoE(nn.Module):
             admission=torch.ones(config.num_experts),
             top_k=config.top_k,
             temperature=config.router_temperature,
+            granularity=config.routing,
         )
         self.adapted_names = find_target_modules(base_model, config.target_modules)
         for name in self.adapted_names:
@@ -142,13 +143,20 @@ class DyLoRAMoE(nn.Module):
         self._sync_config()
 
     # ------------------------------------------------------------------ compute
-    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs) -> DyLoRAOutput:
+    def forward(self, input_ids, attention_mask=None, labels=None, prompt_mask=None, **kwargs) -> DyLoRAOutput:
+        """Causal-LM forward. Per-example routing reads the prompt: ``prompt_mask`` (batch, seq), or
+        the tokens whose label is -100 when ``labels`` are given, or else every non-padding token
+        (then the whole input must be the prompt, as in generation)."""
         token_mask = attention_mask.bool() if attention_mask is not None else None
         self.routing.start_collecting(token_mask)
+        if self.routing.granularity == "example" and not self.routing.generating:
+            self.routing.prompt_mask = self._prompt_mask(input_ids, token_mask, labels, prompt_mask)
         try:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         finally:
             stats = self.routing.stop_collecting()
+            if not self.routing.generating:
+                self.routing.prompt_mask = None
         result = DyLoRAOutput(logits=out.logits, router_stats=stats)
         if labels is not None:
             zero = out.loss.new_zeros(())
@@ -162,9 +170,33 @@ class DyLoRAMoE(nn.Module):
             )
         return result
 
+    @staticmethod
+    def _prompt_mask(input_ids, token_mask, labels, prompt_mask) -> torch.Tensor:
+        if prompt_mask is not None:
+            return prompt_mask.bool()
+        attended = token_mask if token_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        if labels is None:
+            return attended
+        prompt = attended & (labels == -100)
+        # an example without prompt tokens (plain language modelling) routes from all its tokens
+        return torch.where(prompt.any(-1, keepdim=True), prompt, attended)
+
     def generate(self, *args, **kwargs):
-        """The base model's own ``generate`` (KV cache included); every new token is routed."""
-        return self.base_model.generate(*args, **kwargs)
+        """The base model's own ``generate`` (KV cache included). Token routing routes every new
+        token; per-example routing routes each example once from its prompt and keeps that gate."""
+        if self.routing.granularity != "example":
+            return self.base_model.generate(*args, **kwargs)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        self.routing.prompt_mask = (mask.bool() if mask is not None
+                                    else torch.ones_like(input_ids, dtype=torch.bool))
+        self.routing.generating = True
+        try:
+            return self.base_model.generate(*args, **kwargs)
+        finally:
+            self.routing.generating, self.routing.prompt_mask = False, None
+            for _, layer in self.adapted_layers():
+                layer.router._kept_gate = None
 
     # ------------------------------------------------------------------ state
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -13,6 +13,12 @@ what they were before growth (and with B = 0 the outputs too). Raising the admis
 the expert in.
 
 Gradients reach ``W`` in both modes (in the sparse case through the kept probabilities).
+
+With ``granularity == "example"`` a router gives one gate per example, shape (batch, 1, E): it
+reads the mean of its input over the example's prompt tokens (``RoutingState.prompt_mask``;
+all non-padding tokens when none is set). While generating, the gate computed on the prompt
+(the prefill) is kept for every new token, so routing works with the KV cache and a token never
+changes its example's gate.
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ class RoutingState:
     forced_expert: int | None = None  # route every token to this expert (export checks, analysis)
     external_gate: torch.Tensor | None = None  # (..., E) gate supplied by the caller (benchmarks)
     token_mask: torch.Tensor | None = None  # (batch, seq) bool: which tokens count in aux losses
+    granularity: str = "token"  # "token" or "example" (see the module docstring)
+    prompt_mask: torch.Tensor | None = None  # (batch, seq) bool: the prompt tokens, per-example routing
+    generating: bool = False  # per-example routing: keep each router's prefill gate for new tokens
     collect: bool = False
     _records: list = field(default_factory=list)
 
@@ -112,10 +121,16 @@ class HybridRouter(nn.Module):
         self.weight = nn.Parameter(torch.cat([self.weight.data, row], dim=0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Gate of shape (..., E) in float32; rows sum to 1."""
+        """Gate of shape (..., E) in float32 (per-example routing: (batch, 1, E)); rows sum to 1."""
         state = self.state
         if state.external_gate is not None:
             return state.external_gate
+        if state.granularity == "example":
+            kept = self._kept_gate if state.generating else None
+            if (kept is not None and state.prompt_mask is not None and kept.shape[0] == x.shape[0]
+                    and x.shape[-2] < state.prompt_mask.shape[-1]):
+                return kept  # a generation step after the prompt: the example keeps its gate
+            x = self._pool_prompt(x)
         logits = F.linear(x.float(), self.weight.float())
         if state.forced_expert is not None:
             gate = torch.zeros_like(logits)
@@ -132,7 +147,26 @@ class HybridRouter(nn.Module):
         if state.collect:
             # The balance loss counts the top-k choice as the dispatch, in dense mode too (Mixtral).
             self._record(logits, probs, dispatch if dispatch is not None else top_k_mask(probs, state.top_k))
+        if state.granularity == "example":
+            self._kept_gate = gate.detach() if state.generating else None
         return gate
+
+    _kept_gate: torch.Tensor | None = None
+
+    def _pool_prompt(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, 1, in): the mean of ``x`` (batch, seq, in) over each example's prompt tokens."""
+        mask = self.state.prompt_mask
+        if mask is None:
+            return x.float().mean(-2, keepdim=True)
+        mask = mask.to(x.device)
+        if mask.shape[0] != x.shape[0]:  # beams or returned sequences: rows repeated per example
+            mask = mask.repeat_interleave(x.shape[0] // mask.shape[0], dim=0)
+        seq = x.shape[-2]
+        if mask.shape[-1] < seq:  # generation without the KV cache: the new tokens are not prompt
+            mask = F.pad(mask, (0, seq - mask.shape[-1]), value=False)
+        weights = mask[..., :seq].float()
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=1)
+        return torch.einsum("bs,bsi->bi", weights, x.float()).unsqueeze(-2)
 
     def _record(self, logits: torch.Tensor, probs: torch.Tensor, dispatch: torch.Tensor) -> None:
         num_experts = probs.shape[-1]

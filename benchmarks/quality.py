@@ -1,0 +1,195 @@
+"""Held-out quality and expert specialisation: the mixture against single PEFT LoRAs.
+
+Every design is trained on the shipped ``tiny-python-lm`` with the same data, in the same order
+(one seeded, length-grouped, interleaved sampler), the same optimiser and schedule (AdamW,
+cosine with 5% warm-up, gradient clipping 1.0) and the same number of steps, then evaluated on the
+held-out split of each dataset (mean loss over response tokens). For mixtures it also reports the
+specialisation measured by :mod:`dylora_moe.train.routing_report`: the mean gate per dataset and
+the mutual information between a unit's dataset and its top-1 expert (per adapted layer, in bits;
+a unit is a token under token routing, an example under per-example routing).
+
+Designs (``--designs``, comma-separated; see DESIGNS below):
+  lora_r64     one PEFT LoRA with the mixture's trainable size (rank E*r = 64)
+  lora_r16     one PEFT LoRA of one expert's size (rank 16)
+  moe_default  the mixture with the library's current defaults
+  ...          mixture variants
+
+    OMP_NUM_THREADS=1 python benchmarks/quality.py --seed 1 [--steps 300] [--designs a,b,...]
+
+Every LoRA uses alpha = 2 * rank (the mixture's alpha/r) and dropout 0.05. Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dylora_moe.data import LengthGroupedBatchSampler, PaddingCollator, build_datasets  # noqa: E402
+from dylora_moe.model import DyLoRAConfig, DyLoRAMoE  # noqa: E402
+from dylora_moe.model.base import load_base_model, load_tokenizer  # noqa: E402
+from dylora_moe.train.routing_report import collect_routing, eval_batches  # noqa: E402
+
+DATASETS = ["stdlib_functions", "code_alpaca", "mbpp", "evol_instruct"]
+
+# name -> (kind, options). Mixture options are DyLoRAConfig fields plus "maturity_fraction".
+DESIGNS: dict[str, tuple[str, dict]] = {
+    "lora_r64": ("lora", {"r": 64}),
+    "lora_r16": ("lora", {"r": 16}),
+    "moe_default": ("moe", {}),
+    "moe_token_dense": ("moe", {"maturity_fraction": 1.0}),
+    "moe_example": ("moe", {"routing": "example"}),
+    "moe_example_dense": ("moe", {"routing": "example", "maturity_fraction": 1.0}),
+    # alpha = 2 * E * r: with a uniform gate (1/E each) this is exactly lora_r64 (alpha 128)
+    "moe_example_dense_a128": ("moe", {"routing": "example", "maturity_fraction": 1.0, "alpha": 128.0}),
+    "moe_token_dense_a128": ("moe", {"maturity_fraction": 1.0, "alpha": 128.0}),
+    "moe_example_top2": ("moe", {"routing": "example", "top_k": 2}),
+    "moe_example_nobal": ("moe", {"routing": "example", "balance_coefficient": 0.0}),
+    "moe_example_t1": ("moe", {"routing": "example", "router_temperature": 1.0}),
+}
+
+
+def build_lora(base, r: int, dropout: float, targets: list[str]):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets))
+    return model
+
+
+def train_and_evaluate(name: str, args, data) -> dict:
+    train_data, eval_data, tokenizer = data
+    kind, options = DESIGNS[name]
+    options = dict(options)
+    maturity_fraction = options.pop("maturity_fraction", 0.5)
+    torch.manual_seed(args.seed)
+    base = load_base_model(args.model)
+    if kind == "lora":
+        model = build_lora(base, options["r"], 0.05, ["q_proj", "v_proj"])
+    else:
+        model = DyLoRAMoE(base, DyLoRAConfig(**options))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
+    from transformers import get_cosine_schedule_with_warmup
+
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(0.05 * args.steps), args.steps)
+    collator = PaddingCollator.for_tokenizer(tokenizer)
+    sampler = LengthGroupedBatchSampler(train_data["length"], args.batch_size, seed=args.seed)
+    torch.manual_seed(args.seed)  # dropout stream identical for every design
+    step, epoch, started = 0, 0, time.perf_counter()
+    while step < args.steps:
+        sampler.set_epoch(epoch)
+        for indices in sampler:
+            if step >= args.steps:
+                break
+            if kind == "moe" and maturity_fraction < 1 and step >= maturity_fraction * args.steps and model.routing.dense:
+                model.set_maturity()
+            batch = collator([train_data[i] for i in indices])
+            if kind == "lora":
+                loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+            else:
+                loss = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % 50 == 0:
+                print(f"  [{name}] step {step}/{args.steps} loss {loss.item():.3f} "
+                      f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+        epoch += 1
+    train_s = time.perf_counter() - started
+
+    # held-out loss per dataset, response tokens only
+    model.eval()
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    with torch.no_grad():
+        for batch, sources in eval_batches(eval_data, collator, 16):
+            if kind == "lora":
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            else:  # labels tell per-example routing where the prompt ends; the loss is recomputed below
+                logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).logits
+            labels = batch["labels"][:, 1:]
+            per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            for row, source in enumerate(sources):
+                sums[source] = sums.get(source, 0.0) + float(per_token[row].sum())
+                counts[source] = counts.get(source, 0) + int((labels[row] != -100).sum())
+    result = {
+        "design": name, "seed": args.seed, "trainable": trainable, "train_s": train_s,
+        "loss_all": sum(sums.values()) / max(sum(counts.values()), 1),
+        "loss": {d: sums[d] / max(counts[d], 1) for d in DATASETS if d in sums},
+    }
+    if kind == "moe":
+        table = collect_routing(model, eval_batches(eval_data, collator, 16), [d for d in DATASETS if d in sums])
+        result.update(mi_mean=table.mi_mean, mi_max=table.mi_max, granularity=table.granularity,
+                      mean_gate=table.mean_gate().tolist(), top1_usage=table.usage().tolist())
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_seq_length", type=int, default=256)
+    parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--designs", default="lora_r64,lora_r16,moe_default")
+    parser.add_argument("--model", default="tiny-python-lm")
+    parser.add_argument("--data_dir", default=str(REPO.parent / "shared" / "datasets"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="append one JSON line per design to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import datasets as hf_datasets
+    import transformers
+
+    hf_datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+
+    tokenizer = load_tokenizer(args.model)
+    # The data split and order depend on the seed too, so two seeds differ in data and init.
+    train_data, eval_data, _ = build_datasets(DATASETS, tokenizer, args.max_seq_length, data_dir=args.data_dir,
+                                              seed=args.seed, mixing="interleave")
+    names = [n.strip() for n in args.designs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in DESIGNS]
+    if unknown:
+        parser.error(f"unknown design(s) {unknown}; known: {', '.join(DESIGNS)}")
+    results = []
+    for name in names:
+        result = train_and_evaluate(name, args, (train_data, eval_data, tokenizer))
+        results.append(result)
+        if args.json:
+            with open(args.json, "a") as fh:
+                fh.write(json.dumps(result) + "\n")
+        print(f"  [{name}] done: loss {result['loss_all']:.4f} in {result['train_s']:.0f} s", file=sys.stderr, flush=True)
+
+    short = {"stdlib_functions": "stdlib", "code_alpaca": "code_alpaca", "mbpp": "mbpp", "evol_instruct": "evol"}
+    print(f"\nseed {args.seed}, {args.steps} steps x batch {args.batch_size}, max_seq_length {args.max_seq_length}, "
+          f"lr {args.learning_rate}, datasets interleaved: {', '.join(DATASETS)}")
+    print("| design | trainable | held-out loss, all | " + " | ".join(short[d] for d in DATASETS) + " | MI mean (bits) | MI max |")
+    print("|---|---|---|" + "---|" * len(DATASETS) + "---|---|")
+    for r in results:
+        mi = (f"{r['mi_mean']:.3f} ({r['granularity']}) | {r['mi_max']:.3f}" if "mi_mean" in r else "- | -")
+        cells = " | ".join(f"{r['loss'].get(d, math.nan):.3f}" for d in DATASETS)
+        print(f"| {r['design']} | {r['trainable']:,} | {r['loss_all']:.3f} | {cells} | {mi} |")
+    for r in results:
+        if "mean_gate" in r:
+            gates = "; ".join(f"{short[d]} " + " ".join(f"{g:.2f}" for g in row)
+                              for d, row in zip(DATASETS, r["mean_gate"]))
+            print(f"mean gate per dataset, {r['design']}: {gates}")
+
+
+if __name__ == "__main__":
+    main()
