@@ -1,0 +1,110 @@
+"""The container's entrypoint in a cloud job: ``python -m dylora_moe.cloud.entrypoint [--secret ...] -- ARGS``.
+
+1. Resolves every ``--secret NAME=projects/P/secrets/S/versions/V`` through Secret Manager into
+   this process's environment (names are logged, values never).
+2. Replaces ``$(VAR)`` in ARGS with the environment variable VAR, e.g. ``$(CLOUD_ML_JOB_ID)``, the
+   job id that Vertex sets and that ``dylora submit vertex`` cannot know when it builds the job.
+3. Runs ``dylora ARGS`` in this process (so SIGTERM reaches the trainer, which checkpoints and
+   exits 75), and returns its exit status.
+4. After a successful ``train`` on the chief replica, copies the trained mixture (``RUN_DIR/final``)
+   to ``AIP_MODEL_DIR`` when Vertex set it (the job's BASE_OUTPUT_DIR/model/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError, DyLoRAError
+from .secrets import parse_secret_refs, resolve_secrets
+
+log = logging.getLogger("dylora_moe.cloud.entrypoint")
+_VAR_RE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def expand_variables(args: list[str], environ: dict[str, str] | None = None) -> list[str]:
+    """``$(VAR)`` -> the value of VAR; an unset VAR is an error naming it."""
+    environ = os.environ if environ is None else environ
+
+    def value(match: re.Match) -> str:
+        name = match.group(1)
+        if not environ.get(name):
+            raise ConfigError(f"the job's command uses $({name}) but {name} is not set in the container; "
+                              "Vertex AI sets CLOUD_ML_JOB_ID for every CustomJob (running elsewhere, set it "
+                              "to a stable id yourself).")
+        return environ[name]
+
+    return [_VAR_RE.sub(value, arg) for arg in args]
+
+
+def _is_chief(environ: dict[str, str]) -> bool:
+    """Vertex describes the replica in CLUSTER_SPEC; the chief is workerpool0 (or a single replica)."""
+    try:
+        task = json.loads(environ.get("CLUSTER_SPEC") or "{}").get("task") or {}
+    except json.JSONDecodeError:
+        return True
+    return task.get("type", "workerpool0") == "workerpool0"
+
+
+def upload_model(dylora_args: list[str], destination: str) -> str:
+    """Copy RUN_DIR/final of the ``train`` command ``dylora_args`` to ``destination`` (an fsspec URL)."""
+    import fsspec
+
+    from ..cli import build_parser
+    from ..train.config import config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(dylora_args))
+    final = Path(cfg.output_dir) / cfg.resolved_run_id() / "final"
+    if not final.is_dir():
+        raise DyLoRAError(f"training finished but {final} does not exist; nothing was copied to {destination}.")
+    try:
+        fs, root = fsspec.core.url_to_fs(destination.rstrip("/"))
+        for path in sorted(p for p in final.rglob("*") if p.is_file()):
+            fs.put_file(str(path), f"{root}/{path.relative_to(final).as_posix()}")
+    except Exception as e:
+        raise DyLoRAError(f"training finished but copying {final} to {destination} failed ({type(e).__name__}: "
+                          f"{e}); the checkpoints are in the run's store.") from e
+    return destination
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dylora_moe.cloud.entrypoint",
+                                     description="Start a cloud job: resolve secrets, then run `dylora ARGS`.")
+    parser.add_argument("--secret", action="append", metavar="NAME=projects/P/secrets/S/versions/V",
+                        help="fill environment variable NAME from a Secret Manager secret version")
+    parser.add_argument("dylora_args", nargs=argparse.REMAINDER, help="-- then the dylora command line")
+    args = parser.parse_args(argv)
+    dylora_args = args.dylora_args[1:] if args.dylora_args[:1] == ["--"] else args.dylora_args
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        names = resolve_secrets(parse_secret_refs(args.secret))
+        if names:
+            log.info("secrets resolved from Secret Manager into %s", ", ".join(names))
+        dylora_args = expand_variables(dylora_args)
+    except DyLoRAError as err:
+        print(f"dylora job: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return err.exit_code
+    if not dylora_args:
+        parser.error("no dylora command given after --")
+    log.info("running: dylora %s", " ".join(dylora_args))
+
+    from ..cli import main as dylora_main
+
+    status = dylora_main(dylora_args)
+    model_dir = os.environ.get("AIP_MODEL_DIR")
+    if status == 0 and dylora_args[0] == "train" and model_dir and _is_chief(os.environ):
+        try:
+            log.info("trained mixture copied to %s", upload_model(dylora_args, model_dir))
+        except DyLoRAError as err:
+            print(f"dylora job: error: {' '.join(str(err).split())}", file=sys.stderr)
+            return err.exit_code
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
