@@ -1,9 +1,11 @@
-"""The W&B store: publishing with the real client offline; verified downloads at the SDK edge."""
+"""The W&B store with the real client: publishing offline (staged) and online, and verified
+downloads, against the fake W&B backend (tests/fakes/wandb_server.py)."""
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,9 @@ import pytest
 from dylora_moe.checkpoint.references import fetch
 from dylora_moe.checkpoint.stores.wandb_store import FINAL_BEST_NAME, WandbStore
 from dylora_moe.errors import CheckpointError
+from tests.checkpoint.conftest import make_checkpoint
+from tests.fakes.wandb_client import client_env
+from tests.fakes.wandb_server import ENTITY, FakeWandb
 
 wandb = pytest.importorskip("wandb")
 
@@ -59,12 +64,17 @@ def test_offline_publish_stages_our_files(offline_run, ckpts, tmp_path):
         assert needle in logged
 
 
-def test_offline_publish_final_best(offline_run, ckpts, tmp_path):
+def test_offline_publish_final_best_stages_the_checkpoint(offline_run, ckpts, tmp_path):
+    """best-dylora-model-full is the best checkpoint itself (resumable, verifiable), not an export."""
     store = WandbStore.for_run(offline_run)
     model_dir = tmp_path / "exported"
     model_dir.mkdir()
-    (model_dir / "adapter_model.safetensors").write_bytes(b"weights")
-    assert store.publish_final_best(ckpts[1](10), 10, model_dir=model_dir) == "step-10"
+    (model_dir / "adapter_model.safetensors").write_bytes(b"exported weights")
+    path = ckpts[1](10)
+    assert store.publish_final_best(path, 10, model_dir=model_dir) == "step-10"
+    staged = sha256s((tmp_path / "data" / "artifacts" / "staging").iterdir())
+    assert sha256s(path.rglob("*")) <= staged
+    assert hashlib.sha256(b"exported weights").hexdigest() not in staged
     assert FINAL_BEST_NAME.encode() in finish(offline_run)
 
 
@@ -73,106 +83,123 @@ def test_publish_needs_a_run(ckpts):
         WandbStore("team", "dylora", "run1-checkpoint").publish(ckpts[1](10), 10)
 
 
-class FakeArtifact:
-    """A FAKE standing in for the object ``wandb.Api().artifact(...)`` returns.
-
-    It has the attributes our store reads (version, aliases, size, metadata, created_at) and a
-    ``download(root)`` that writes the files it was given, optionally with one byte flipped in
-    ``corrupt`` — as the real client may do, since it does not verify downloads.
-    """
-
-    def __init__(self, source: Path, version: str, aliases: list[str], step: int,
-                 corrupt: str | None = None):
-        self.source, self.version, self.aliases, self.corrupt = source, version, aliases, corrupt
-        manifest_sha256 = hashlib.sha256((source / "manifest.json").read_bytes()).hexdigest()
-        self.metadata = {"step": step, "manifest_sha256": manifest_sha256}  # as publish writes
-        self.created_at = "2026-01-01T00:00:00"
-        self.size = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
-        self.download_calls: list[dict] = []
-
-    def download(self, root: str, **kwargs) -> str:
-        self.download_calls.append(kwargs)
-        assert not kwargs.get("skip_cache"), "skip_cache=True must never be used"
-        for path in self.source.rglob("*"):
-            if path.is_file():
-                rel = path.relative_to(self.source).as_posix()
-                data = bytearray(path.read_bytes())
-                if rel == self.corrupt:
-                    data[0] ^= 0xFF
-                (Path(root) / rel).parent.mkdir(parents=True, exist_ok=True)
-                (Path(root) / rel).write_bytes(bytes(data))
-        return root
-
-
-class FakeApi:
-    """A FAKE ``wandb.Api``: ``artifact("E/P/NAME:ALIAS")`` and ``artifacts(type, name)``."""
-
-    def __init__(self, artifacts: list[FakeArtifact]):
-        self.items = artifacts
-
-    def artifact(self, name: str, type: str | None = None) -> FakeArtifact:
-        ref = name.rsplit(":", 1)[1]
-        for item in self.items:
-            if ref == item.version or ref in item.aliases:
-                return item
-        raise wandb.errors.CommError(f"artifact '{name}' not found")
-
-    def artifacts(self, type_name: str, name: str) -> list[FakeArtifact]:
-        return list(self.items)
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory):
+    """The fake W&B backend (tests/fakes/wandb_server.py) holding ``run1-checkpoint`` v0 (step 10,
+    alias step-10) and v1 (step 20: latest, best, step-20), published by the real client online
+    through ``WandbStore.publish``; yields (fake, {step: local checkpoint})."""
+    root = tmp_path_factory.mktemp("wandb-backend")
+    with FakeWandb() as fake:
+        with pytest.MonkeyPatch.context() as mp:
+            for name, value in client_env(fake.url, root / "publisher", WANDB_SILENT="true").items():
+                mp.setenv(name, value)
+            run = wandb.init(project="dylora", id="run1")
+            store = WandbStore.for_run(run)
+            sources = {step: make_checkpoint(root / "checkpoints", step) for step in (10, 20)}
+            assert store.publish(sources[10], 10, []) == "v0"
+            assert store.publish(sources[20], 20, ["latest", "best"]) == "v1"
+            finish(run)
+        yield fake, sources
+    assert not fake.errors, fake.errors
 
 
 @pytest.fixture
-def fake_api(ckpts):
-    return FakeApi([FakeArtifact(ckpts[1](10), "v0", ["step-10"], 10),
-                    FakeArtifact(ckpts[1](20), "v1", ["latest", "best", "step-20"], 20)])
+def reader(backend, tmp_path, monkeypatch):
+    """This test's process as a fresh machine reading the backend: its own empty W&B cache."""
+    fake, sources = backend
+    for name, value in client_env(fake.url, tmp_path / "reader", WANDB_SILENT="true").items():
+        monkeypatch.setenv(name, value)
+    yield fake, sources
+    wandb.teardown()  # the client keeps its settings (key, base URL) in-process until told to forget
 
 
-def test_download_is_verified_and_uses_the_cache(fake_api, tmp_path):
-    store = WandbStore("team", "dylora", "run1-checkpoint", api=fake_api)
-    assert store.resolve("best") == "v1"
+def store_of(entity=ENTITY, project="dylora", name="run1-checkpoint") -> WandbStore:
+    return WandbStore(entity, project, name)
+
+
+def file_downloads(fake) -> int:
+    return sum(1 for method, path, _ in fake.requests if method == "GET" and path.startswith("/artifact-files/"))
+
+
+def test_publish_online_creates_versions_and_aliases(backend):
+    fake, sources = backend
+    versions = fake.artifacts.versions(ENTITY, "dylora", "run1-checkpoint")
+    assert [(v.version, json.loads(v.metadata)["step"]) for v in versions] == [("v0", 10), ("v1", 20)]
+    assert fake.artifacts.aliases(ENTITY, "dylora", "run1-checkpoint") == {
+        "step-10": "v0", "latest": "v1", "best": "v1", "step-20": "v1"}
+    for version, step in zip(versions, (10, 20)):
+        assert version.files == {p.relative_to(sources[step]).as_posix(): p.read_bytes()
+                                 for p in sources[step].rglob("*") if p.is_file()}
+        assert json.loads(version.metadata)["manifest_sha256"] == \
+            hashlib.sha256(version.files["manifest.json"]).hexdigest()
+
+
+def test_download_is_verified_and_lists_versions(reader, tmp_path):
+    fake, sources = reader
+    store = store_of()
+    assert store.resolve("best") == "v1" and store.resolve("v0") == "v0"
     dest = store.download("best", tmp_path / "dl")
-    assert (dest / "manifest.json").is_file()
-    assert fake_api.items[1].download_calls == [{}]
-    assert [(v.version, v.step) for v in store.list_versions()] == [("v0", 10), ("v1", 20)]
+    assert sha256s(dest.rglob("*")) == sha256s(sources[20].rglob("*"))
+    assert [(v.version, v.step, set(v.aliases)) for v in store.list_versions()] == [
+        ("v0", 10, {"step-10"}), ("v1", 20, {"latest", "best", "step-20"})]
 
 
-def test_corrupted_download_is_caught_naming_the_file(fake_api, tmp_path):
-    fake_api.items[1].corrupt = "trainable.safetensors"
-    store = WandbStore("team", "dylora", "run1-checkpoint", api=fake_api)
-    with pytest.raises(CheckpointError) as err:
-        store.download("latest", tmp_path / "dl")
+def test_corrupted_download_is_caught_naming_the_file(reader, tmp_path):
+    fake, _ = reader
+    version = fake.artifacts.corrupt(ENTITY, "dylora", "run1-checkpoint:v1", "trainable.safetensors")
+    try:
+        with pytest.raises(CheckpointError) as err:
+            store_of().download("latest", tmp_path / "dl")
+    finally:
+        version.corrupted.clear()
     message = str(err.value)
     assert "trainable.safetensors has sha256" in message and "W&B cache" in message
     assert not (tmp_path / "dl").exists()
 
 
-def test_unknown_alias_lists_available_versions(fake_api):
-    store = WandbStore("team", "dylora", "run1-checkpoint", api=fake_api)
+def test_unknown_alias_lists_available_versions(reader):
     with pytest.raises(CheckpointError) as err:
-        store.resolve("step-30")
-    assert "team/dylora/run1-checkpoint:step-30 cannot be found" in str(err.value)
-    assert "v1 ['latest', 'best', 'step-20']" in str(err.value)
+        store_of().resolve("step-30")
+    assert f"{ENTITY}/dylora/run1-checkpoint:step-30 cannot be found" in str(err.value)
+    assert "v0 ['step-10']" in str(err.value) and "v1 [" in str(err.value)
 
 
-def test_fetch_wandb_references(fake_api, tmp_path):
-    path = fetch("wandb://team/dylora/run1-checkpoint:step-10", tmp_path / "cache",
-                 wandb_api=fake_api)
-    assert path.name.endswith("-v0") and (path / "manifest.json").is_file()
-    bare = fetch("team/dylora/run1-checkpoint:v1", tmp_path / "cache", bare_is_wandb=True,
-                 wandb_api=fake_api)
-    assert bare.name.endswith("-v1")
-    # A restart fetching the same version again reuses the verified copy.
-    assert fetch("wandb://team/dylora/run1-checkpoint:best", tmp_path / "cache",
-                 wandb_api=fake_api) == bare
-    assert len(fake_api.items[1].download_calls) == 1
-    fake_api.items[0].corrupt = "data_state.json"
-    with pytest.raises(CheckpointError, match=r"Cannot fetch checkpoint 'wandb://team/dylora/"
-                                              r"run1-checkpoint:v0': .*data_state.json has sha256"):
-        fetch("wandb://team/dylora/run1-checkpoint:v0", tmp_path / "other", wandb_api=fake_api)
+@pytest.mark.parametrize("wrong", [{"entity": "other-entity"}, {"project": "other-project"},
+                                   {"name": "run2-checkpoint"}])
+def test_wrong_entity_project_or_name_is_not_found(reader, wrong):
+    store = store_of(**wrong)
+    with pytest.raises(CheckpointError) as err:
+        store.resolve("latest")
+    assert f"{store.entity}/{store.project}/{store.name}:latest cannot be found" in str(err.value)
+    assert "available versions of" in str(err.value) and str(err.value).endswith(": none.")
+
+
+def test_fetch_wandb_references(reader, tmp_path):
+    fake, sources = reader
+    path = fetch(f"wandb://{ENTITY}/dylora/run1-checkpoint:latest", tmp_path / "cache")
+    assert path.name.endswith("-v1") and sha256s(path.rglob("*")) == sha256s(sources[20].rglob("*"))
+    # The seed's bare form names the same version; a restart fetching it again reuses the
+    # verified copy: no file is downloaded.
+    downloads = file_downloads(fake)
+    assert fetch(f"{ENTITY}/dylora/run1-checkpoint:v1", tmp_path / "cache", bare_is_wandb=True) == path
+    assert file_downloads(fake) == downloads
+    # A damaged file fails the fetch, naming it. (Fetched first in this cache on purpose: the W&B
+    # cache serves any file it already holds with the right size, damaged or not.)
+    version = fake.artifacts.corrupt(ENTITY, "dylora", "run1-checkpoint:v0", "data_state.json")
+    try:
+        with pytest.raises(CheckpointError, match=rf"Cannot fetch checkpoint 'wandb://{ENTITY}/dylora/"
+                                                  r"run1-checkpoint:step-10': .*data_state.json has sha256"):
+            fetch(f"wandb://{ENTITY}/dylora/run1-checkpoint:step-10", tmp_path / "other")
+    finally:
+        version.corrupted.clear()
+    assert list((tmp_path / "other").iterdir()) == []
 
 
 class UnreachableApi:
-    """A FAKE ``wandb.Api`` whose every call fails as a dropped network would."""
+    """A FAKE ``wandb.Api`` whose every call fails as a dropped network would. Stated fake at the
+    SDK boundary for this one case: the real client retries a refused connection 16 times with
+    back-off before it raises, too slow to count our own retries in a unit test
+    (tests/train/test_wandb_online.py runs the real client against a closed port)."""
 
     def __init__(self):
         self.calls = 0

@@ -31,6 +31,10 @@ Resolving and downloading (``wandb.Api().artifact("E/P/NAME:ALIAS")``, ``run.use
 - ``GetArtifactMembershipFileUrls``: one ``directUrl`` per file ->
   ``GET /artifact-files/<id>/<name>``, served from the version's own uploads.
 - ``ProjectArtifacts``: the committed versions of a collection (``Api().artifacts(type, name)``).
+- ``ProjectArtifactCollection``: a collection of a type, or null (``Api().artifact_collection_exists``).
+
+A project exists once an artifact was logged in it; unknown projects, collections, types and
+versions answer null where W&B does, never an error.
 
 Tests reach in through ``FakeArtifacts``: ``versions(entity, project, name)``,
 ``find(entity, project, "NAME:ALIAS")``, ``files`` of a version (name -> bytes as received), and
@@ -53,7 +57,7 @@ ARTIFACT_OPERATIONS = (
     "ArtifactType", "ProjectArtifactType", "CreateArtifact", "CreateArtifactManifest",
     "CreateArtifactFiles", "CommitArtifact", "UseArtifact", "ArtifactByID",
     "ArtifactMembershipByName", "FetchArtifactManifest", "GetArtifactMembershipFileUrls",
-    "ProjectArtifacts",
+    "ProjectArtifacts", "ProjectArtifactCollection",
 )
 
 
@@ -217,8 +221,8 @@ class FakeArtifacts:
         return {"project": {"artifact": {"artifactType": {"name": found.type}}}}
 
     def _op_ProjectArtifactType(self, v: dict[str, Any]) -> dict[str, Any]:
-        known = any(c.entity == v["entity"] and c.project == v["project"] and c.type == v["type"]
-                    for c in self.collections.values())
+        known = any(c.type == v["type"] for c in self.collections.values()
+                    if (c.entity, c.project) == (v["entity"], v["project"]))
         return {"project": {"artifactType": {"__typename": "ArtifactType", "id": _gql_id("ArtifactType", 1),
                                              "name": v["type"], "description": None,
                                              "createdAt": _now()} if known else None}}
@@ -304,7 +308,7 @@ class FakeArtifacts:
 
     def _op_ArtifactMembershipByName(self, v: dict[str, Any]) -> dict[str, Any]:
         version = self.find(v["entity"], v["project"], v["name"])
-        if not any(c.entity == v["entity"] and c.project == v["project"] for c in self.collections.values()):
+        if not self._project_exists(v["entity"], v["project"]):
             return {"project": None}
         return {"project": {"artifactCollectionMembership": self._membership(version) if version else None}}
 
@@ -327,7 +331,24 @@ class FakeArtifacts:
             "files": {"pageInfo": {"__typename": "PageInfo", "endCursor": str(end), "hasNextPage": end < len(names)},
                       "edges": [self._file_edge(version, name) for name in page]}}}}}
 
+    def _op_ProjectArtifactCollection(self, v: dict[str, Any]) -> dict[str, Any]:
+        if not self._project_exists(v["entity"], v["project"]):
+            return {"project": None}
+        c = self.collections.get((v["entity"], v["project"], v["name"]))
+        if c is None or c.type != v["type"]:
+            return {"project": {"artifactType": None}}
+        created = c.versions[0].created_at
+        return {"project": {"artifactType": {"artifactCollection": {
+            "__typename": "ArtifactSequence", "id": _gql_id("ArtifactSequence", 1), "name": c.name,
+            "description": None, "createdAt": created, "updatedAt": created,
+            "project": self._project(c.entity, c.project), "type": {"name": c.type}, "tags": {"edges": []}}}}}
+
+    def _project_exists(self, entity: str, project: str) -> bool:
+        return any(c.entity == entity and c.project == project for c in self.collections.values())
+
     def _op_ProjectArtifacts(self, v: dict[str, Any]) -> dict[str, Any]:
+        if not self._project_exists(v["entity"], v["project"]):
+            return {"project": None}
         collection = self.collections.get((v["entity"], v["project"], v["collection"]))
         if collection is None or collection.type != v["type"]:
             return {"project": {"artifactType": None}}

@@ -89,26 +89,31 @@ class WandbStore(CheckpointStore):
                                         f"timed out: {type(e).__name__}: {e}.") from e
 
     def publish(self, local_dir: Path, step: int, aliases: Sequence[str] = DEFAULT_ALIASES) -> str:
+        return self._publish_checkpoint(self.name, local_dir, step, aliases)
+
+    def _publish_checkpoint(self, name: str, local_dir: Path, step: int, aliases: Sequence[str]) -> str:
         names = publish_aliases(step, aliases, self.url)
         manifest = verify_checkpoint(local_dir)
         if manifest.global_step != step:
             raise CheckpointError(f"Cannot publish {local_dir} as step {step}: its manifest says "
                                   f"global_step {manifest.global_step}.")
-        version = self._log(self.name, Path(local_dir), step, names, {
+        version = self._log(name, Path(local_dir), step, names, {
             "size": manifest.total_size, "format_version": manifest.format_version,
             "manifest_sha256": hash_file(Path(local_dir) / MANIFEST_NAME)[0]})
-        log.info("Published %s to %s as %s (aliases %s)", local_dir, self.url, version, names)
+        log.info("Published %s to wandb://%s/%s/%s as %s (aliases %s)", local_dir, self.entity,
+                 self.project, name, version, names)
         return version
 
     def publish_final_best(self, local_dir: Path, step: int, model_dir: Path | None = None) -> str:
-        """Also log the seed-compatible ``best-dylora-model-full`` artifact (aliases ``latest``,
-        ``best``, ``step-N``) from ``model_dir`` (e.g. an exported model), or from the verified
-        checkpoint ``local_dir`` when no ``model_dir`` is given."""
-        if model_dir is None:
-            verify_checkpoint(local_dir)
-        source = Path(model_dir) if model_dir is not None else Path(local_dir)
-        names = publish_aliases(step, ["latest", "best"], self.url)
-        return self._log(FINAL_BEST_NAME, source, step, names, {"checkpoint": str(local_dir)})
+        """Also log the best checkpoint ``local_dir`` as the seed-compatible artifact
+        ``best-dylora-model-full`` (aliases ``latest``, ``best``, ``step-N``).
+
+        It is a checkpoint like every other version (verified, with its manifest), so the seed's
+        ``--wandb_checkpoint_artifact ENTITY/PROJECT/best-dylora-model-full:latest`` resumes from
+        it. ``model_dir`` (an exported model) is not uploaded: it has no manifest, so a download
+        of it could not be verified nor resumed from; it stays in the run directory.
+        """
+        return self._publish_checkpoint(FINAL_BEST_NAME, local_dir, step, ["latest", "best"])
 
     def _artifact(self, ref: str) -> Any:
         check_ref_name(ref, self.url)
@@ -145,9 +150,14 @@ class WandbStore(CheckpointStore):
                                   "cache and retry.") from e
 
     def list_versions(self) -> list[VersionInfo]:
+        path = f"{self.entity}/{self.project}/{self.name}"
         try:
-            versions = list(self._api().artifacts(
-                ARTIFACT_TYPE, f"{self.entity}/{self.project}/{self.name}"))
+            api = self._api()
+            # Listing a missing artifact fails like a bad answer would; asking first tells a name
+            # that does not exist (no versions) from a W&B that cannot be reached (raises).
+            if not api.artifact_collection_exists(path, ARTIFACT_TYPE):
+                return []
+            versions = list(api.artifacts(ARTIFACT_TYPE, path))
         except CheckpointError:
             raise
         except Exception as e:
