@@ -34,3 +34,6 @@ def run_dylora(args: list[str], env: dict[str, str] | None = None, **kw) -> subp
     """``dylora ARGS`` as a user runs it: a subprocess, from the repository root."""
     return subprocess.run([sys.executable, "-m", "dylora_moe.cli", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=300, **kw)
+
+
+from tests.train.conftest import small_model_dir  # noqa: E402,F401  (a small random Llama, session-scoped)
