@@ -29,10 +29,40 @@ def test_trains_on_builtin_stdlib_functions_and_loss_falls(tmp_path, capsys):
     run_dir = tmp_path / "e2e"
     assert (run_dir / "routing.png").stat().st_size > 1000
     assert (run_dir / "summary.txt").read_text().startswith("run e2e: 16 optimizer steps")
-    capsys.readouterr()
-    assert main(["generate", "--model", str(run_dir / "final"), "--max_new_tokens", "16",
-                 "Return the sum of two numbers."]) == 0
-    assert capsys.readouterr().out.strip()
+    check_generate(run_dir / "final", capsys)
+
+
+def check_generate(model_dir, capsys):
+    """`dylora generate` prints the trained mixture's greedy continuation, the same on every call;
+    with EOS suppressed the mixture continues for the full length, and up to the point where the
+    CLI's output ended (at EOS) it is the same continuation."""
+    import torch
+
+    from dylora_moe.data import format_prompt
+    from dylora_moe.model import DyLoRAMoE
+    from dylora_moe.model.base import load_tokenizer
+
+    instruction = "Return the sum of two numbers."
+    printed = []
+    for _ in range(2):
+        capsys.readouterr()
+        assert main(["generate", "--model", str(model_dir), "--max_new_tokens", "16", instruction]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1]  # greedy decoding is deterministic
+
+    model = DyLoRAMoE.from_pretrained(model_dir).eval()
+    tokenizer = load_tokenizer(str(model_dir))
+    inputs = tokenizer(format_prompt(instruction), return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
+    common = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.no_grad():
+        greedy = model.generate(**inputs, max_new_tokens=16, **common)[0, n:]
+        forced = model.generate(**inputs, max_new_tokens=16, min_new_tokens=16, **common)[0, n:]
+    assert printed[0] == tokenizer.decode(greedy, skip_special_tokens=True) + "\n"
+    assert printed[0].strip()
+    assert forced.numel() == 16 and tokenizer.eos_token_id not in forced.tolist()
+    ended = greedy.tolist().index(tokenizer.eos_token_id) if tokenizer.eos_token_id in greedy.tolist() else 16
+    assert torch.equal(forced[:ended], greedy[:ended])
 
 
 @pytest.mark.slow
