@@ -6,13 +6,13 @@ separate process, as on a restarted VM (and because a failed ``wandb.init`` leav
 inside a process).
 """
 
-import os
 import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.fakes.wandb_client import client_env
 from tests.fakes.wandb_server import FakeWandb
 
 RUN_ID = "spot-1"
@@ -25,12 +25,7 @@ def fake_wandb():
 
 
 def train(model_dir, tmp_path, fake, *extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(WANDB_BASE_URL=fake.url, WANDB_API_KEY="0123456789abcdef" * 2 + "01234567", WANDB_MODE="online",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_SILENT="false")
-    for name in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
-        env[name] = str(tmp_path / name.lower())
-        os.makedirs(env[name], exist_ok=True)
+    env = client_env(fake.url, tmp_path)  # one machine: both jobs share its home directory
     argv = [sys.executable, "-m", "dylora_moe.cli", "train", "--model_name", model_dir, "--report_to", "wandb",
             "--run_id", RUN_ID, "--output_dir", str(tmp_path / "out"), "--logging_steps", "1", "--eval_steps", "0",
             "--progress", "false", "--training_subset", "8", "--max_seq_length", "128", "--train_batch_size", "4",
