@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from .config import EvalConfig
 from .generation import SamplingSettings, generate_completions
-from .loading import attach_mixture, download_dir, load_base, load_tokenizer_for, resolve_model
+from .loading import attach_mixture, choose_threads, download_dir, load_base, load_tokenizer_for, resolve_model
 from .report import log_to_wandb, write_results, write_summary
 from .sample_files import read_samples, write_samples
 from .sandbox import Sandbox
@@ -53,10 +53,6 @@ def _wandb_wanted(cfg: EvalConfig) -> bool:
 def run_eval(cfg: EvalConfig) -> dict:
     """Everything ``dylora eval`` does; returns the summary (also written to ``cfg.out``)."""
     cfg.validate()
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
     tasks = _selected_tasks(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,6 +106,11 @@ def _evaluate_models(cfg: EvalConfig, tasks: dict[str, list[Task]], sandbox: San
                               "base model itself: give a run's final/ directory or a checkpoint reference.")
         tokenizer = load_tokenizer_for(source)
         model = load_base(source)
+        threads = choose_threads(model, cfg.threads)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         models = []
         if cfg.baseline:
             models.append(source.base_name)

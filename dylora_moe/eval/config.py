@@ -123,8 +123,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--max_new_tokens", type=int, default=512, help="tokens generated per sample at most")
     gen.add_argument("--batch_size", type=int, default=16, help="sequences per generate call (left-padded)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice; 1 is fastest "
-                     "for tiny models on a busy machine)")
+    gen.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: 1 for models under 100M "
+                     "parameters, whose operations are too small to split; torch's choice otherwise)")
 
     box = parser.add_argument_group("sandbox")
     box.add_argument("--timeout", type=float, metavar="S", help="wall-clock seconds per program (default: 3 for "

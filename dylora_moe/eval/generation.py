@@ -59,8 +59,16 @@ def generate_completions(model, tokenizer, tasks: list[Task], settings: Sampling
 
         raise ConfigError(f"--max_new_tokens {settings.max_new_tokens} leaves no room for a prompt in the "
                           f"model's {window}-token window: use at most {window - 8}.")
+    sides = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"  # a cut keeps the end of the prompt, where the answer starts
+    try:
+        return _generate(model, tokenizer, tasks, settings, routing, room, window, progress, description)
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = sides
+
+
+def _generate(model, tokenizer, tasks, settings, routing, room, window, progress, description) -> Generated:
     encoded = [tokenizer(t.prompt).input_ids for t in tasks]
     truncated = sum(len(ids) > room for ids in encoded) if room else 0
     if truncated:
@@ -73,6 +81,7 @@ def generate_completions(model, tokenizer, tasks: list[Task], settings: Sampling
                 if settings.temperature > 0 else dict(do_sample=False))
     stop_strings = sorted({s for t in tasks for s in t.stop_sequences})
     usage_sum, usage_batches, new_tokens = None, 0, 0
+    device = next(model.parameters()).device
     torch.manual_seed(settings.seed)
     was_training = model.training
     model.eval()
@@ -81,7 +90,7 @@ def generate_completions(model, tokenizer, tasks: list[Task], settings: Sampling
         for start in range(0, len(rows), settings.batch_size):
             batch = [i for _, i in rows[start:start + settings.batch_size]]
             inputs = tokenizer([tasks[i].prompt for i in batch], return_tensors="pt", padding=True,
-                               truncation=room is not None, max_length=room)
+                               truncation=room is not None, max_length=room).to(device)
             if routing is not None:
                 routing.start_collecting(inputs["attention_mask"])
             try:
@@ -92,7 +101,7 @@ def generate_completions(model, tokenizer, tasks: list[Task], settings: Sampling
             finally:
                 stats = routing.stop_collecting() if routing is not None else None
             if stats is not None:
-                usage_sum = stats.expert_usage if usage_sum is None else usage_sum + stats.expert_usage
+                usage_sum = stats.expert_usage.cpu() if usage_sum is None else usage_sum + stats.expert_usage.cpu()
                 usage_batches += 1
             generated = output[:, inputs["input_ids"].shape[1]:]
             new_tokens += int((generated != tokenizer.pad_token_id).sum())

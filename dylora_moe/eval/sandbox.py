@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -93,7 +94,9 @@ def bwrap_path() -> str | None:
 def syntax_error(program: str) -> str | None:
     """The syntax error of ``program`` (checked without running it), or None."""
     try:
-        compile(program, "<program>", "exec", dont_inherit=True)
+        with warnings.catch_warnings():  # e.g. invalid escape sequences: the program's business, not ours
+            warnings.simplefilter("ignore")
+            compile(program, "<program>", "exec", dont_inherit=True)
     except (SyntaxError, ValueError, MemoryError, RecursionError) as err:
         return f"{type(err).__name__}: {err}"
     return None
@@ -241,7 +244,9 @@ class Sandbox:
             worker_args += ["--uid", str(uid)]
         if self.isolation == "limits":
             return [python, "-I", "-B", str(WORKER_SCRIPT), *worker_args, "--work_root", work_root], work_root
-        cmd = [self.bwrap, "--die-with-parent", "--new-session", "--unshare-net", "--unshare-pid", "--unshare-ipc",
+        # No --die-with-parent: its PR_SET_PDEATHSIG fires when the *thread* that started bwrap ends.
+        # A worker whose parent dies reads EOF on stdin and exits after the program it runs.
+        cmd = [self.bwrap, "--new-session", "--unshare-net", "--unshare-pid", "--unshare-ipc",
                "--unshare-uts", "--unshare-cgroup-try", "--tmpfs", "/"]
         for d in _SYSTEM_DIRS:
             if os.path.islink(d):
