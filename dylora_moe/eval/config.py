@@ -15,7 +15,13 @@ REPORT_TO = ("auto", "wandb", "none")
 
 
 def _default_out() -> str:
-    return str(Path("evals") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    """``evals/UTC-TIMESTAMP``, with a suffix when that directory exists already."""
+    stem = Path("evals") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path, number = stem, 1
+    while path.exists():
+        number += 1
+        path = stem.with_name(f"{stem.name}-{number}")
+    return str(path)
 
 
 @dataclass

@@ -25,7 +25,7 @@ TEST_IDS = (11, 510)
 SHOT_IDS = (2, 3, 4)
 STOP_SEQUENCES = ("[DONE]",)
 # Reference solutions of a few tasks take seconds (MBPP/123 sums amicable numbers below 10,000:
-# about 3 s on an idle core, 6 s on a busy one), so MBPP gets more time than HumanEval.
+# 6 s measured on a busy 2-core machine), so MBPP gets more time than HumanEval.
 TIMEOUT_S = 10.0
 _TEST_SPEC = dataclasses.replace(REGISTRY["mbpp"], split="test", task_id_range=TEST_IDS)
 _PROMPT_SPEC = dataclasses.replace(REGISTRY["mbpp"], split="prompt", task_id_range=(1, 10))

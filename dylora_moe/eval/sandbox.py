@@ -50,7 +50,7 @@ ISOLATION_MODES = ("auto", "bwrap", "limits")
 _SANDBOX_WORKER_PATH = "/sandbox/worker.py"  # where the worker script appears inside bwrap
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 _SCRUBBED_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
-                 "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+                 "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 _WATCHDOG_GRACE_S = 15.0  # beyond the program's own timeout, before the worker itself counts as hung
 
 

@@ -14,7 +14,7 @@ from dylora_moe.eval.tasks import load_tasks
 
 
 def dylora(*args, cwd=None, env=None):
-    full_env = dict(os.environ, **(env or {}))
+    full_env = {k: v for k, v in dict(os.environ, **(env or {})).items() if v is not None}
     return subprocess.run([sys.executable, "-m", "dylora_moe.cli", "eval", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, env=full_env, timeout=900)
 
@@ -122,3 +122,26 @@ def test_eval_baseline_end_to_end_from_a_checkpoint_reference(run_dir, tmp_path)
     assert again.returncode == 0, again.stderr
     rescored = [json.loads(line) for line in open(tmp_path / "again" / "results.jsonl")]
     assert [r["outcome"] for r in rescored] == [r["outcome"] for r in results[3:]]
+
+
+@pytest.mark.slow
+def test_readme_evaluation_examples_run_as_written(mixture_dir, tmp_path):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Evaluation", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```", 2)[1]
+    commands = [line.split() for line in block.strip().splitlines()]
+    assert len(commands) == 2 and all(c[:2] == ["dylora", "eval"] for c in commands)
+    # What the examples assume: a run trained with --run_id demo, and a samples file.
+    shutil.copytree(mixture_dir, tmp_path / "runs" / "demo" / "final")
+    task = load_tasks("humaneval")[0]
+    (tmp_path / "samples.jsonl").write_text(json.dumps({"task_id": task.task_id, "completion": task.reference}) + "\n")
+    for command in commands:  # W&B not configured, as on a user's machine
+        proc = dylora(*command[2:], cwd=tmp_path, env={k: None for k in os.environ if k.startswith("WANDB")})
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert "pass@1" in proc.stdout
+    summaries = sorted((tmp_path / "evals").glob("*/summary.json"))
+    assert len(summaries) == 2
+    results = [json.loads(line) for s in summaries for line in open(s.parent / "results.jsonl")]
+    assert {r["model"] for r in results} == {"tiny-python-lm", "runs/demo/final", "samples.jsonl"}
+    assert len(results) == 10 + 10 + 1
