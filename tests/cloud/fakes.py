@@ -147,6 +147,12 @@ class FakeGoogleAPIs:
         self.jobs[name]["job"].state = aiplatform_v1.JobState.JOB_STATE_CANCELLING
         return 200, {}
 
+    def jobs_by_id(self, name: str) -> None:
+        """Make a job exist (as if submitted earlier), e.g. for ``status`` and ``cancel``."""
+        job = aiplatform_v1.CustomJob(name=name, display_name="earlier",
+                                      state=aiplatform_v1.JobState[self.states[0]])
+        self.jobs[name] = {"job": job, "polls": 0}
+
     def sent_jobs(self) -> list:
         """The CustomJobs the client POSTed, parsed from the wire."""
         return [aiplatform_v1.CustomJob.from_json(r.body, ignore_unknown_fields=True)
