@@ -22,7 +22,6 @@ from dylora_moe.checkpoint.format import latest_checkpoint, read_manifest, verif
 from dylora_moe.checkpoint.stores import FsspecStore
 from dylora_moe.cli import main
 from dylora_moe.train.config import TrainConfig
-from tests.checkpoint.conftest import s3_endpoint  # noqa: F401  (a fixture: moto S3 on loopback)
 from tests.conftest import REPO_ROOT
 
 TINY = ["--report_to", "none", "--progress", "false", "--training_subset", "2", "--eval_subset", "20",
@@ -55,7 +54,7 @@ def wait_for(condition, what: str, proc: subprocess.Popen, log: Path, limit_s: f
 
 
 @pytest.mark.slow
-def test_training_with_an_s3_checkpoint_store_end_to_end(small_model_dir, s3_endpoint, tmp_path, monkeypatch,  # noqa: F811
+def test_training_with_an_s3_checkpoint_store_end_to_end(small_model_dir, s3_endpoint, tmp_path, monkeypatch,
                                                          caplog):
     url = f"s3://ckpt/{uuid.uuid4().hex}/run1/store"
     done = subprocess.run(
@@ -123,7 +122,7 @@ class StallingProxy:
 
 @pytest.mark.slow
 def test_ctrl_c_while_the_store_hangs_keeps_the_checkpoint_and_says_it_was_not_published(
-        small_model_dir, s3_endpoint, tmp_path):  # noqa: F811
+        small_model_dir, s3_endpoint, tmp_path):
     proxy = StallingProxy(s3_endpoint)
     url = f"s3://ckpt/{uuid.uuid4().hex}/run1/store"
     store = s3_store(url, s3_endpoint)  # read directly, not through the proxy
