@@ -74,3 +74,21 @@ def test_an_empty_validation_split_is_refused(tmp_path):
     assert_one_paragraph_error(done, 2, "train", "the validation split is empty", "--validation_fraction",
                                "--eval_subset")
     assert not (tmp_path / "noval" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_base_model_that_cannot_be_loaded_is_named(tmp_path):
+    """A directory with the shipped tokenizer but no model in it."""
+    import shutil
+
+    from dylora_moe.model.base import DEFAULT_MODEL_NAME, resolve_model_path
+
+    broken = tmp_path / "tokenizer-only"
+    broken.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(resolve_model_path(DEFAULT_MODEL_NAME)) / name, broken / name)
+    done = dylora("train", "--model_name", str(broken), "--output_dir", str(tmp_path), "--run_id", "nobase",
+                  "--report_to", "none", "--progress", "false", cwd=tmp_path)
+    assert_one_paragraph_error(done, 2, "train", f"cannot load base model {str(broken)!r}", "hub id",
+                               "'tiny-python-lm' for the shipped model")
+    assert not (tmp_path / "nobase" / "checkpoints").exists()
