@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, DyLoRAError
+from ..train.config import _parse_bool as parse_bool  # the same true/false words as `dylora train`
 from .secrets import SECRET_ENV_NAMES, parse_secret_refs
 from .vertex import (VertexError, VertexJobs, VertexSettings, build_custom_job, job_name, job_to_json,
                      parse_labels, region_of, state_name)
@@ -48,13 +49,12 @@ class _TrainingOptionsParser(argparse.ArgumentParser):
                           "`dylora train --help`, given after `--`).")
 
 
-def _bool(value: str) -> bool:
-    lowered = str(value).lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean: use true/false")
+def _train_parser(prog: str) -> argparse.ArgumentParser:
+    from ..train.config import add_train_arguments
+
+    parser = _TrainingOptionsParser(prog=prog, add_help=False)
+    add_train_arguments(parser)
+    return parser
 
 
 # ------------------------------------------------------------------ parser
@@ -85,7 +85,7 @@ def add_submit_parser(sub: Any, epilog: str) -> None:
             group.add_argument("--labels", type=parse_labels, default=argparse.SUPPRESS, metavar="K=V,...",
                                help=f.metadata["help"])
         elif f.type in ("bool", bool):
-            group.add_argument(f"--{f.name}", nargs="?", const=True, type=_bool, default=argparse.SUPPRESS,
+            group.add_argument(f"--{f.name}", nargs="?", const=True, type=parse_bool, default=argparse.SUPPRESS,
                                metavar="BOOL", help=f"{f.metadata['help']} (default: {f.default})")
         else:
             shown = "" if f.default is None else f" (default: {f.default})"
@@ -160,13 +160,11 @@ def _settings(args: argparse.Namespace, section: dict[str, Any], path: str | Non
 
 def _train_config(args: argparse.Namespace, training: list[str]) -> tuple[Any, set[str], dict[str, Any]]:
     """(validated TrainConfig, the option names the user gave, the config file's `vertex:` section)."""
-    from ..train.config import add_train_arguments, config_from_args
+    from ..train.config import config_from_args
 
     if training[:1] == ["--"]:
         training = training[1:]
-    parser = _TrainingOptionsParser(prog="dylora submit vertex ... --", add_help=False)
-    add_train_arguments(parser)
-    ns = parser.parse_args(training)
+    ns = _train_parser("dylora submit vertex ... --").parse_args(training)
     if ns.__dict__.get("config") and args.config and ns.config != args.config:
         raise ConfigError("--config is given twice (before and after `--`): give one file.")
     path = args.config or ns.__dict__.get("config")
@@ -248,11 +246,9 @@ def job_train_args(cfg: Any, given: set[str], settings: VertexSettings) -> list[
 
 def _check_job_command(train_args: list[str]) -> None:
     """The command the job will run must pass `dylora train`'s own validation (with a sample id)."""
-    from ..train.config import add_train_arguments, config_from_args
+    from ..train.config import config_from_args
 
-    parser = _TrainingOptionsParser(prog="dylora train", add_help=False)
-    add_train_arguments(parser)
-    config_from_args(parser.parse_args([a.replace(JOB_ID, "1234567890") for a in train_args[1:]]))
+    config_from_args(_train_parser("dylora train").parse_args([a.replace(JOB_ID, "1234567890") for a in train_args[1:]]))
 
 
 def build_job(args: argparse.Namespace) -> tuple[Any, VertexSettings, dict[str, str]]:
