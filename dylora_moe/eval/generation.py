@@ -80,38 +80,41 @@ def _generate(model, tokenizer, tasks, settings, routing, room, window, progress
     sampling = (dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
                 if settings.temperature > 0 else dict(do_sample=False))
     stop_strings = sorted({s for t in tasks for s in t.stop_sequences})
-    usage_sum, usage_batches, new_tokens = None, 0, 0
     device = next(model.parameters()).device
-    torch.manual_seed(settings.seed)
+    usage_sum, usage_batches, new_tokens = None, 0, 0
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(tasks), desc=description, unit="task", disable=not progress, dynamic_ncols=True)
-    try:
-        for start in range(0, len(rows), settings.batch_size):
-            batch = [i for _, i in rows[start:start + settings.batch_size]]
-            inputs = tokenizer([tasks[i].prompt for i in batch], return_tensors="pt", padding=True,
-                               truncation=room is not None, max_length=room).to(device)
-            if routing is not None:
-                routing.start_collecting(inputs["attention_mask"])
-            try:
-                with torch.no_grad():
-                    output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens,
-                                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                            stop_strings=stop_strings or None, tokenizer=tokenizer, **sampling)
-            finally:
-                stats = routing.stop_collecting() if routing is not None else None
-            if stats is not None:
-                usage_sum = stats.expert_usage.cpu() if usage_sum is None else usage_sum + stats.expert_usage.cpu()
-                usage_batches += 1
-            generated = output[:, inputs["input_ids"].shape[1]:]
-            new_tokens += int((generated != tokenizer.pad_token_id).sum())
-            for row, i in enumerate(batch):
-                text = tokenizer.decode(generated[row], skip_special_tokens=True)
-                completions[tasks[i].task_id].append(tasks[i].truncate(text))
-                if len(completions[tasks[i].task_id]) == settings.n:
-                    bar.update(1)
-    finally:
-        bar.close()
-        model.train(was_training)
+    # Our own seed, without touching the caller's random state (training continues bit-identically).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(settings.seed)
+        try:
+            for start in range(0, len(rows), settings.batch_size):
+                batch = [i for _, i in rows[start:start + settings.batch_size]]
+                inputs = tokenizer([tasks[i].prompt for i in batch], return_tensors="pt", padding=True,
+                                   truncation=room is not None, max_length=room).to(device)
+                if routing is not None:
+                    routing.start_collecting(inputs["attention_mask"])
+                try:
+                    with torch.no_grad():
+                        output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens,
+                                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                                stop_strings=stop_strings or None, tokenizer=tokenizer, **sampling)
+                finally:
+                    stats = routing.stop_collecting() if routing is not None else None
+                if stats is not None:
+                    usage = stats.expert_usage.cpu()
+                    usage_sum = usage if usage_sum is None else usage_sum + usage
+                    usage_batches += 1
+                generated = output[:, inputs["input_ids"].shape[1]:]
+                new_tokens += int((generated != tokenizer.pad_token_id).sum())
+                for row, i in enumerate(batch):
+                    text = tokenizer.decode(generated[row], skip_special_tokens=True)
+                    completions[tasks[i].task_id].append(tasks[i].truncate(text))
+                    if len(completions[tasks[i].task_id]) == settings.n:
+                        bar.update(1)
+        finally:
+            bar.close()
+            model.train(was_training)
     usage = (usage_sum / usage_batches).tolist() if usage_sum is not None else None
     return Generated(completions, usage, new_tokens, truncated)

@@ -43,10 +43,10 @@ def _loaders() -> dict[str, Callable[..., list[Task]]]:
 KNOWN_BENCHMARKS = ("humaneval", "mbpp")
 
 
-def check_benchmarks(names: list[str]) -> list[str]:
+def check_benchmarks(names: list[str], flag: str = "--benchmarks") -> list[str]:
     unknown = [n for n in names if n not in KNOWN_BENCHMARKS]
     if unknown or not names:
-        raise ConfigError(f"--benchmarks {','.join(names)!r}: unknown benchmark(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+        raise ConfigError(f"{flag} {','.join(names)!r}: unknown benchmark(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
                           f"known: {', '.join(KNOWN_BENCHMARKS)}.")
     return names
 

@@ -52,3 +52,14 @@ def test_evaluate_during_training_returns_real_pass_at_1(tiny):
     assert sum(rates) == pytest.approx(1.0)
     assert metrics["eval/humaneval/pass@1"] == metrics["eval/humaneval/passed_rate"]  # n = 1
     model.eval()
+
+
+def test_generation_leaves_the_callers_random_state_alone(tiny, tasks):
+    import torch
+
+    model, tokenizer = tiny
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    generate_completions(model, tokenizer, tasks[:1], SamplingSettings(n=2, temperature=0.8, max_new_tokens=4), progress=False)
+    assert torch.equal(torch.rand(3), expected)  # a training run's dropout and data order are unaffected
