@@ -300,7 +300,13 @@ def _describe(job: Any) -> str:
 
 
 def _follow(jobs: VertexJobs, name: str, poll_interval_s: float) -> int:
-    job = jobs.wait(name, poll_interval_s, on_state=lambda j: print(f"{name}: {state_name(j)}", flush=True))
+    from ..train.preemption import StartupInterrupted
+
+    try:
+        job = jobs.wait(name, poll_interval_s, on_state=lambda j: print(f"{name}: {state_name(j)}", flush=True))
+    except (KeyboardInterrupt, StartupInterrupted):  # Ctrl-C stops the watching, not the job
+        raise VertexError(f"stopped following {name}; the job keeps running. Follow it with `dylora submit "
+                          f"status {name}`, stop it with `dylora submit cancel {name}`.") from None
     state = state_name(job)
     if state != "JOB_STATE_SUCCEEDED":
         detail = f": {job.error.message}" if job.error.message else ""

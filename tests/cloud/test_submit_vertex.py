@@ -138,6 +138,18 @@ def test_wait_follows_the_job_until_it_succeeds(google, dylora):
     assert followed_states(out) == ["JOB_STATE_PENDING", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"]
 
 
+def test_ctrl_c_stops_following_not_the_job(google, dylora, monkeypatch):
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dylora_moe.cloud.vertex.time.sleep", interrupted)
+    status, out, err = dylora("submit", *BASE, "--wait")
+    assert status == 1 and followed_states(out) == ["JOB_STATE_RUNNING"]
+    assert err == (f"dylora submit: error: stopped following {NAME}; the job keeps running. Follow it with "
+                   f"`dylora submit status {NAME}`, stop it with `dylora submit cancel {NAME}`.\n")
+    assert not any(r.path.endswith(":cancel") for r in google.requests)
+
+
 def test_wait_on_a_failing_job_exits_1_with_its_error(google):
     google.states = STATES + ["JOB_STATE_FAILED"]
     result = run_dylora(["submit", *BASE, "--wait", "--poll_interval", "0.01"], env=google.env)
