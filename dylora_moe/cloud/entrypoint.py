@@ -81,14 +81,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dylora_args = args.dylora_args[1:] if args.dylora_args[:1] == ["--"] else args.dylora_args
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ..train.preemption import SignalWatch, StartupInterrupted
+
+    signals = SignalWatch().install()  # a spot VM may be reclaimed while secrets are being read
     try:
         names = resolve_secrets(parse_secret_refs(args.secret))
         if names:
             log.info("secrets resolved from Secret Manager into %s", ", ".join(names))
         dylora_args = expand_variables(dylora_args)
+    except StartupInterrupted as stop:
+        err = stop.as_preempted("before training started; nothing was saved. The same command starts the job.")
+        print(f"dylora job: stopped: {err}", file=sys.stderr)
+        return err.exit_code
     except DyLoRAError as err:
         print(f"dylora job: error: {' '.join(str(err).split())}", file=sys.stderr)
         return err.exit_code
+    finally:
+        signals.restore()  # `dylora` installs its own watch from its first moment
     if not dylora_args:
         parser.error("no dylora command given after --")
     log.info("running: dylora %s", " ".join(dylora_args))
