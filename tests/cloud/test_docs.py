@@ -78,3 +78,28 @@ def test_every_flag_is_documented_and_exists(flag, capsys):
     with pytest.raises(SystemExit):
         cli.main(["submit", "vertex", "--help"])
     assert flag in capsys.readouterr().out
+
+
+def quoted_messages(text: str) -> list[str]:
+    """The messages a troubleshooting page quotes: code spans of its ### headings and bullet starts."""
+    spans = []
+    for line in text.splitlines():
+        if line.startswith("### ") or line.startswith("- `"):
+            spans += re.findall(r"`([^`]+)`", line if line.startswith("### ") else line.split(":", 1)[0] + ":")
+    return spans
+
+
+def test_the_resumption_guide_quotes_messages_the_code_prints():
+    """Every message docs/checkpoint-resumption.md explains exists, word for word, in the package."""
+    guide = (REPO_ROOT / "docs" / "checkpoint-resumption.md").read_text()
+    source = "\n".join(p.read_text() for p in (REPO_ROOT / "dylora_moe").rglob("*.py"))
+    source = re.sub(r'"\s*\n\s*[rf]*"', "", source)  # join implicitly concatenated string literals
+    messages = quoted_messages(guide)
+    assert len(messages) >= 30
+    missing = []
+    for message in messages:
+        for piece in re.split(r"…|\(…\)|\[…\]", message):
+            piece = piece.strip(" '.:;,()[]")
+            if len(piece) >= 6 and piece not in source:
+                missing.append(piece)
+    assert missing == []
