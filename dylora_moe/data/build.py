@@ -18,7 +18,7 @@ from typing import Any
 import datasets
 
 from dylora_moe.data.mixing import (check_fraction, check_percent, mix_indices, parse_mixing,
-                                    split_indices, take_percent)
+                                    split_indices, split_weighted_names, take_percent)
 from dylora_moe.data.registry import load_records
 from dylora_moe.data.template import ExampleTokenizer
 from dylora_moe.errors import DataError
@@ -115,7 +115,8 @@ def build_datasets(
     ``names``: registry names, ``stdlib_functions`` (the default, :data:`DEFAULT_DATASETS`) or
     file paths, as a list or one comma-separated string as ``--datasets`` gives it. ``tokenizer``:
     the base model's Hugging Face tokenizer (it needs an EOS; its BOS is used when it has one).
-    ``mixing``: ``"concat"``, ``"interleave"`` (balanced) or ``"name:weight,..."``.
+    ``mixing``: ``"concat"``, ``"interleave"`` (balanced) or ``"name:weight,..."``; weights given
+    in ``names`` itself (``"code_alpaca:2,evol_instruct:1"``, as ``--datasets`` takes them) win.
     ``training_subset`` / ``eval_subset`` are percentages in (0, 100] of each dataset's training /
     validation split; ``validation_fraction`` is the share of each dataset held out (0 for none).
 
@@ -125,7 +126,8 @@ def build_datasets(
     ``dataset["length"]`` and :class:`~dylora_moe.data.collate.PaddingCollator`.
     """
     if isinstance(names, str):
-        names = names.split(",")
+        names, weighted = split_weighted_names(names)
+        mixing = weighted or mixing
     names = [n.strip() for n in names if n and n.strip()]
     if not names:
         raise DataError("No dataset given: name at least one, e.g. stdlib_functions (the built-in "

@@ -102,6 +102,18 @@ class Mixing:
     weights: dict[str, float] | None = None
 
 
+def split_weighted_names(spec: str) -> tuple[list[str], str | None]:
+    """``"a:2,b:1"`` -> (["a", "b"], "a:2,b:1"); ``"a,b"`` -> (["a", "b"], None).
+
+    ``--datasets`` may carry mixing weights; the names are what precedes each ``:``. The weights
+    themselves are checked by :func:`parse_mixing`.
+    """
+    entries = [e.strip() for e in spec.split(",") if e.strip()]
+    if not any(":" in e for e in entries):
+        return entries, None
+    return [e.partition(":")[0].strip() for e in entries], ",".join(entries)
+
+
 def parse_mixing(mixing: str | None, names: Sequence[str]) -> Mixing:
     """Parse ``"concat"``, ``"interleave"`` or ``"name:weight,..."`` for the datasets ``names``."""
     text = (mixing or "concat").strip()
