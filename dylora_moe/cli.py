@@ -164,15 +164,15 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train.preemption import SignalWatch
+    from .train.preemption import SignalWatch, StartupInterrupted
 
     # Spot VMs are reclaimed during start-up too: from the first moment, SIGTERM/SIGINT end the command
     # with one line and status 75 (training then takes them over to checkpoint first).
     signals = SignalWatch().install()
     try:
         return _run(argv, signals)
-    except DyLoRAError as err:  # a signal before the command was even parsed
-        return _report(err, "")
+    except StartupInterrupted as stop:  # before the trainer existed (imports, parsing)
+        return _report(stop.as_preempted(), "train")
     finally:
         signals.restore()
 
@@ -186,7 +186,7 @@ def _run(argv: list[str] | None, signals) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not args.verbose:
+    if not args.verbose and args.command not in (None, "ckpt"):  # ckpt needs neither library: no import
         _quiet_libraries()
     if args.command is None:
         parser.print_help()

@@ -21,6 +21,33 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+SAMPLES_PER_TENSOR = 64
+
+
+def base_weights_sample_sha(base) -> str:
+    """A content hash of the frozen base weights that costs O(number of tensors), not O(bytes).
+
+    From every frozen tensor (in name order) it takes ``SAMPLES_PER_TENSOR`` values at fixed,
+    evenly spread positions of the flattened tensor, rounded to bfloat16 so that the same weights
+    loaded in float32, float16 or bfloat16 hash alike. Two different pretrained bases differ at
+    almost every position, so a sample suffices; it is not a defence against a deliberately forged
+    base. A hub id and a local copy of the same weights give the same hash.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for name, param in sorted(base.named_parameters(), key=lambda item: item[0]):
+        if param.requires_grad:
+            continue
+        flat = param.detach().reshape(-1)
+        count = min(SAMPLES_PER_TENSOR, flat.numel())
+        positions = torch.linspace(0, flat.numel() - 1, count, device=flat.device).round().long()
+        sample = flat[positions].to("cpu", torch.float32).to(torch.bfloat16).view(torch.int16)
+        digest.update(name.encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class ArchitectureFingerprint:
     base_model: str
@@ -34,6 +61,7 @@ class ArchitectureFingerprint:
     router_temperature: float
     maturity: list[bool] = field(default_factory=list)
     routing: str = "token"  # per token or per example; checkpoints from before it routed per token
+    base_weights_sha: str = ""  # "" in checkpoints from before it existed: not compared then
 
     INFORMATIONAL = ("maturity",)
 
@@ -50,6 +78,7 @@ class ArchitectureFingerprint:
             base_model=str(mc.base_model_name_or_path),
             base_config_sha=_sha(config),
             base_weight_shapes_sha=_sha(shapes),
+            base_weights_sha=base_weights_sample_sha(base),
             num_experts=model.num_experts,
             r=mc.r,
             alpha=float(mc.alpha),
@@ -75,6 +104,8 @@ class ArchitectureFingerprint:
                 continue
             ours, theirs = getattr(self, name), getattr(requested, name)
             if name == "num_experts" and grow_experts and theirs >= ours:
+                continue
+            if name == "base_weights_sha" and not (ours and theirs):
                 continue
             if ours != theirs:
                 diffs.append((name, ours, theirs))

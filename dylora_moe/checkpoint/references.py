@@ -43,6 +43,7 @@ from typing import Any
 from dylora_moe.checkpoint.format import is_complete, latest_checkpoint, verify_checkpoint
 from dylora_moe.checkpoint.stores import CheckpointStore, StoreUnreachableError, open_store
 from dylora_moe.checkpoint.stores.base import ALIAS_RE, version_number
+from dylora_moe.checkpoint.stores.probe import run_with_deadline
 from dylora_moe.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,14 @@ class Reference:
     alias: str | None = None
 
 
+class MalformedReference(CheckpointError):
+    """A reference that does not parse: bad input (exit status 2), not a failed fetch."""
+
+    exit_code = 2
+
+
 def _bad(ref: str, why: str) -> CheckpointError:
-    return CheckpointError(f"Checkpoint reference {ref!r} is malformed: {why}; {_SYNTAX}.")
+    return MalformedReference(f"Checkpoint reference {ref!r} is malformed: {why}; {_SYNTAX}.")
 
 
 def _check_alias(ref: str, alias: str) -> str:
@@ -172,7 +179,10 @@ def _download(ref: Reference, dest_root: Path, storage_options: dict[str, Any] |
         return store.download_folder("", Path(dest_root) / _dest_name(ref.location, "folder"))
     store = open_store(ref.location, storage_options=storage_options, wandb_api=wandb_api,
                        timeout_s=timeout_s)
-    version = store.resolve(ref.alias)
+    if timeout_s is None:
+        version = store.resolve(ref.alias)
+    else:  # a silent endpoint fails here, before any download starts; the client's own timeouts come first
+        version = run_with_deadline(lambda: store.resolve(ref.alias), 2 * timeout_s + 5, f"store {store.url}")
     return store.download(version, Path(dest_root) / _dest_name(ref.location, version))
 
 

@@ -26,20 +26,30 @@ def resolve_resume(
     *,
     bare_is_wandb: bool = False,
     allow_fresh_start: bool = False,
+    start_from: str | None = None,
+    timeout_s: float | None = None,
 ) -> Path | None:
-    """A verified local checkpoint directory to resume from, or None for a fresh start."""
+    """A verified local checkpoint directory to resume from, or None for a fresh start.
+
+    ``start_from``: where ``auto`` goes when the run has no checkpoint of its own (a restarted
+    job continues from its own checkpoints, never from ``start_from`` again).
+    """
     if not ref:
         return None
     if ref == "auto":
         try:
-            return _auto(run_dir, store)
+            own = _auto(run_dir, store)
         except CheckpointError as err:
             if allow_fresh_start:
                 log.warning("--resume auto: %s; starting fresh (--allow_fresh_start)", err)
                 return None
             raise
+        if own is not None or not start_from:
+            return own
+        log.info("run %s has no checkpoint of its own: starting from --start_from %s", run_dir.name, start_from)
+        ref, bare_is_wandb = start_from, False
     try:
-        return fetch(ref, run_dir / "downloads", run_dir=run_dir, bare_is_wandb=bare_is_wandb)
+        return fetch(ref, run_dir / "downloads", run_dir=run_dir, bare_is_wandb=bare_is_wandb, timeout_s=timeout_s)
     except CheckpointError as err:
         if allow_fresh_start:
             log.warning("%s Starting fresh instead (--allow_fresh_start).", err)
@@ -66,7 +76,7 @@ def _auto(run_dir: Path, store: CheckpointStore | None) -> Path | None:
     if remote is None:
         if local_error is not None:
             raise local_error
-        log.info("--resume auto: no complete checkpoint of run %s locally or in the store; starting fresh", run_dir.name)
+        log.info("--resume auto: no complete checkpoint of run %s locally or in the store", run_dir.name)
         return None
     path = fetch(remote, run_dir / "downloads", run_dir=run_dir)
     log.info("--resume auto: resuming from %s (%s)", remote, path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import pickle
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..errors import CheckpointError
 from .fingerprint import ArchitectureFingerprint
 from .format import checkpoint_name, write_checkpoint
 
@@ -119,9 +121,28 @@ def restore_training_checkpoint(trainer: "Trainer", directory: Path) -> None:
     trainer.state = TrainerState(**{k: v for k, v in st.items() if k in TrainerState.__dataclass_fields__})
     trainer.state.history_base = st.get("history_rows", 0)  # parsed only when the history is needed
     if not grown:
-        trainer.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-    _continue_schedule(trainer, torch.load(directory / "scheduler.pt", weights_only=True)["last_epoch"])
+        trainer.optimizer.load_state_dict(load_tensors_only(directory / "optimizer.pt"))
+    _continue_schedule(trainer, load_tensors_only(directory / "scheduler.pt")["last_epoch"])
     set_rng_state(json.loads((directory / "rng.json").read_text()))
+
+
+def load_tensors_only(path: Path):
+    """``torch.load`` restricted to tensors and plain values: nothing in the file is executed.
+
+    A file that needs more (arbitrary pickled objects) is refused with a CheckpointError; the
+    library's own message is not shown, since it suggests loading with code execution enabled.
+    """
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path.name} of checkpoint {path.parent} holds objects that can only be loaded by executing code "
+            "from the file, so it was refused and nothing in it ran. dylora checkpoints hold only tensors and "
+            "plain values: this file was replaced or written by another program. Resume from another "
+            "checkpoint.") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path.name} of checkpoint {path.parent} cannot be read "
+                              f"({type(err).__name__}); resume from another checkpoint.") from None
 
 
 def _continue_schedule(trainer: "Trainer", step: int) -> None:

@@ -20,7 +20,17 @@ def resolve_model_path(name: str) -> str:
     shipped = _SHIPPED_MODELS / name.removeprefix("dylora/")
     if shipped.is_dir():
         return str(shipped)
+    if _looks_like_path(name):
+        what = "is a file, not a model directory" if Path(name).expanduser().exists() else "no such directory"
+        raise ConfigError(
+            f"--model_name {name!r}: {what}. Give a local model directory (with config.json), a Hugging Face "
+            f"hub id such as ORG/NAME, or {DEFAULT_MODEL_NAME!r} for the shipped model.")
     return name
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are NAME or ORG/NAME; anything else with a path's shape is meant as a local path."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.endswith("/") or name.count("/") > 1
 
 
 def load_base_model(name: str, dtype=None, **kwargs):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,10 @@ class TrainConfig:
         "s3://, gs://, file://, memory:// URLs")
     resume_from_checkpoint: str | None = _opt(None, "the seed's name for --resume")
     wandb_checkpoint_artifact: str | None = _opt(None, "the seed's form: resume from W&B artifact ENTITY/PROJECT/NAME:ALIAS")
+    start_from: str | None = _opt(
+        None, "where a run with no checkpoint of its own starts (any reference, as for --resume): with "
+        "--resume auto (implied), the run's own newest checkpoint always wins, so a restarted job continues "
+        "from its own latest checkpoint, never from this reference again")
     allow_fresh_start: bool = _opt(False, "if the resume reference cannot be fetched, warn and start fresh instead of failing")
     grow_experts: bool = _opt(False, "allow resuming with a larger --num_experts (the new experts start immature)")
     save_total_limit: int = _opt(3, "keep the newest N local checkpoints (plus the best)")
@@ -86,6 +91,14 @@ class TrainConfig:
         None, "where checkpoints are published as versions: a directory, an fsspec URL (s3://, gs://, "
         "file://, memory://), wandb://ENTITY/PROJECT/NAME, or 'wandb' for this W&B run's artifact "
         "RUN_ID-checkpoint (default: RUN_DIR/store)")
+    store_timeout_s: float = _opt(
+        20.0, "seconds the start-up check of the checkpoint store (a small write, read and delete) may take in "
+        "all, transient errors retried inside it: a store that cannot answer fails the run before training, "
+        "and missing credentials, access denied or no such bucket fail at once. Also each request's timeout "
+        "when fetching a --resume reference (its first answer is awaited at most 2x this + 5 s)")
+    publish_timeout_s: float = _opt(
+        300.0, "at the end of a run: seconds to wait for checkpoints still being published; a run that ends "
+        "with unpublished checkpoints exits with status 3 (local copies are kept)")
     preemption_budget_s: float = _opt(25.0, "on SIGTERM/SIGINT: seconds to checkpoint and publish before exiting")
     progress: bool = _opt(True, "show a progress bar")
 
@@ -119,29 +132,67 @@ class TrainConfig:
             raise ConfigError(
                 f"conflicting resume references {given}: give one of --resume, --resume_from_checkpoint, "
                 "--wandb_checkpoint_artifact.")
+        if self.run_id is not None:
+            check_run_id(self.run_id, "--run_id")
+        for name in ("store_timeout_s", "publish_timeout_s", "preemption_budget_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} {getattr(self, name)!r} is invalid: give a number of seconds > 0.")
+        self._check_references()
         if self.report_to not in ("auto", "wandb", "tensorboard", "none"):
             raise ConfigError(f"--report_to {self.report_to!r} is invalid: choose auto, wandb, tensorboard or none.")
         for name in ("eval_steps", "save_steps", "logging_steps", "early_stopping_patience", "cosine_restarts"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} {getattr(self, name)!r} is invalid: it must be >= 0.")
 
+    def _check_references(self) -> None:
+        """The reference syntax is owned by ``checkpoint.references``; a malformed one is bad input."""
+        from ..checkpoint.references import parse_reference
+
+        reference, bare_is_wandb = self.resume_reference
+        if reference:
+            parse_reference(reference, bare_is_wandb=bare_is_wandb)
+        if self.start_from:
+            if reference and reference != "auto":
+                raise ConfigError(
+                    f"--start_from {self.start_from!r} and the resume reference {reference!r} were both given: "
+                    "--start_from is where a run without checkpoints of its own starts (with --resume auto); "
+                    "give one of them.")
+            if self.start_from == "auto":
+                raise ConfigError("--start_from auto is not a starting point: give a checkpoint reference "
+                                  "(a directory, wandb://E/P/NAME:ALIAS, s3://…:latest, gs://…:latest, …).")
+            parse_reference(self.start_from)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @property
     def resume_reference(self) -> tuple[str | None, bool]:
-        """(reference, whether a bare ENTITY/PROJECT/NAME:ALIAS means W&B)."""
+        """(reference, whether a bare ENTITY/PROJECT/NAME:ALIAS means W&B); --start_from implies auto."""
         if self.wandb_checkpoint_artifact:
             return self.wandb_checkpoint_artifact, True
-        return self.resume or self.resume_from_checkpoint, False
+        return self.resume or self.resume_from_checkpoint or ("auto" if self.start_from else None), False
 
     def resolved_run_id(self) -> str:
         import time
 
-        for candidate in (self.run_id, os.environ.get("CLOUD_ML_JOB_ID"), os.environ.get("SKYPILOT_TASK_ID")):
+        sources = (("--run_id", self.run_id), ("CLOUD_ML_JOB_ID", os.environ.get("CLOUD_ML_JOB_ID")),
+                   ("SKYPILOT_TASK_ID", os.environ.get("SKYPILOT_TASK_ID")))
+        for source, candidate in sources:
             if candidate:
-                return str(candidate)
+                return check_run_id(str(candidate), source)
         return time.strftime("run-%Y%m%d-%H%M%S")
+
+
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_run_id(run_id: str, source: str) -> str:
+    """A run id names a directory directly under --output_dir: no '/', no '..', no hidden names."""
+    if not _RUN_ID_RE.match(run_id) or ".." in run_id:
+        raise ConfigError(
+            f"{source} {run_id!r} is not a valid run id: use 1-128 letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit, without '/' or '..' (it names a directory under --output_dir).")
+    return run_id
 
 
 def _flag_type(f) -> Any:

@@ -8,11 +8,12 @@ to own than to bend a framework into. Everything that a resume must restore is i
 
 from __future__ import annotations
 
-import json
+import contextlib
+import errno
 import logging
 import math
 import random
-import signal
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -24,27 +25,32 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..errors import ConfigError, DyLoRAError
+from ..errors import CheckpointError, ConfigError, DyLoRAError
 from ..model import DyLoRAConfig, DyLoRAMoE
 from ..model.base import load_base_model, load_tokenizer
 from ..checkpoint.fingerprint import ArchitectureFingerprint, FingerprintMismatch
-from ..checkpoint.format import apply_retention, checkpoint_name, read_manifest
+from ..checkpoint.format import (apply_retention, checkpoint_name, cleanup_partial, latest_checkpoint,
+                                 list_checkpoints, read_manifest)
 from ..checkpoint.resume import resolve_resume
 from ..checkpoint.stores import BackgroundPublisher, LocalStore, open_store
+from ..checkpoint.stores.probe import probe_store
 from ..checkpoint.training import restore_training_checkpoint, save_training_checkpoint
 from .config import TrainConfig
 from .metrics import MetricsSink, make_sink
+from .preemption import EXIT_PREEMPTED, Preempted, SignalWatch, StartupInterrupted, signal_name
 from .report import plot_routing, write_summary
+from .run_lock import RunDirLock
 
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after a durable checkpoint; resume with --resume auto
+EXIT_UNPUBLISHED = 3  # training finished, but some checkpoints never reached the store (local copies kept)
+DISK_FULL_FREE_BYTES = 16 << 20  # below this much free space a failed write is reported as a full disk
 
 
-class Preempted(DyLoRAError):
-    """Training stopped on a signal after checkpointing; the CLI exits with EXIT_PREEMPTED."""
+class UnpublishedCheckpoints(DyLoRAError):
+    """The run finished but the store did not confirm every checkpoint; exit status 3."""
 
-    exit_code = EXIT_PREEMPTED
+    exit_code = EXIT_UNPUBLISHED
 
 
 @dataclass
@@ -74,13 +80,18 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, signals: SignalWatch | None = None):
         self.config = config
         self.state = TrainerState()
         self.stop_reason: str | None = None
-        self._signal: int | None = None
+        # The CLI's watch, installed before anything loads; without one (library use) signals are
+        # watched from the start of the training loop.
+        self.signals = signals
+        self.phase = "starting"  # what start-up is doing, for the message if a signal stops it
+        self.lock: RunDirLock | None = None
+        self.publisher: BackgroundPublisher | None = None
+        self.sink, self._sink_open = MetricsSink(), False
         self._unflushed = False  # the last history row has metrics the sink has not seen
-        self.interrupt_at_step: int | None = None  # tests: behave as if SIGTERM arrived during this step
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -92,27 +103,42 @@ class Trainer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.run_id = cfg.resolved_run_id()
         self.run_dir = Path(cfg.output_dir) / self.run_id
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir = self.run_dir / "checkpoints"
-        self.sink, self._sink_open = MetricsSink(), False
-        if cfg.checkpoint_store == "wandb":  # the store is this run's artifact: open the run first
-            self._open_sink()
         try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = RunDirLock(self.run_dir).acquire()  # before anything in the run directory is touched
+        except OSError as err:
+            raise ConfigError(
+                f"cannot write to --output_dir {cfg.output_dir!r} (run directory {self.run_dir}): "
+                f"{err.strerror or err}. Give a writable directory with --output_dir.") from None
+        try:
+            for leftovers in (self.checkpoint_dir, self.run_dir / "downloads"):
+                cleanup_partial(leftovers)  # staging folders of writes a crash interrupted
+            if cfg.checkpoint_store == "wandb":  # the store is this run's artifact: open the run first
+                self._open_sink()
             return self._setup_rest(model_config)
+        except StartupInterrupted as stop:
+            self._abort(EXIT_PREEMPTED)
+            raise self._stopped_during_startup(stop) from None
         except BaseException:
-            self.sink.finish()
+            self._abort()
             raise
 
     def _setup_rest(self, model_config: DyLoRAConfig) -> "Trainer":
         from ..data import LengthGroupedBatchSampler, PaddingCollator, build_datasets
 
         cfg = self.config
+        self.phase = "checking the checkpoint store"
         self.store = self._open_store()
+        probe_store(self.store, cfg.store_timeout_s)
+        self.phase = "fetching the checkpoint to resume from"
         reference, bare_is_wandb = cfg.resume_reference
         self.resume_dir = resolve_resume(
-            reference, self.run_dir, self.store, bare_is_wandb=bare_is_wandb, allow_fresh_start=cfg.allow_fresh_start
+            reference, self.run_dir, self.store, bare_is_wandb=bare_is_wandb, allow_fresh_start=cfg.allow_fresh_start,
+            start_from=cfg.start_from, timeout_s=cfg.store_timeout_s,
         )
 
+        self.phase = "loading the base model"
         self.tokenizer = load_tokenizer(cfg.model_name)
         base = load_base_model(cfg.model_name).to(self.device)
         self.model = DyLoRAMoE(base, model_config)
@@ -123,6 +149,7 @@ class Trainer:
         if not self._sink_open:
             self._open_sink()  # only now: a refused resume must not touch the W&B run
 
+        self.phase = "loading the data"
         self.train_data, self.eval_data, self.data_report = build_datasets(
             cfg.datasets, self.tokenizer, cfg.max_seq_length, data_dir=cfg.data_dir, seed=cfg.seed,
             validation_fraction=cfg.validation_fraction, training_subset=cfg.training_subset,
@@ -146,8 +173,44 @@ class Trainer:
             restore_training_checkpoint(self, self.resume_dir)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", self.resume_dir, self.state.global_step,
                      self.state.epoch, self.state.batch_in_epoch)
-        self.publisher = BackgroundPublisher(self.store) if self.store is not None else None
+        self.publisher = BackgroundPublisher(self.store)
+        self._republish_unconfirmed()
         return self
+
+    def _republish_unconfirmed(self) -> None:
+        """Publish, in order, the local checkpoints of an earlier process that the store never confirmed.
+
+        A crash or kill during (or before) a publish leaves a checkpoint that exists only here. It is
+        queued again before any new checkpoint, so it is kept by retention until the store confirms it.
+        """
+        local = list_checkpoints(self.checkpoint_dir)
+        if not local:
+            return
+        try:
+            stored = {v.step for v in self.store.list_versions()}
+        except CheckpointError as err:
+            log.warning("cannot list %s to find unpublished checkpoints (%s); they are kept locally", self.store.url, err)
+            return
+        for step, path in local:
+            if step not in stored:
+                log.warning("checkpoint %s was never confirmed by %s (an earlier process stopped first): "
+                            "publishing it now", path, self.store.url)
+                self.publisher.submit(path, step, ["latest"] + (["best"] if step == self.state.best_step else []))
+
+    def _stopped_during_startup(self, stop: StartupInterrupted) -> Preempted:
+        latest = latest_checkpoint(self.checkpoint_dir)
+        saved = (f"the newest checkpoint {latest} is intact" if latest is not None
+                 else f"run {self.run_id} has no local checkpoint yet")
+        return stop.as_preempted(f"while {self.phase}: nothing new was saved and {saved}. Continue with the same "
+                                 f"command and --resume auto --run_id {self.run_id}.")
+
+    def _abort(self, exit_code: int = 1) -> None:
+        """Leave after an error or an early signal: what is queued gets the preemption budget to publish."""
+        if self.publisher is not None:
+            self.publisher.close(timeout_s=self.config.preemption_budget_s)
+        self.sink.finish(exit_code=exit_code)
+        if self.lock is not None:
+            self.lock.release()
 
     def _open_sink(self) -> None:
         cfg = self.config
@@ -166,7 +229,7 @@ class Trainer:
             return WandbStore.for_run(run)
         if not address:
             return LocalStore.for_run_dir(self.run_dir)
-        return open_store(address)
+        return open_store(address, timeout_s=self.config.store_timeout_s)
 
     def _check_fingerprint(self, reference: str | None) -> None:
         saved = ArchitectureFingerprint.from_dict(read_manifest(self.resume_dir).fingerprint)
@@ -176,11 +239,15 @@ class Trainer:
             hint = ""
             if any(d[0] == "num_experts" and d[2] > d[1] for d in diffs):
                 hint = " A larger --num_experts is allowed with --grow_experts."
-            raise FingerprintMismatch(str(reference), diffs, hint)
+            if any(d[0] == "base_weights_sha" for d in diffs):
+                hint += (f" The base model's weights differ from those the checkpoint was trained on "
+                         f"({saved.base_model!r}): resume with the same base (a hub id and a local copy of the "
+                         "same weights match).")
+            source = str(reference) if reference not in (None, "auto") else str(self.resume_dir)
+            raise FingerprintMismatch(source, diffs, hint)
 
     def _mixing(self) -> str:
-        if ":" in self.config.datasets:
-            return self.config.datasets
+        """Balanced or concatenated; weights written into --datasets ("a:2,b:1") win over both."""
         return "interleave" if self.config.interleaved_sampling else "concat"
 
     def model_config(self) -> DyLoRAConfig:
@@ -293,13 +360,32 @@ class Trainer:
 
         cfg, st = self.config, self.state
         self.model.train()
-        if st.eval_loss_base is None:
-            st.eval_loss_base = self.evaluate()  # a fresh mixture is exactly the base model
-            log.info("held-out loss of the base model: %.4f", st.eval_loss_base)
+        try:
+            if st.eval_loss_base is None:
+                self.phase = "evaluating the base model"
+                st.eval_loss_base = self.evaluate()  # a fresh mixture is exactly the base model
+                log.info("held-out loss of the base model: %.4f", st.eval_loss_base)
+            if self.signals is None:
+                self.signals = SignalWatch().install()
+            self.signals.defer()  # from here a signal means: finish the step, checkpoint, exit 75
+        except StartupInterrupted as stop:
+            self._abort(EXIT_PREEMPTED)
+            raise self._stopped_during_startup(stop) from None
+        try:
+            return self._train_loop()
+        except (Preempted, UnpublishedCheckpoints):
+            raise  # everything is already closed
+        except BaseException:
+            self._abort()
+            raise
+
+    def _train_loop(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg, st = self.config, self.state
         self._maybe_mature()
         bar = tqdm(total=self.total_steps, initial=st.global_step, desc="train", unit="step",
                    disable=not cfg.progress, dynamic_ncols=True)
-        self._install_signal_handlers()
         window: list[dict[str, float]] = []
         window_start = time.perf_counter()
         started = time.perf_counter() - st.train_time_s
@@ -330,15 +416,14 @@ class Trainer:
                 if cfg.eval_steps and st.global_step % cfg.eval_steps == 0:
                     loss = self.evaluate()
                     self._log({"eval/loss": loss})
-                    bar.set_postfix_str(bar.postfix + f" val={loss:.3f}" if bar.postfix else f"val={loss:.3f}")
+                    shown = getattr(bar, "postfix", None)  # a disabled bar (--progress false) has none
+                    bar.set_postfix_str(f"{shown} val={loss:.3f}" if shown else f"val={loss:.3f}")
                     if self._after_eval(loss):
                         self.stop_reason = f"early stopping (no improvement in {cfg.early_stopping_patience} evaluations)"
                 if cfg.save_steps and st.global_step % cfg.save_steps == 0:
                     self.save_checkpoint()
                 bar.update(1)
-                if self.interrupt_at_step == st.global_step:
-                    self._signal = signal.SIGTERM
-                if self._signal is not None:
+                if self.signals.received is not None:
                     self._preempt(bar)
                 if st.global_step >= self.total_steps and self.stop_reason is None:
                     self.stop_reason = "max steps reached"
@@ -350,24 +435,15 @@ class Trainer:
         st.train_time_s = time.perf_counter() - started
         return self.finish()
 
-    def _install_signal_handlers(self) -> None:
-        def handler(signum, frame):
-            if self._signal is None:
-                self._signal = signum
-                log.warning("received %s: finishing the current optimizer step, then checkpointing",
-                            signal.Signals(signum).name)
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
-
     def _preempt(self, bar) -> None:
         started = time.perf_counter()
         bar.close()
         directory = self.save_checkpoint(wait_s=self.config.preemption_budget_s)
-        published = self.publisher is None or self.publisher.flush(0)
+        published = self.publisher.close(timeout_s=0)
         self._flush_log()
         self.sink.finish(exit_code=EXIT_PREEMPTED)
-        name = signal.Signals(self._signal).name
+        self.lock.release()
+        name = signal_name(self.signals.received)
         raise Preempted(
             f"stopped by {name} at step {self.state.global_step}: checkpoint {directory} written"
             f"{' and published' if published else ' (publishing did not finish in the budget)'} in "
@@ -409,16 +485,36 @@ class Trainer:
     def save_checkpoint(self, wait_s: float | None = None) -> Path:
         """Write a durable checkpoint and publish it (in the background unless ``wait_s`` is given)."""
         st = self.state
-        directory = save_training_checkpoint(self, self.checkpoint_dir)
+        with self._writing(f"checkpoint {checkpoint_name(st.global_step)}", self.checkpoint_dir):
+            directory = save_training_checkpoint(self, self.checkpoint_dir)
         aliases = ["latest"] + (["best"] if st.best_step == st.global_step else [])
-        if self.publisher is not None:
-            self.publisher.submit(directory, st.global_step, aliases)
-            if wait_s is not None and not self.publisher.flush(wait_s):
-                log.warning("checkpoint %s is safe locally but not yet published to %s", directory, self.store.url)
+        self.publisher.submit(directory, st.global_step, aliases)
+        if wait_s is not None and not self.publisher.flush(wait_s):
+            log.warning("checkpoint %s is safe locally but not yet published to %s", directory, self.store.url)
         best = checkpoint_name(st.best_step) if st.best_step is not None else None
-        unconfirmed = {p.name for p in self.publisher.unconfirmed()} if self.publisher is not None else set()
+        unconfirmed = {p.name for p in self.publisher.unconfirmed()}
         apply_retention(self.checkpoint_dir, self.config.save_total_limit, best, keep=unconfirmed)
         return directory
+
+    @contextlib.contextmanager
+    def _writing(self, what: str, where: Path):
+        """Turn a failed write (a full disk above all) into one paragraph that says what is still safe."""
+        try:
+            yield
+        except (OSError, RuntimeError) as err:
+            free = _free_bytes(where)
+            full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < DISK_FULL_FREE_BYTES
+            if not full and not isinstance(err, OSError):
+                raise
+            latest = latest_checkpoint(self.checkpoint_dir)
+            safe = (f"the previous checkpoint {latest} is intact" if latest is not None
+                    else "no earlier checkpoint exists")
+            cause = (f"the disk is full ({free / 1e6:.1f} MB free)" if full
+                     else f"{err.strerror or err}")
+            raise CheckpointError(
+                f"cannot write {what} in {where}: {cause}. Nothing partial was kept and {safe}. "
+                f"{'Free some space' if full else 'Fix the problem'} (or give --output_dir on another disk) and "
+                f"continue with --resume auto --run_id {self.run_id}.") from None
 
     def finish(self) -> dict[str, Any]:
         from ..data import padding_waste
@@ -436,11 +532,14 @@ class Trainer:
         self._flush_log()
         if not saved_after_eval:
             self.save_checkpoint()
-        if self.publisher is not None and not self.publisher.close(timeout_s=120):
-            log.warning("some checkpoints were not published to %s; local copies are kept in %s", self.store.url, self.checkpoint_dir)
+        # A signal now (the loop is over) only shortens the wait for the store to the preemption budget.
+        wait_s = self.config.preemption_budget_s if self.signals.received is not None else self.config.publish_timeout_s
+        self.publisher.close(timeout_s=wait_s)
+        unpublished = sorted(self.publisher.unconfirmed())
         model_dir = self.run_dir / "final"
-        self.model.save_pretrained(model_dir)
-        self.tokenizer.save_pretrained(model_dir)
+        with self._writing("the final model", model_dir):
+            self.model.save_pretrained(model_dir)
+            self.tokenizer.save_pretrained(model_dir)
         best_dir = self.checkpoint_dir / checkpoint_name(st.best_step) if st.best_step is not None else None
         if hasattr(self.store, "publish_final_best") and best_dir is not None and best_dir.exists():
             self.store.publish_final_best(best_dir, st.best_step, model_dir)  # the seed's best-dylora-model-full
@@ -465,9 +564,28 @@ class Trainer:
             "eval_examples": len(self.eval_data),
             "model_dir": str(model_dir),
             "routing_png": str(png) if png else None,
+            "unpublished_checkpoints": [str(p) for p in unpublished],
             "data": self.data_report.to_dict(),
         }
         text = write_summary(self.run_dir, summary)
         log.info("summary:\n%s", text)
         self.sink.finish()
+        self.lock.release()
+        if unpublished:
+            last_error = next((job.error for job in reversed(self.publisher.failed) if job.error), "no answer in time")
+            raise UnpublishedCheckpoints(
+                f"training finished (model in {model_dir}) but {len(unpublished)} checkpoint(s) were not published to "
+                f"{self.store.url} ({last_error}): {', '.join(p.name for p in unpublished)}. Their local copies are "
+                f"kept in {self.checkpoint_dir}. Run the same command with --resume auto --run_id {self.run_id} to "
+                "publish them.")
         return summary
+
+
+def _free_bytes(path: Path) -> int:
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return 0

@@ -128,7 +128,7 @@ def test_fetch_store_alias_and_folder_urls(ckpts, tmp_path):
         fetch(url, tmp_path / "dl")
 
 
-def test_fetch_unreachable_store_names_reference_and_cause(tmp_path, monkeypatch):
+def test_fetch_unreachable_store_names_reference_and_cause(tmp_path, monkeypatch, without_gcsfs):
     pytest.importorskip("s3fs")
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(key, "testing")

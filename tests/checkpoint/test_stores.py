@@ -158,7 +158,7 @@ def test_s3_endpoint_from_environment(s3_endpoint, ckpts, monkeypatch):
     assert store.fs.client_kwargs["endpoint_url"] == s3_endpoint
 
 
-def test_open_store_errors():
+def test_open_store_errors(without_gcsfs):
     with pytest.raises(CheckpointError, match=r"needs the package gcsfs .*dylora-moe\[gcs\]"):
         open_store("gs://bucket/run1")
     with pytest.raises(CheckpointError, match=r"unsupported scheme; accepted: file://"):

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from dylora_moe.checkpoint.format import verify_checkpoint
+from dylora_moe.checkpoint.format import list_checkpoints, verify_checkpoint
 from dylora_moe.cli import main
 from dylora_moe.train.config import TrainConfig
 from dylora_moe.train.trainer import EXIT_PREEMPTED, Preempted, Trainer
@@ -63,7 +63,7 @@ def test_interrupted_mid_epoch_and_mid_accumulation_resumes_bit_identically(smal
         signal.signal(signal.SIGINT, signal.default_int_handler)
     saved = verify_checkpoint(tmp_path / "cut" / "checkpoints" / "step-00000005")
     assert saved.data_state["batch_in_epoch"] == 15 and saved.global_step == 5
-    assert json.loads((tmp_path / "cut" / "store" / "aliases" / "latest.json").read_text())
+    assert json.loads((tmp_path / "cut" / "store" / "aliases" / "latest.json").read_text())["step"] == 5
 
     resumed = Trainer(config(small_model_dir, tmp_path, "cut", resume="auto")).setup()
     assert resumed.state.global_step == 5
@@ -114,7 +114,13 @@ def test_unfetchable_reference_fails_unless_fresh_start_is_allowed(small_model_d
     assert main([*base, "--resume", str(tmp_path / "nowhere")]) == 1
     err = capsys.readouterr().err
     assert str(tmp_path / "nowhere") in err and "Traceback" not in err
+    capsys.readouterr()
     assert main([*base, "--resume", "memory://bucket/none:latest", "--allow_fresh_start"]) == 0
+    captured = capsys.readouterr()
+    assert "Starting fresh instead (--allow_fresh_start)" in captured.err
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["steps"] == 1  # started at step 0: one step of --max_steps 1 was trained
+    assert "resumed from" not in captured.err
 
 
 @pytest.mark.slow
@@ -123,23 +129,22 @@ def test_sigterm_to_a_real_dylora_train_then_resume_auto(small_model_dir, tmp_pa
     argv = [sys.executable, "-m", "dylora_moe.cli", "train", "--model_name", small_model_dir, "--output_dir",
             str(tmp_path), "--run_id", "spot", "--report_to", "none", "--progress", "false", "--training_subset", "8",
             "--max_seq_length", "128", "--num_epochs", "50", "--eval_steps", "0", "--logging_steps", "1",
-            "--train_batch_size", "4", "--resume", "auto"]
+            "--train_batch_size", "4", "--resume", "auto", "--save_steps", "1"]
     proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in proc.stderr:  # wait until it is training
-        lines.append(line)
-        if "held-out loss of the base model" in line:
-            break
-    time.sleep(2.0)
+    first = tmp_path / "spot" / "checkpoints" / "step-00000001"
+    while not first.exists() and proc.poll() is None:  # wait until it is training (a step is saved)
+        time.sleep(0.05)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=60) == EXIT_PREEMPTED, "".join(lines) + rest
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == EXIT_PREEMPTED, err
     assert time.monotonic() - sent < 25
-    assert "Continue with --resume auto --run_id spot" in rest
+    assert "Continue with --resume auto --run_id spot" in err
     latest = json.loads((tmp_path / "spot" / "store" / "aliases" / "latest.json").read_text())
-    step = verify_checkpoint(next((tmp_path / "spot" / "checkpoints").iterdir())).global_step
-    assert step >= 1
+    step, newest = list_checkpoints(tmp_path / "spot" / "checkpoints")[-1]
+    verify_checkpoint(newest)
+    assert step >= 1 and f"stopped by SIGTERM at step {step}" in err
+    assert latest["step"] == step  # the store's latest is the preempted step's checkpoint
 
     argv[argv.index("--num_epochs") + 1] = "1"
     argv += ["--max_steps", str(step + 2)]
@@ -148,7 +153,6 @@ def test_sigterm_to_a_real_dylora_train_then_resume_auto(small_model_dir, tmp_pa
     assert f"resuming from" in done.stderr and f"at step {step}" in done.stderr
     summary = json.loads((tmp_path / "spot" / "summary.json").read_text())
     assert summary["steps"] == step + 2
-    assert latest
 
 
 @pytest.mark.slow

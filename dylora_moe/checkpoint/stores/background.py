@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dylora_moe.checkpoint.stores.base import DEFAULT_ALIASES, CheckpointStore
+from dylora_moe.checkpoint.stores.probe import is_permanent
 from dylora_moe.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,12 @@ class BackgroundPublisher:
                 return
             except Exception as e:
                 job.error = f"{type(e).__name__}: {e}"
-                log.warning("Publishing %s to %s failed (attempt %d of %d): %s", job.local_dir,
-                            self.store.url, job.attempts, self.retries + 1, job.error)
+                permanent = is_permanent(e)
+                log.warning("Publishing %s to %s failed (attempt %d of %d%s): %s", job.local_dir,
+                            self.store.url, job.attempts, self.retries + 1,
+                            "; not retried: retrying cannot fix it" if permanent else "", job.error)
+                if permanent:
+                    break
             if job.attempts > self.retries or self._closed.wait(delay):
                 break
             delay = min(delay * 2, self.max_backoff_s)

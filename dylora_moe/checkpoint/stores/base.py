@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import re
+import secrets
 import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -180,6 +181,10 @@ class CheckpointStore(ABC):
         """A reference string for ``references.fetch`` that names ``version`` of this store."""
         return f"{self.url}:{version}"
 
+    def probe(self) -> None:
+        """Cheaply check that the store can work (see ``probe.probe_store``); raises if not."""
+        self.list_versions()
+
 
 class ObjectCheckpointStore(CheckpointStore):
     """Versions as folders and aliases as pointer files, over a few object primitives.
@@ -209,6 +214,10 @@ class ObjectCheckpointStore(CheckpointStore):
 
     @abstractmethod
     def _download(self, key: str, local_path: Path) -> None: ...
+
+    @abstractmethod
+    def _delete(self, key: str) -> None:
+        """Remove the object ``key`` (used by ``probe`` only: versions are never deleted)."""
 
     def _claim(self, version: str) -> bool:
         """Reserve an unused version folder; False if someone else has it."""
@@ -250,6 +259,17 @@ class ObjectCheckpointStore(CheckpointStore):
                 self._move_alias(alias, version, step)
         log.info("Published %s to %s as %s (aliases %s)", local_dir, self.url, version, names)
         return version
+
+    def probe(self) -> None:
+        """Write, read back and delete a small object (``.probe-*``: never a version or alias)."""
+        key, data = f".probe-{secrets.token_hex(6)}", b"dylora-moe store probe\n"
+        self._write(key, data)
+        try:
+            if self._read(key) != data:
+                raise StoreUnreachableError(f"Store {self.url}: a probe object read back differently.")
+        finally:
+            self._delete(key)
+        self._list("")
 
     def _claim_next_version(self) -> str:
         numbers = [version_number(name) for name in self._list("")]

@@ -43,6 +43,7 @@ def _options(protocol: str, storage_options: dict[str, Any] | None,
             config = dict(options.get("config_kwargs") or {})
             config.setdefault("connect_timeout", timeout_s)
             config.setdefault("read_timeout", timeout_s)
+            config.setdefault("retries", {"max_attempts": 2, "mode": "standard"})  # we retry ourselves
             options["config_kwargs"] = config
     return options
 
@@ -107,3 +108,6 @@ class FsspecStore(ObjectCheckpointStore):
 
     def _download(self, key: str, local_path: Path) -> None:
         self.fs.get_file(self._path(key), str(local_path))
+
+    def _delete(self, key: str) -> None:
+        self.fs.rm_file(self._path(key))

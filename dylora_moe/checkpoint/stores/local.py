@@ -67,6 +67,9 @@ class LocalStore(ObjectCheckpointStore):
     def _download(self, key: str, local_path: Path) -> None:
         shutil.copyfile(self._path(key), local_path)
 
+    def _delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
     def _claim(self, version: str) -> bool:
         self.root.mkdir(parents=True, exist_ok=True)
         try:

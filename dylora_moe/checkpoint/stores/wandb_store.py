@@ -41,6 +41,17 @@ def _wandb():
     return wandb
 
 
+def _login_refused(error: BaseException) -> bool:
+    """No API key, or one the server refused (HTTP 401/403). wandb 0.31 raises the same
+    ``AuthenticationError`` when the server cannot be reached at all; that one is worth a retry."""
+    if type(error).__name__ == "UsageError":
+        return True
+    if type(error).__name__ != "AuthenticationError":
+        return False
+    response = getattr(error.__cause__, "response", None)  # the client's WandbApiFailedError
+    return getattr(response, "http_status", None) in (401, 403)
+
+
 class WandbStore(CheckpointStore):
     """Versions of the artifact ``ENTITY/PROJECT/NAME``; ``run`` is needed to publish only.
 
@@ -66,10 +77,13 @@ class WandbStore(CheckpointStore):
             except CheckpointError:
                 raise
             except Exception as e:  # no credentials is not worth a retry; a network error is
-                no_login = type(e).__name__ in ("UsageError", "AuthenticationError")
-                raise (CheckpointError if no_login else StoreUnreachableError)(
-                    f"Cannot reach W&B for {self.url}: {type(e).__name__}: {e}. Log in (wandb "
-                    "login or WANDB_API_KEY), check WANDB_BASE_URL, or retry later.") from e
+                if _login_refused(e):
+                    raise CheckpointError(
+                        f"Cannot reach W&B for {self.url}: {type(e).__name__}: {e}. Log in (wandb "
+                        "login or WANDB_API_KEY), check WANDB_BASE_URL, or retry later.") from e
+                raise StoreUnreachableError(
+                    f"Cannot reach W&B for {self.url}: {type(e).__name__}: {e}. Check WANDB_BASE_URL "
+                    "and the network, or retry later.") from e
         return self._api_obj
 
     def _log(self, name: str, source: Path, step: int, aliases: list[str],
@@ -114,6 +128,11 @@ class WandbStore(CheckpointStore):
         of it could not be verified nor resumed from; it stays in the run directory.
         """
         return self._publish_checkpoint(FINAL_BEST_NAME, local_dir, step, ["latest", "best"])
+
+    def probe(self) -> None:
+        """An active run has already reached W&B (or is offline); otherwise the API must answer."""
+        if self.run is None:
+            self._api()
 
     def _artifact(self, ref: str) -> Any:
         check_ref_name(ref, self.url)

@@ -1,0 +1,82 @@
+"""SIGTERM and SIGINT, from the moment ``dylora train`` starts until it exits.
+
+Spot VMs are reclaimed at any time, start-up included. ``SignalWatch`` has two modes:
+
+- **start-up** (loading the model and data, checking the store, the base evaluation): a signal
+  stops at once by raising :class:`StartupInterrupted` in the main thread. Nothing new exists
+  to save then; the previous checkpoints are untouched.
+- **deferred** (the training loop and the end of the run): a signal is recorded and the loop
+  stops at the next optimizer-step boundary, writes a checkpoint and publishes it within the
+  preemption budget.
+
+Both end with exit status 75 (:data:`EXIT_PREEMPTED`). This module imports nothing heavy, so the
+CLI can install the watch before it imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+from ..errors import DyLoRAError
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT; continue with --resume auto
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preempted(DyLoRAError):
+    """Stopped by a signal; whatever could be saved was. The CLI exits with EXIT_PREEMPTED."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class StartupInterrupted(BaseException):
+    """A signal arrived before training started; raised from the signal handler.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way (a retry
+    loop, a library) swallows it; the trainer and the CLI turn it into :class:`Preempted`.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signum)
+
+    def as_preempted(self, detail: str = "before anything was saved. Run the same command again to start; "
+                     "with --resume auto and the same --run_id a run continues from its newest checkpoint.") -> Preempted:
+        return Preempted(f"stopped by {signal_name(self.signum)} during start-up, {detail}")
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+class SignalWatch:
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.deferred = False
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> "SignalWatch":
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        """Give the signals back to whoever had them before ``install``."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def defer(self) -> None:
+        """From now on a signal is recorded, and acted on at the next optimizer-step boundary."""
+        self.deferred = True
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            return  # the first signal decides; a second one must not interrupt the clean stop
+        self.received = signum
+        if not self.deferred:
+            raise StartupInterrupted(signum)
+        log.warning("received %s: finishing the current optimizer step, then checkpointing", signal_name(signum))
