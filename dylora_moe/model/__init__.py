@@ -1,8 +1,31 @@
-"""The DyLoRA-MoE model: fused mixture-of-LoRA layer, hybrid router, wrapper."""
+"""The DyLoRA-MoE model: fused mixture-of-LoRA layer, hybrid router, wrapper.
 
-from .config import DyLoRAConfig
-from .dylora import DyLoRAMoE, DyLoRAOutput
-from .moe_lora import MoELoRALinear
-from .router import HybridRouter, RouterStats, RoutingState
+The names load on first use (PEP 562), so that importing ``dylora_moe.model.base`` or
+``dylora_moe.model.config`` (as ``dylora --help``, ``--version`` and ``dylora ckpt`` do) does not
+import torch, transformers and peft.
+"""
 
-__all__ = ["DyLoRAConfig", "DyLoRAMoE", "DyLoRAOutput", "MoELoRALinear", "HybridRouter", "RouterStats", "RoutingState"]
+from importlib import import_module
+
+_MODULE_OF = {
+    "DyLoRAConfig": ".config",
+    "DyLoRAMoE": ".dylora",
+    "DyLoRAOutput": ".dylora",
+    "MoELoRALinear": ".moe_lora",
+    "HybridRouter": ".router",
+    "RouterStats": ".router",
+    "RoutingState": ".router",
+}
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_MODULE_OF[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
