@@ -184,7 +184,7 @@ def _run(argv: list[str] | None, signals) -> int:
     if args.command != "train":
         signals.restore()  # only training has a checkpoint to protect and a 75 to promise
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec", "botocore", "aiobotocore", "s3fs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not args.verbose and args.command not in (None, "ckpt"):  # ckpt needs neither library: no import
         _quiet_libraries()
