@@ -13,7 +13,7 @@ import pytest
 from dylora_moe.checkpoint.references import fetch
 from dylora_moe.checkpoint.stores.wandb_store import FINAL_BEST_NAME, WandbStore
 from dylora_moe.errors import CheckpointError
-from tests.checkpoint.conftest import make_checkpoint
+from tests.checkpoint.conftest import free_port, make_checkpoint
 from tests.fakes.wandb_client import client_env
 from tests.fakes.wandb_server import ENTITY, FakeWandb
 
@@ -195,32 +195,20 @@ def test_fetch_wandb_references(reader, tmp_path):
     assert list((tmp_path / "other").iterdir()) == []
 
 
-class UnreachableApi:
-    """A FAKE ``wandb.Api`` whose every call fails as a dropped network would. Stated fake at the
-    SDK boundary for this one case: the real client retries a refused connection 16 times with
-    back-off before it raises, too slow to count our own retries in a unit test
-    (tests/train/test_wandb_online.py runs the real client against a closed port)."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def artifact(self, name, type=None):
-        self.calls += 1
-        raise ConnectionError("Max retries exceeded with url: /graphql")
-
-    def artifacts(self, type_name, name):
-        raise ConnectionError("Max retries exceeded with url: /graphql")
-
-
-def test_unreachable_wandb_is_retried_then_reported(tmp_path):
-    api = UnreachableApi()
-    with pytest.raises(CheckpointError) as err:
-        fetch("wandb://team/dylora/run1-checkpoint:latest", tmp_path, wandb_api=api,
-              retries=1, backoff_s=0.01)
-    assert api.calls == 2
-    assert str(err.value).startswith("Cannot fetch checkpoint 'wandb://team/dylora/"
-                                     "run1-checkpoint:latest' after 2 attempt(s)")
-    assert "Max retries exceeded" in str(err.value)
+def test_unreachable_wandb_is_retried_then_reported(tmp_path, monkeypatch):
+    """Nothing listens at WANDB_BASE_URL: the real client gives up after ``timeout_s`` each time."""
+    for name, value in client_env(f"http://127.0.0.1:{free_port()}", tmp_path, WANDB_SILENT="true").items():
+        monkeypatch.setenv(name, value)
+    try:
+        with pytest.raises(CheckpointError) as err:
+            fetch("wandb://team/dylora/run1-checkpoint:latest", tmp_path, retries=1, backoff_s=0.01,
+                  timeout_s=1)
+    finally:
+        wandb.teardown()
+    message = str(err.value)
+    assert message.startswith("Cannot fetch checkpoint 'wandb://team/dylora/run1-checkpoint:latest' after "
+                              "2 attempt(s): Cannot reach W&B for wandb://team/dylora/run1-checkpoint"), message
+    assert "Check WANDB_BASE_URL and the network" in message and "wandb login" not in message
 
 
 def test_missing_wandb_login_is_a_clear_error(tmp_path, monkeypatch):
@@ -231,3 +219,15 @@ def test_missing_wandb_login_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"Cannot reach W&B for wandb://team/dylora/"
                                               r"run1-checkpoint: .*wandb login or WANDB_API_KEY"):
         fetch("wandb://team/dylora/run1-checkpoint:latest", tmp_path, retries=0)
+
+
+def test_refused_api_key_is_a_login_error_not_retried(tmp_path, monkeypatch):
+    with FakeWandb(refuse_keys=True) as fake:
+        for name, value in client_env(fake.url, tmp_path, WANDB_SILENT="true").items():
+            monkeypatch.setenv(name, value)
+        try:
+            with pytest.raises(CheckpointError, match=r"Cannot fetch checkpoint 'wandb://team/dylora/run1-"
+                                                      r"checkpoint:latest': Cannot reach W&B .*not logged in\. Log in \(wandb login"):
+                fetch("wandb://team/dylora/run1-checkpoint:latest", tmp_path, retries=2, backoff_s=0.01)
+        finally:
+            wandb.teardown()

@@ -1,6 +1,7 @@
 """A FAKE Weights & Biases backend for tests and local trials. It stands in for the W&B servers
 (api.wandb.ai), a boundary we cannot reach offline; it is not W&B: it keeps everything in memory,
-accepts any API key, and checks only the shapes the real client relies on.
+accepts any API key (or, with ``refuse_keys=True``, none: every GraphQL request gets HTTP 401),
+and checks only the shapes the real client relies on.
 
 It answers enough of the protocol for the real client (Python SDK + bundled ``wandb-core``,
 observed with wandb 0.31.0), pointed at it through ``WANDB_BASE_URL``, to run
@@ -100,7 +101,8 @@ class FakeWandb:
     """``with FakeWandb() as fake:`` serves on ``fake.url`` (127.0.0.1, a free port unless ``port``
     is given) from a thread."""
 
-    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", refuse_keys: bool = False) -> None:
+        self.refuse_keys = refuse_keys  # answer every GraphQL request 401, as W&B does for a bad key
         self.runs: dict[str, FakeRun] = {}
         self.requests: list[tuple[str, str, str | None]] = []
         self.errors: list[str] = []
@@ -234,6 +236,9 @@ def _handler(fake: FakeWandb):
             parts = self.path.split("?")[0].strip("/").split("/")
             try:
                 with fake.lock:
+                    if method == "POST" and parts == ["graphql"] and fake.refuse_keys:
+                        fake.requests.append((method, self.path, None))
+                        return self.reply(401, {"errors": [{"message": "user is not logged in"}]})
                     if method == "POST" and parts == ["graphql"]:
                         request = json.loads(body)
                         query = request.get("query") or ""
