@@ -200,6 +200,8 @@ class Sandbox:
     is missing) or ``limits``.
     """
 
+    _warned = False
+
     def __init__(self, limits: SandboxLimits | None = None, workers: int | None = None, isolation: str = "auto"):
         self.limits = (limits or SandboxLimits()).validate()
         if isolation not in ISOLATION_MODES:
@@ -218,7 +220,8 @@ class Sandbox:
         self._workers: list[_Worker | None] = [None] * self.num_workers
         self._work_roots: list[str] = []
         self._why_limits = "bwrap not found" if isolation == "auto" else "--isolation limits"
-        if self.isolation == "limits":
+        if self.isolation == "limits" and not Sandbox._warned:
+            Sandbox._warned = True  # once per process, not at every evaluation point of a training run
             log.warning("%s: generated code runs with resource limits only, without file-system, network or "
                         "PID isolation. Install 'bubblewrap' for the full sandbox.", self._why_limits)
 
