@@ -155,6 +155,10 @@ def _settings(args: argparse.Namespace, section: dict[str, Any], path: str | Non
                 raise ConfigError(f"{name}: {values[name]!r} is not an integer.") from e
     settings = VertexSettings(**values)
     settings.validate()
+    if settings.replica_count > 1:
+        log.warning("--replica_count %d: every replica runs the same `dylora train` command; training across "
+                    "replicas needs torch.distributed support in the trainer (see docs/cloud.md, Multi-node).",
+                    settings.replica_count)
     return settings
 
 
@@ -185,18 +189,16 @@ def _train_config(args: argparse.Namespace, training: list[str]) -> tuple[Any, s
     return cfg, given, section
 
 
-def _start_from(cfg: Any, given: set[str]) -> str | None:
-    """The reference a job's first start begins from (None: a fresh start), in a form the job can use."""
+def _start_from(cfg: Any) -> str | None:
+    """The reference a job's first start begins from (None: a fresh start), in a form the job can use.
+
+    ``--resume REF`` and ``--start_from REF`` both mean it (TrainConfig refuses the two together).
+    """
     from ..checkpoint.references import parse_reference
 
     reference, bare_is_wandb = cfg.resume_reference
-    start = getattr(cfg, "start_from", None)
-    if reference == "auto":
-        reference = None
-    if reference and start and reference != start:
-        raise ConfigError(f"--resume {reference!r} and --start_from {start!r} disagree: a job always resumes "
-                          "its own checkpoints (--resume auto); give one reference to start from.")
-    ref = start or reference
+    ref = cfg.start_from or (reference if reference != "auto" else None)
+    flag = "--start_from" if cfg.start_from else "--resume"
     if not ref:
         return None
     if ref == "latest":
@@ -208,7 +210,7 @@ def _start_from(cfg: Any, given: set[str]) -> str | None:
             parsed = parse_reference(ref, bare_is_wandb=True)
         except DyLoRAError:
             if not ref.startswith("/gcs/"):
-                raise ConfigError(f"--resume {ref!r} is a local path, which the job's container does not have: "
+                raise ConfigError(f"{flag} {ref!r} is a local path, which the job's container does not have: "
                                   "give gs://BUCKET/PATH/store:ALIAS, wandb://ENTITY/PROJECT/NAME:ALIAS, or a "
                                   "/gcs/BUCKET/... path (Cloud Storage mounted in the container).") from None
             return ref
@@ -231,7 +233,7 @@ def job_train_args(cfg: Any, given: set[str], settings: VertexSettings) -> list[
         raise ConfigError(f"--run_id {cfg.run_id!r} cannot be set for a cloud job: its run id is the Vertex job "
                           "id, so that a restarted job finds its own checkpoints.")
     args = ["train", "--run_id", JOB_ID, "--resume", "auto"]
-    start = _start_from(cfg, given)
+    start = _start_from(cfg)
     if start:
         args += ["--start_from", start]
     if "checkpoint_store" not in given:

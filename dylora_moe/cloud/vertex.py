@@ -125,7 +125,8 @@ class VertexSettings:
         """The job's base output directory (validated: a gs:// URL)."""
         if self.base_output_dir:
             return self.base_output_dir.rstrip("/")
-        return f"{self.staging_bucket.rstrip('/')}/dylora/{self.display_name}"
+        folder = re.sub(r"[^A-Za-z0-9._-]+", "-", self.display_name).strip("-.") or "job"
+        return f"{self.staging_bucket.rstrip('/')}/dylora/{folder}"
 
     @property
     def parent(self) -> str:

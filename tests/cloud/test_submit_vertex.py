@@ -219,6 +219,9 @@ BAD_INPUT = [
     (["--", "--run_id", "mine"], "--run_id 'mine' cannot be set for a cloud job"),
     (["--", "--resume", "latest"], "--resume latest names a local run directory"),
     (["--", "--resume", "./runs/x"], "--resume './runs/x' is a local path"),
+    (["--", "--start_from", "/home/me/ckpt"], "--start_from '/home/me/ckpt' is a local path"),
+    (["--", "--resume", "gs://b/x/store:latest", "--start_from", "gs://b/y/store:v1"],
+     "--start_from 'gs://b/y/store:v1' and the resume reference 'gs://b/x/store:latest' were both given"),
     (["--secret", "WANDB_API_KEY=hunter2-the-value"], "--secret WANDB_API_KEY=... is not a Secret Manager reference"),
     (["--pass_env_secrets"], "--pass_env_secrets: none of WANDB_API_KEY, HF_TOKEN is set"),
 ]
