@@ -53,12 +53,14 @@ def test_no_command_prints_the_commands_and_exits_2():
     assert "exit status: 0 success" in done.stdout
 
 
+@pytest.mark.slow  # imports torch and the trainer
 def test_fp16_without_a_gpu_is_refused(tmp_path):
     done = dylora("train", "--fp16", "--output_dir", str(tmp_path), "--run_id", "fp16", cwd=tmp_path)
     assert_one_paragraph_error(done, 2, "train", "--fp16 needs a CUDA GPU", "--bf16")
     assert not (tmp_path / "fp16" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # imports torch and the trainer
 def test_wandb_checkpoint_store_without_wandb_metrics_is_refused(tmp_path):
     done = dylora("train", "--checkpoint_store", "wandb", "--report_to", "none", "--output_dir", str(tmp_path),
                   "--run_id", "store", cwd=tmp_path)
