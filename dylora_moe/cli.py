@@ -20,12 +20,20 @@ durable checkpoint once training has started; continue with --resume auto)."""
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train.config import config_from_args
-    from .train.trainer import Trainer
-
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from .train.config import config_from_args
+
     config = config_from_args(args)
+    if config.checkpoint_store and config.checkpoint_store != "wandb":
+        # Fail fast on a store that cannot work, before torch and the model load (the trainer checks
+        # again, for library use and for the default and W&B stores).
+        from .checkpoint.stores import open_store
+        from .checkpoint.stores.probe import probe_store
+
+        probe_store(open_store(config.checkpoint_store, timeout_s=config.store_timeout_s), config.store_timeout_s)
+    from .train.trainer import Trainer
+
     with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
         summary = Trainer(config, signals=args.signals).setup().train()
     print(

@@ -92,7 +92,7 @@ class TrainConfig:
         "file://, memory://), wandb://ENTITY/PROJECT/NAME, or 'wandb' for this W&B run's artifact "
         "RUN_ID-checkpoint (default: RUN_DIR/store)")
     store_timeout_s: float = _opt(
-        20.0, "seconds the start-up check of the checkpoint store (a small write, read and delete) may take in "
+        15.0, "seconds the start-up check of the checkpoint store (a small write, read and delete) may take in "
         "all, transient errors retried inside it: a store that cannot answer fails the run before training, "
         "and missing credentials, access denied or no such bucket fail at once. Also each request's timeout "
         "when fetching a --resume reference (its first answer is awaited at most 2x this + 5 s)")

@@ -29,6 +29,10 @@ _PERMANENT_TEXT = re.compile(
     r"invalidaccesskeyid|signaturedoesnotmatch|permission|\b40[134]\b", re.IGNORECASE)
 
 
+class StoreSilent(CheckpointError):
+    """No answer within the deadline: not retried (a silent endpoint rarely wakes up in seconds)."""
+
+
 class StoreAccessError(CheckpointError):
     """A store that cannot work without the user's action (credentials, permissions, address)."""
 
@@ -64,8 +68,7 @@ def run_with_deadline(fn: Callable[[], T], seconds: float, what: str) -> T:
     worker.start()
     worker.join(seconds)
     if worker.is_alive():
-        raise CheckpointError(f"{what} did not answer within {seconds:g} s; the endpoint is unreachable or "
-                              "silent. Check its address and the network, or raise --store_timeout_s.")
+        raise StoreSilent(f"{what} did not answer within {seconds:g} s: the endpoint is unreachable or silent")
     if "error" in result:
         raise result["error"]  # type: ignore[misc]
     return result["value"]  # type: ignore[return-value]
@@ -90,11 +93,13 @@ def probe_store(store: CheckpointStore, timeout_s: float, backoff_s: float = 1.0
                     "the credentials (e.g. AWS_* / GOOGLE_APPLICATION_CREDENTIALS / WANDB_API_KEY), the "
                     "permissions and that the bucket exists, or choose another --checkpoint_store.") from e
             remaining = deadline - time.monotonic()
-            if remaining <= delay or "did not answer within" in str(e):
-                raise CheckpointError(
-                    f"checkpoint store {store.url} is not usable after {attempt} attempt(s) in "
-                    f"{timeout_s - max(remaining, 0):.0f} s: {_describe(e)}. Nothing was trained. Check the "
-                    "store's address and the network, or raise --store_timeout_s.") from e
+            if remaining <= delay or isinstance(e, StoreSilent):
+                spent = timeout_s - max(remaining, 0)
+                what = (_describe(e) if isinstance(e, StoreSilent) else
+                        f"checkpoint store {store.url} is not usable after {attempt} attempt(s) in {spent:.0f} s: "
+                        f"{_describe(e)}")
+                raise CheckpointError(f"{what}. Nothing was trained. Check the store's address and the network, "
+                                      "or raise --store_timeout_s.") from e
             log.warning("checkpoint store %s: attempt %d failed (%s); retrying in %.0f s", store.url, attempt,
                         _describe(e), delay)
             time.sleep(delay)
