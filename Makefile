@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast demo bench clean
 
 install: $(VENV)/.installed
 
@@ -16,8 +16,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
+# The whole suite (what CI runs), slow end-to-end tests included.
 test: install
 	$(OFFLINE) $(PY) -m pytest -q tests
+
+# For every edit: everything but the tests marked slow.
+test-fast: install
+	$(OFFLINE) $(PY) -m pytest -q -m "not slow" tests
 
 demo: install
 	$(OFFLINE) $(VENV)/bin/dylora train
