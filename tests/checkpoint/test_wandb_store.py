@@ -157,6 +157,20 @@ def test_corrupted_download_is_caught_naming_the_file(reader, tmp_path):
     assert not (tmp_path / "dl").exists()
 
 
+def test_an_online_run_uses_a_version_and_downloads_it(reader, tmp_path):
+    """``run.use_artifact`` (the other way users download) against the same backend."""
+    fake, sources = reader
+    run = wandb.init(project="dylora", id="reader-run")
+    try:
+        artifact = run.use_artifact(f"{ENTITY}/dylora/run1-checkpoint:best")
+        root = artifact.download(root=str(tmp_path / "used"))
+        assert artifact.version == "v1"
+    finally:
+        finish(run)
+    assert sha256s(Path(root).rglob("*")) == sha256s(sources[20].rglob("*"))
+    assert fake.artifacts.find(ENTITY, "dylora", "run1-checkpoint:v1").used_by == ["reader-run"]
+
+
 def test_unknown_alias_lists_available_versions(reader):
     with pytest.raises(CheckpointError) as err:
         store_of().resolve("step-30")
