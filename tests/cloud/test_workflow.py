@@ -28,7 +28,7 @@ from tests.cloud.gcs_emulator import gcs_emulator
 
 HF_SECRET = "projects/proj/secrets/hf/versions/1"
 HF_VALUE = "hf_value_never_printed_7d1e"
-STEPS = 10
+STEPS = 24  # enough steps after the first checkpoint that SIGTERM lands mid-training even on a busy machine
 
 
 def job_command(capsys, small_model_dir: str, *extra: str) -> list[str]:
