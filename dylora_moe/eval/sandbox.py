@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DyLoRAError
 
 log = logging.getLogger(__name__)
 
@@ -274,10 +274,12 @@ class Sandbox:
 
     def _start_worker(self) -> _Worker:
         uid = _unique_uid() if self.own_uid else None
-        work_root = tempfile.mkdtemp(prefix="dylora-sandbox-")
-        self._work_roots.append(work_root)
-        if uid is not None and self.isolation == "limits":
-            os.chown(work_root, uid, uid)
+        work_root = "/tmp"  # the sandbox's private one
+        if self.isolation == "limits":
+            work_root = tempfile.mkdtemp(prefix="dylora-sandbox-")
+            self._work_roots.append(work_root)
+            if uid is not None:
+                os.chown(work_root, uid, uid)
         command, cwd = self._command(uid, work_root)
         env = dict(_SCRUBBED_ENV, HOME=work_root if self.isolation == "limits" else "/tmp")
         return _Worker(command, env, cwd, self.limits)
@@ -287,6 +289,18 @@ class Sandbox:
         if worker is None or not worker.alive:
             worker = self._workers[slot] = self._start_worker()
         return worker
+
+    def _check_started(self, slots: int) -> None:
+        """Start the first workers and run a trivial program in each: a sandbox that cannot start is
+        an error now, not every sample counted as a crash."""
+        for slot in range(slots):
+            if self._workers[slot] is None:
+                probe = self._worker(slot).run("pass\n", self.limits.timeout_s)
+                if not probe.passed:
+                    self.close()
+                    fallback = " (or --isolation limits, without isolation)" if self.isolation == "bwrap" else ""
+                    raise DyLoRAError(f"the {self.isolation} sandbox cannot run programs on this machine: "
+                                      f"{probe.detail}. Check the command{fallback}.")
 
     # ------------------------------------------------------------------ running
     def run(self, programs: Iterable[str], on_result: Callable[[int, ExecutionResult], None] | None = None,
@@ -321,8 +335,9 @@ class Sandbox:
                 if on_result:
                     on_result(index, result)
 
-        threads = [threading.Thread(target=serve, args=(slot,), daemon=True)
-                   for slot in range(min(self.num_workers, jobs.qsize()))]
+        slots = min(self.num_workers, jobs.qsize())
+        self._check_started(slots)
+        threads = [threading.Thread(target=serve, args=(slot,), daemon=True) for slot in range(slots)]
         for t in threads:
             t.start()
         for t in threads:

@@ -116,3 +116,12 @@ def test_bwrap_describes_its_isolation(bwrap_sandbox):
     text = bwrap_sandbox.describe()
     assert text.startswith("bubblewrap: read-only /usr /etc and Python only")
     assert "no network, own PID namespace" in text
+
+
+def test_a_sandbox_that_cannot_start_is_an_error_not_a_row_of_crashes(monkeypatch):
+    from dylora_moe.errors import DyLoRAError
+
+    sandbox = Sandbox(workers=1, isolation="bwrap")
+    monkeypatch.setattr(sandbox, "bwrap", "/bin/false")  # a bwrap that exits at once, as with user namespaces off
+    with pytest.raises(DyLoRAError, match="the bwrap sandbox cannot run programs on this machine: sandbox worker"):
+        sandbox.run(["assert True\n"])
