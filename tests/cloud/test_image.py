@@ -144,6 +144,8 @@ def test_the_images_pip_steps_give_a_working_dylora_in_a_clean_virtualenv(tmp_pa
             argv.insert(argv.index("install") + 1, "--no-compile")
         result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1200, cwd=tmp_path)
         assert result.returncode == 0, f"{shlex.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    check = subprocess.run([python, "-m", "pip", "check"], capture_output=True, text=True, env=env)
+    assert check.returncode == 0, check.stdout  # every installed requirement is satisfied
     outside = tmp_path / "home"
     outside.mkdir()
     dylora = str(venv / "bin" / "dylora")
