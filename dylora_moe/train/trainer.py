@@ -542,7 +542,7 @@ class Trainer:
             self.tokenizer.save_pretrained(model_dir)
         best_dir = self.checkpoint_dir / checkpoint_name(st.best_step) if st.best_step is not None else None
         if hasattr(self.store, "publish_final_best") and best_dir is not None and best_dir.exists():
-            self.store.publish_final_best(best_dir, st.best_step, model_dir)  # the seed's best-dylora-model-full
+            self.store.publish_final_best(best_dir, st.best_step)  # the seed's best-dylora-model-full
         png = plot_routing(self.full_history(), self.model.num_experts, self.run_dir / "routing.png", st.maturity_step)
         lengths = self.train_data["length"]
         summary = {

@@ -67,14 +67,10 @@ def test_offline_publish_stages_our_files(offline_run, ckpts, tmp_path):
 def test_offline_publish_final_best_stages_the_checkpoint(offline_run, ckpts, tmp_path):
     """best-dylora-model-full is the best checkpoint itself (resumable, verifiable), not an export."""
     store = WandbStore.for_run(offline_run)
-    model_dir = tmp_path / "exported"
-    model_dir.mkdir()
-    (model_dir / "adapter_model.safetensors").write_bytes(b"exported weights")
     path = ckpts[1](10)
-    assert store.publish_final_best(path, 10, model_dir=model_dir) == "step-10"
+    assert store.publish_final_best(path, 10) == "step-10"
     staged = sha256s((tmp_path / "data" / "artifacts" / "staging").iterdir())
     assert sha256s(path.rglob("*")) <= staged
-    assert hashlib.sha256(b"exported weights").hexdigest() not in staged
     assert FINAL_BEST_NAME.encode() in finish(offline_run)
 
 

@@ -118,14 +118,14 @@ class WandbStore(CheckpointStore):
                  self.project, name, version, names)
         return version
 
-    def publish_final_best(self, local_dir: Path, step: int, model_dir: Path | None = None) -> str:
+    def publish_final_best(self, local_dir: Path, step: int) -> str:
         """Also log the best checkpoint ``local_dir`` as the seed-compatible artifact
         ``best-dylora-model-full`` (aliases ``latest``, ``best``, ``step-N``).
 
         It is a checkpoint like every other version (verified, with its manifest), so the seed's
         ``--wandb_checkpoint_artifact ENTITY/PROJECT/best-dylora-model-full:latest`` resumes from
-        it. ``model_dir`` (an exported model) is not uploaded: it has no manifest, so a download
-        of it could not be verified nor resumed from; it stays in the run directory.
+        it. The exported model (``final/``) is not uploaded: it has no manifest, so a download of
+        it could not be verified nor resumed from; it stays in the run directory.
         """
         return self._publish_checkpoint(FINAL_BEST_NAME, local_dir, step, ["latest", "best"])
 
