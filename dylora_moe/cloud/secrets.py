@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, DyLoRAError
+from .api_errors import server_message
 
 # The variables that carry credentials: what --pass_env_secrets takes from the submitting shell.
 SECRET_ENV_NAMES = ("WANDB_API_KEY", "HF_TOKEN")
@@ -103,12 +104,12 @@ def resolve_secrets(refs: list[SecretRef], client: Any = None,
             raise SecretError(f"secret {ref.resource} (for {ref.env}) does not exist or has no such "
                               "version: create it with `gcloud secrets create` / `gcloud secrets "
                               "versions add`, or fix the --secret reference.") from e
-        except gexc.PermissionDenied as e:
+        except (gexc.PermissionDenied, gexc.Forbidden) as e:
             raise SecretError(f"no permission to read secret {ref.resource} (for {ref.env}): grant "
                               "the job's service account roles/secretmanager.secretAccessor on it.") from e
         except gexc.GoogleAPIError as e:
             raise SecretError(f"cannot read secret {ref.resource} (for {ref.env}): "
-                              f"{type(e).__name__}: {getattr(e, 'message', '') or 'request failed'}.") from e
+                              f"{type(e).__name__}: {server_message(e)}") from e
         except Exception as e:  # transport errors (connection refused, DNS) and auth failures
             raise SecretError(f"cannot read secret {ref.resource} (for {ref.env}): "
                               f"{type(e).__name__}: {e}") from e

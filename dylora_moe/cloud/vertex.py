@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 from ..errors import ConfigError, DyLoRAError
+from .api_errors import server_message
 
 ENDPOINT_ENV = "DYLORA_VERTEX_ENDPOINT"
 # How the container is started: our entrypoint, which resolves secrets then runs `dylora ARGS`.
@@ -210,9 +211,9 @@ class VertexJobs:
         try:
             return fn()
         except gexc.NotFound as e:
-            raise VertexError(f"{what}: not found ({_server_message(e)}).") from e
+            raise VertexError(f"{what}: not found ({server_message(e)}).") from e
         except gexc.GoogleAPIError as e:
-            raise VertexError(f"{what} failed: {type(e).__name__}: {_server_message(e)}") from e
+            raise VertexError(f"{what} failed: {type(e).__name__}: {server_message(e)}") from e
         except Exception as e:  # transport and credential errors
             raise VertexError(f"{what} failed: {type(e).__name__}: {e}") from e
 
@@ -239,11 +240,6 @@ class VertexJobs:
             if state in ENDED_STATES:
                 return job
             time.sleep(poll_interval_s)
-
-
-def _server_message(error: Any) -> str:
-    """The server's words, without the REST transport's 'METHOD URL: ' prefix."""
-    return re.sub(r"^(GET|POST|PUT|PATCH|DELETE) \S+: ", "", str(getattr(error, "message", "") or error))
 
 
 def job_name(job: str, project: str | None, region: str | None) -> str:

@@ -41,7 +41,7 @@ class FakeGoogleAPIs:
 
     states: list[str] = field(default_factory=lambda: ["JOB_STATE_PENDING", "JOB_STATE_RUNNING",
                                                        "JOB_STATE_SUCCEEDED"])
-    secrets: dict[str, str] = field(default_factory=dict)  # "projects/P/secrets/S/versions/V" -> value
+    secrets: dict[str, str | None] = field(default_factory=dict)  # resource name -> value (None: access denied)
     requests: list[Request] = field(default_factory=list)
     jobs: dict[str, dict] = field(default_factory=dict)  # name -> {"job": CustomJob, "polls": int}
 
@@ -116,6 +116,8 @@ class FakeGoogleAPIs:
     def _access_secret(self, name: str) -> tuple[int, dict]:
         if name not in self.secrets:
             return _error(404, "NOT_FOUND", f"Secret [{name}] not found or has no versions.")
+        if self.secrets[name] is None:  # exists, but the caller may not read it
+            return _error(403, "PERMISSION_DENIED", f"Permission 'secretmanager.versions.access' denied for {name}")
         data = self.secrets[name].encode()
         return 200, {"name": name, "payload": {"data": base64.b64encode(data).decode()}}
 

@@ -43,6 +43,14 @@ def test_a_missing_secret_is_an_error_naming_it_not_a_value(secret_manager):
     assert "hf_token_value_43" not in message and "wandb-key-value-42" not in message
 
 
+def test_no_permission_names_the_role_to_grant(secret_manager):
+    secret_manager.secrets["projects/proj/secrets/locked/versions/1"] = None
+    with pytest.raises(SecretError, match=r"^no permission to read secret projects/proj/secrets/locked/versions/1 "
+                                          r"\(for HF_TOKEN\): grant the job's service account "
+                                          r"roles/secretmanager.secretAccessor on it.$"):
+        resolve_secrets(parse_secret_refs(["HF_TOKEN=projects/proj/secrets/locked/versions/1"]), environ={})
+
+
 def test_entrypoint_with_a_missing_secret_stops_before_training(secret_manager, tmp_path):
     """The container's command as Vertex runs it: exit 1, one line naming the secret, no value, no trace."""
     missing = "projects/proj/secrets/nope/versions/latest"

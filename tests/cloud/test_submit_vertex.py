@@ -245,3 +245,19 @@ def test_bad_input_as_a_user_meets_it(google):
     assert result.returncode == 2
     assert "--accelerator_count 2 needs --accelerator_type" in result.stderr
     assert google.requests == []
+
+
+def test_unreachable_endpoint_and_missing_credentials_are_one_line_errors(google, dylora, monkeypatch, tmp_path):
+    monkeypatch.setenv("DYLORA_VERTEX_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    status, _, err = dylora("submit", *BASE)
+    assert status == 1 and err.startswith("dylora submit: error: creating the job in "
+                                          "projects/proj/locations/us-central1 failed: ConnectionError")
+    assert "Connection refused" in err and len(err.strip().splitlines()) == 1
+    # No Application Default Credentials at all (no file, no gcloud login, not on Google Cloud).
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS")
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NO_GCE_CHECK", "True")
+    status, _, err = dylora("submit", "status", NAME)
+    assert status == 1 and err.startswith("dylora submit: error: cannot create a Vertex AI client: ")
+    assert err.strip().endswith("(run `gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS).")
