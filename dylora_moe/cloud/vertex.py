@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import ConfigError, DyLoRAError
@@ -132,10 +132,6 @@ class VertexSettings:
     @property
     def parent(self) -> str:
         return f"projects/{self.project}/locations/{self.region}"
-
-
-def settings_fields() -> list:
-    return list(fields(VertexSettings))
 
 
 def parse_labels(text: str) -> dict[str, str]:
