@@ -14,7 +14,8 @@ Designs (``--designs``, comma-separated; see DESIGNS below):
   moe_default  the mixture with the library's current defaults
   ...          mixture variants
 
-    OMP_NUM_THREADS=1 python benchmarks/quality.py --seed 1 [--steps 300] [--designs a,b,...]
+    OMP_NUM_THREADS=1 python benchmarks/quality.py --seed 1 [--steps 300] [--designs a,b,...] [--json F]
+    python benchmarks/quality.py --table F     # every (design, seed) saved in F, side by side
 
 Every LoRA uses alpha = 2 * rank (the mixture's alpha/r) and dropout 0.05. Prints one table.
 """
@@ -41,7 +42,8 @@ from dylora_moe.train.routing_report import collect_routing, eval_batches  # noq
 
 DATASETS = ["stdlib_functions", "code_alpaca", "mbpp", "evol_instruct"]
 
-# name -> (kind, options). Mixture options are DyLoRAConfig fields plus "maturity_fraction".
+# name -> (kind, options). Mixture options are DyLoRAConfig fields plus "maturity_fraction" (share of
+# the steps after which routing turns top-k; 1: dense throughout) and "router_lr_mult" (router lr factor).
 DESIGNS: dict[str, tuple[str, dict]] = {
     "lora_r64": ("lora", {"r": 64}),
     "lora_r16": ("lora", {"r": 16}),
@@ -52,6 +54,14 @@ DESIGNS: dict[str, tuple[str, dict]] = {
     # alpha = 2 * E * r: with a uniform gate (1/E each) this is exactly lora_r64 (alpha 128)
     "moe_example_dense_a128": ("moe", {"routing": "example", "maturity_fraction": 1.0, "alpha": 128.0}),
     "moe_token_dense_a128": ("moe", {"maturity_fraction": 1.0, "alpha": 128.0}),
+    "moe_example_dense_a128_rlr10": ("moe", {"routing": "example", "maturity_fraction": 1.0, "alpha": 128.0,
+                                             "router_lr_mult": 10.0}),
+    "moe_example_dense_a128_rlr30": ("moe", {"routing": "example", "maturity_fraction": 1.0, "alpha": 128.0,
+                                             "router_lr_mult": 30.0}),
+    "moe_example_dense_a128_rlr30_t1": ("moe", {"routing": "example", "maturity_fraction": 1.0, "alpha": 128.0,
+                                                "router_lr_mult": 30.0, "router_temperature": 1.0}),
+    "moe_example_dense_a128_rlr100": ("moe", {"routing": "example", "maturity_fraction": 1.0, "alpha": 128.0,
+                                              "router_lr_mult": 100.0}),
     "moe_example_top2": ("moe", {"routing": "example", "top_k": 2}),
     "moe_example_nobal": ("moe", {"routing": "example", "balance_coefficient": 0.0}),
     "moe_example_t1": ("moe", {"routing": "example", "router_temperature": 1.0}),
@@ -70,6 +80,7 @@ def train_and_evaluate(name: str, args, data) -> dict:
     kind, options = DESIGNS[name]
     options = dict(options)
     maturity_fraction = options.pop("maturity_fraction", 0.5)
+    router_lr_mult = options.pop("router_lr_mult", 1.0)
     torch.manual_seed(args.seed)
     base = load_base_model(args.model)
     if kind == "lora":
@@ -79,7 +90,10 @@ def train_and_evaluate(name: str, args, data) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
+    routers = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in n]
+    others = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
+    groups = [{"params": others}] + ([{"params": routers, "lr": args.learning_rate * router_lr_mult}] if routers else [])
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=0.0)
     from transformers import get_cosine_schedule_with_warmup
 
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(0.05 * args.steps), args.steps)
@@ -150,7 +164,12 @@ def main() -> None:
     parser.add_argument("--data_dir", default=str(REPO.parent / "shared" / "datasets"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="append one JSON line per design to this file")
+    parser.add_argument("--table", metavar="JSONL", help="only print the table of results saved with --json")
     args = parser.parse_args()
+    if args.table:
+        rows = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
+        print_table(sorted(rows, key=lambda r: (list(DESIGNS).index(r["design"]), r["seed"])))
+        return
     torch.set_num_threads(args.threads)
     import datasets as hf_datasets
     import transformers
@@ -175,20 +194,28 @@ def main() -> None:
                 fh.write(json.dumps(result) + "\n")
         print(f"  [{name}] done: loss {result['loss_all']:.4f} in {result['train_s']:.0f} s", file=sys.stderr, flush=True)
 
-    short = {"stdlib_functions": "stdlib", "code_alpaca": "code_alpaca", "mbpp": "mbpp", "evol_instruct": "evol"}
     print(f"\nseed {args.seed}, {args.steps} steps x batch {args.batch_size}, max_seq_length {args.max_seq_length}, "
           f"lr {args.learning_rate}, datasets interleaved: {', '.join(DATASETS)}")
-    print("| design | trainable | held-out loss, all | " + " | ".join(short[d] for d in DATASETS) + " | MI mean (bits) | MI max |")
-    print("|---|---|---|" + "---|" * len(DATASETS) + "---|---|")
+    print_table(results)
+
+
+SHORT = {"stdlib_functions": "stdlib", "code_alpaca": "code_alpaca", "mbpp": "mbpp", "evol_instruct": "evol"}
+
+
+def print_table(results: list[dict]) -> None:
+    """Markdown table, one row per (design, seed), then the mean gates of the mixtures."""
+    print("| design | seed | trainable | held-out loss, all | " + " | ".join(SHORT[d] for d in DATASETS)
+          + " | MI mean (bits) | MI max |")
+    print("|---|---|---|---|" + "---|" * len(DATASETS) + "---|---|")
     for r in results:
         mi = (f"{r['mi_mean']:.3f} ({r['granularity']}) | {r['mi_max']:.3f}" if "mi_mean" in r else "- | -")
         cells = " | ".join(f"{r['loss'].get(d, math.nan):.3f}" for d in DATASETS)
-        print(f"| {r['design']} | {r['trainable']:,} | {r['loss_all']:.3f} | {cells} | {mi} |")
+        print(f"| {r['design']} | {r['seed']} | {r['trainable']:,} | {r['loss_all']:.3f} | {cells} | {mi} |")
     for r in results:
         if "mean_gate" in r:
-            gates = "; ".join(f"{short[d]} " + " ".join(f"{g:.2f}" for g in row)
+            gates = "; ".join(f"{SHORT[d]} " + " ".join(f"{g:.2f}" for g in row)
                               for d, row in zip(DATASETS, r["mean_gate"]))
-            print(f"mean gate per dataset, {r['design']}: {gates}")
+            print(f"mean gate per dataset, {r['design']} seed {r['seed']}: {gates}")
 
 
 if __name__ == "__main__":

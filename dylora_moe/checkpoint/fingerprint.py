@@ -61,6 +61,7 @@ class ArchitectureFingerprint:
     router_temperature: float
     maturity: list[bool] = field(default_factory=list)
     routing: str = "token"  # per token or per example; checkpoints from before it routed per token
+    router_scale: float = 1.0  # logits = scale * W x; checkpoints from before it used 1
     base_weights_sha: str = ""  # "" in checkpoints from before it existed: not compared then
 
     INFORMATIONAL = ("maturity",)
@@ -86,6 +87,7 @@ class ArchitectureFingerprint:
             top_k=mc.top_k,
             router_temperature=float(mc.router_temperature),
             routing=getattr(mc, "routing", "token"),
+            router_scale=float(getattr(mc, "router_scale", 1.0)),
             maturity=[bool(m) for m in model.routing.mature],
         )
 

@@ -26,6 +26,10 @@ class DyLoRAConfig:
     # adapted layer from the mean of that layer's input over the prompt tokens, and kept for
     # every generated token (works with the KV cache).
     routing: str = "token"
+    # The router computes router_scale * (W x) with W initialised at std 0.02 / router_scale: the
+    # same initial gates, but under Adam the router then learns router_scale times faster than
+    # the experts (a router learning-rate multiplier that lives in the model, not the optimizer).
+    router_scale: float = 1.0
     base_model_name_or_path: str | None = None
     mature: list[bool] = field(default_factory=list)  # filled in by the model
 
@@ -57,6 +61,8 @@ class DyLoRAConfig:
                 f"balance_coefficient={self.balance_coefficient!r} / z_loss_coefficient="
                 f"{self.z_loss_coefficient!r}: auxiliary loss coefficients must be >= 0."
             )
+        if not self.router_scale > 0:
+            raise ConfigError(f"router_scale={self.router_scale!r} is invalid: it must be > 0.")
         if self.routing not in ROUTING_GRANULARITIES:
             raise ConfigError(
                 f"routing={self.routing!r} is invalid: choose 'token' (per token) or 'example' "

@@ -89,6 +89,7 @@ class DyLoRAMoE(nn.Module):
             top_k=config.top_k,
             temperature=config.router_temperature,
             granularity=config.routing,
+            scale=config.router_scale,
         )
         self.adapted_names = find_target_modules(base_model, config.target_modules)
         for name in self.adapted_names:
@@ -172,9 +173,9 @@ class DyLoRAMoE(nn.Module):
 
     @staticmethod
     def _prompt_mask(input_ids, token_mask, labels, prompt_mask) -> torch.Tensor:
-        if prompt_mask is not None:
-            return prompt_mask.bool()
         attended = token_mask if token_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        if prompt_mask is not None:
+            return prompt_mask.bool() & attended
         if labels is None:
             return attended
         prompt = attended & (labels == -100)

@@ -127,13 +127,15 @@ def collect_routing(model, batches: Iterable[tuple[dict[str, torch.Tensor], list
     hooks = [router.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
              for _, router in layers]
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     try:
         for batch, sources in batches:
             captured.clear()
+            batch = {k: v.to(device) for k, v in batch.items()}
             model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch.get("labels"))
             rows = torch.tensor([index[s] for s in sources])
-            mask = batch["attention_mask"].bool()
+            mask = batch["attention_mask"].bool().cpu()
             for layer_i, gate in enumerate(captured):
                 gate = gate.float().cpu()
                 if gate.shape[1] == 1:  # one gate per example
@@ -193,6 +195,16 @@ def write_report(table: RoutingTable, out_dir: Path) -> tuple[Path, Path]:
     json_path = out_dir / "routing_report.json"
     json_path.write_text(json.dumps(table.to_dict(), indent=2) + "\n")
     return json_path, plot_heatmap(table, out_dir / "routing_heatmap.png")
+
+
+def write_run_routing_report(model, eval_data, collator, out_dir: Path, batch_size: int) -> RoutingTable | None:
+    """At the end of a training run on several datasets: the report over its held-out split."""
+    names = list(dict.fromkeys(eval_data["source"])) if len(eval_data) else []
+    if len(names) < 2:
+        return None
+    table = collect_routing(model, eval_batches(eval_data, collator, batch_size), names)
+    write_report(table, Path(out_dir))
+    return table
 
 
 def routing_report(model_ref: str, datasets: str, *, data_dir: str | None = None, output_dir: str | None = None,

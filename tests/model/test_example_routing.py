@@ -63,11 +63,17 @@ def test_a_response_token_never_sees_later_response_tokens():
     torch.testing.assert_close(model(changed, labels=labels).logits[:, :-1], logits[:, :-1], rtol=0, atol=0)
 
 
-def test_prompt_mask_and_labels_route_alike():
+def test_prompt_mask_and_labels_route_alike_and_padding_is_not_prompt():
     model = example_mixture()
     ids, labels = batch()
     prompt_mask = labels == -100
     torch.testing.assert_close(model(ids, prompt_mask=prompt_mask).logits, model(ids, labels=labels).logits)
+    padded = torch.cat([ids, torch.zeros(3, 4, dtype=torch.long)], dim=1)
+    attention = torch.cat([torch.ones_like(ids), torch.zeros(3, 4, dtype=torch.long)], dim=1)
+    padded_labels = torch.cat([labels, torch.full((3, 4), -100)], dim=1)
+    for kwargs in (dict(labels=padded_labels), dict(prompt_mask=padded_labels == -100)):
+        logits = model(padded, attention_mask=attention, **kwargs).logits[:, :12]
+        torch.testing.assert_close(logits, model(ids, labels=labels).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mature", [False, True])
@@ -120,3 +126,20 @@ def test_routing_granularity_is_part_of_the_fingerprint():
 def test_unknown_routing_is_a_clear_error():
     with pytest.raises(ConfigError, match="routing='sentence' is invalid: choose 'token'"):
         DyLoRAConfig(routing="sentence")
+
+
+def test_router_scale_gives_the_same_gates_for_correspondingly_smaller_weights():
+    plain = example_mixture(routing="token")
+    scaled = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=3, r=4, alpha=8, dropout=0.0, router_scale=30.0)).eval()
+    scaled.load_trainable_state_dict(plain.trainable_state_dict())
+    with torch.no_grad():
+        for _, layer in scaled.adapted_layers():
+            layer.router.weight.div_(30.0)
+    ids, labels = batch()
+    torch.testing.assert_close(scaled(ids, labels=labels).logits, plain(ids, labels=labels).logits)
+    weight_std = torch.cat([layer.router.weight.flatten() for _, layer in
+                            DyLoRAMoE(tiny_llama(), DyLoRAConfig(router_scale=30.0)).adapted_layers()]).std()
+    assert weight_std.item() == pytest.approx(0.02 / 30, rel=0.1)  # initial logits as small as without the scale
+    fingerprint = ArchitectureFingerprint.of(scaled)
+    assert ("router_scale", 30.0, 1.0) in fingerprint.differences(ArchitectureFingerprint.of(plain.__class__(
+        tiny_llama(), DyLoRAConfig(num_experts=3, r=4, alpha=8, dropout=0.0))))
