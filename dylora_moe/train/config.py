@@ -255,6 +255,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of option: value.")
+    data.pop("vertex", None)  # `dylora submit vertex`'s section of the same file (see docs/cloud.md)
     known = {f.name: f for f in fields(TrainConfig)}
     unknown = sorted(set(data) - set(known))
     if unknown:

@@ -1,3 +1,5 @@
+import argparse
+
 import pytest
 
 from dylora_moe.cli import build_parser, main
@@ -75,3 +77,10 @@ def test_bad_input_exits_2_with_one_paragraph(argv, message, capsys):
 def test_top_k_above_num_experts_is_refused(capsys, tmp_path):
     assert main(["train", "--num_experts", "2", "--top_k", "3", "--output_dir", str(tmp_path)]) == 2
     assert "top_k=3 is invalid with num_experts=2" in capsys.readouterr().err
+
+
+def test_yaml_vertex_section_is_left_to_submit(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("lora_r: 8\nvertex:\n  project: p\n  region: us-central1\n")
+    config = config_from_args(argparse.Namespace(config=str(path)))
+    assert config.lora_r == 8
