@@ -39,32 +39,36 @@ from dylora_moe.data import LengthGroupedBatchSampler, PaddingCollator, build_da
 from dylora_moe.model import DyLoRAConfig, DyLoRAMoE  # noqa: E402
 from dylora_moe.model.base import load_base_model, load_tokenizer  # noqa: E402
 from dylora_moe.train.routing_report import collect_routing, eval_batches  # noqa: E402
+from dylora_moe.train.config import TrainConfig  # noqa: E402
 
 DATASETS = ["stdlib_functions", "code_alpaca", "mbpp", "evol_instruct"]
 
 # name -> (kind, options). Mixture options are DyLoRAConfig fields plus "maturity_fraction" (share of
-# the steps after which routing turns top-k; 1: dense throughout) and "router_lr_mult" (router lr factor).
+# the steps after which routing turns top-k; 1: dense throughout) and "router_lr_mult" (router lr factor,
+# as a second optimizer group). Every mixture design spells out what it changes from the defaults this
+# project had before issue 11 (OLD), so a design means the same whatever the current defaults are.
+OLD = {"routing": "token", "alpha": 32.0, "maturity_fraction": 0.5, "router_scale": 1.0}
+EXAMPLE_DENSE = {**OLD, "routing": "example", "maturity_fraction": 1.0}
+# alpha = 2 * E * r: with a uniform gate (1/E each) the mixture updates exactly like lora_r64 (alpha 128)
+EXAMPLE_DENSE_A128 = {**EXAMPLE_DENSE, "alpha": 128.0}
 DESIGNS: dict[str, tuple[str, dict]] = {
     "lora_r64": ("lora", {"r": 64}),
     "lora_r16": ("lora", {"r": 16}),
-    "moe_default": ("moe", {}),
-    "moe_token_dense": ("moe", {"maturity_fraction": 1.0}),
-    "moe_example": ("moe", {"routing": "example"}),
-    "moe_example_dense": ("moe", {"routing": "example", "maturity_fraction": 1.0}),
-    # alpha = 2 * E * r: with a uniform gate (1/E each) this is exactly lora_r64 (alpha 128)
-    "moe_example_dense_a128": ("moe", {"routing": "example", "maturity_fraction": 1.0, "alpha": 128.0}),
-    "moe_token_dense_a128": ("moe", {"maturity_fraction": 1.0, "alpha": 128.0}),
-    "moe_example_dense_a128_rlr10": ("moe", {"routing": "example", "maturity_fraction": 1.0, "alpha": 128.0,
-                                             "router_lr_mult": 10.0}),
-    "moe_example_dense_a128_rlr30": ("moe", {"routing": "example", "maturity_fraction": 1.0, "alpha": 128.0,
-                                             "router_lr_mult": 30.0}),
-    "moe_example_dense_a128_rlr30_t1": ("moe", {"routing": "example", "maturity_fraction": 1.0, "alpha": 128.0,
-                                                "router_lr_mult": 30.0, "router_temperature": 1.0}),
-    "moe_example_dense_a128_rlr100": ("moe", {"routing": "example", "maturity_fraction": 1.0, "alpha": 128.0,
-                                              "router_lr_mult": 100.0}),
-    "moe_example_top2": ("moe", {"routing": "example", "top_k": 2}),
-    "moe_example_nobal": ("moe", {"routing": "example", "balance_coefficient": 0.0}),
-    "moe_example_t1": ("moe", {"routing": "example", "router_temperature": 1.0}),
+    "moe_default": ("moe", {}),  # the library's current defaults
+    "moe_token_top1": ("moe", OLD),  # the defaults before issue 11
+    "moe_token_dense": ("moe", {**OLD, "maturity_fraction": 1.0}),
+    "moe_token_dense_a128": ("moe", {**OLD, "maturity_fraction": 1.0, "alpha": 128.0}),
+    "moe_example": ("moe", {**OLD, "routing": "example"}),
+    "moe_example_dense": ("moe", EXAMPLE_DENSE),
+    "moe_example_dense_a128": ("moe", EXAMPLE_DENSE_A128),
+    "moe_example_dense_a128_rlr10": ("moe", {**EXAMPLE_DENSE_A128, "router_lr_mult": 10.0}),
+    "moe_example_dense_a128_rlr30": ("moe", {**EXAMPLE_DENSE_A128, "router_lr_mult": 30.0}),
+    "moe_example_dense_a128_rlr30_t1": ("moe", {**EXAMPLE_DENSE_A128, "router_lr_mult": 30.0, "router_temperature": 1.0}),
+    "moe_example_dense_a128_rlr100": ("moe", {**EXAMPLE_DENSE_A128, "router_lr_mult": 100.0}),
+    # the router learning-rate factor as the model's router_scale (no second optimizer group)
+    "moe_example_dense_a128_rs30": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0}),
+    "moe_example_dense_a128_rs30_bal0.1": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0, "balance_coefficient": 0.1}),
+    "moe_example_dense_a128_rs30_bal0": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0, "balance_coefficient": 0.0}),
 }
 
 
@@ -79,7 +83,7 @@ def train_and_evaluate(name: str, args, data) -> dict:
     train_data, eval_data, tokenizer = data
     kind, options = DESIGNS[name]
     options = dict(options)
-    maturity_fraction = options.pop("maturity_fraction", 0.5)
+    maturity_fraction = options.pop("maturity_fraction", TrainConfig.__dataclass_fields__["maturity_fraction"].default)
     router_lr_mult = options.pop("router_lr_mult", 1.0)
     torch.manual_seed(args.seed)
     base = load_base_model(args.model)

@@ -169,7 +169,7 @@ class HybridRouter(nn.Module):
             mask = F.pad(mask, (0, seq - mask.shape[-1]), value=False)
         weights = mask[..., :seq].float()
         weights = weights / weights.sum(-1, keepdim=True).clamp(min=1)
-        return torch.einsum("bs,bsi->bi", weights, x.float()).unsqueeze(-2)
+        return (x.float() * weights.unsqueeze(-1)).sum(-2, keepdim=True)  # element-wise: no extra GEMM
 
     def _record(self, logits: torch.Tensor, probs: torch.Tensor, dispatch: torch.Tensor) -> None:
         num_experts = probs.shape[-1]

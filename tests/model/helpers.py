@@ -29,4 +29,5 @@ def randomize_experts(model, seed: int = 1, scale: float = 0.1):
     with torch.no_grad():
         for _, layer in model.adapted_layers():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * scale)
-            layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=g))
+            # logits = router_scale * W x: divided by the scale, the logits are the same for any scale
+            layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=g) / model.config.router_scale)

@@ -130,7 +130,8 @@ def test_greedy_generation_with_cache_equals_without(mature):
     reference = prompt
     with torch.no_grad():
         for _ in range(12):
-            logits = model(reference).logits[:, -1]
+            prompt_mask = (torch.arange(reference.shape[1]) < prompt.shape[1]).expand_as(reference)
+            logits = model(reference, prompt_mask=prompt_mask).logits[:, -1]  # per-example routing: the prompt
             logits[:, 2] = float("-inf")  # what min_new_tokens does to EOS
             reference = torch.cat([reference, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(with_cache, reference)

@@ -72,7 +72,7 @@ def test_topk_mode_gradients_reach_routers(llama, input_ids):
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_topk_routes_each_token_to_exactly_k_experts(llama, k):
-    model = DyLoRAMoE(llama, DyLoRAConfig(num_experts=4, r=4, top_k=k))
+    model = DyLoRAMoE(llama, DyLoRAConfig(num_experts=4, r=4, top_k=k, routing="token"))
     randomize_experts(model)
     model.set_maturity()
     layer = dict(model.adapted_layers())["model.layers.0.self_attn.q_proj"]
@@ -83,7 +83,7 @@ def test_topk_routes_each_token_to_exactly_k_experts(llama, k):
 
 
 def test_dense_gate_is_tempered_softmax(llama):
-    model = DyLoRAMoE(llama, DyLoRAConfig(num_experts=3, r=4, router_temperature=2.0))
+    model = DyLoRAMoE(llama, DyLoRAConfig(num_experts=3, r=4, router_temperature=2.0, routing="token", router_scale=1.0))
     randomize_experts(model)
     layer = next(iter(dict(model.adapted_layers()).values()))
     x = torch.randn(5, 64)
