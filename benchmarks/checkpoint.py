@@ -24,8 +24,8 @@ import torch
 
 from dylora_moe.checkpoint.format import read_manifest
 from dylora_moe.checkpoint.references import fetch
-from dylora_moe.checkpoint.training import restore_training_checkpoint, save_training_checkpoint
 from dylora_moe.train.config import TrainConfig
+from dylora_moe.train.checkpoint_payload import restore_training_checkpoint, save_training_checkpoint
 from dylora_moe.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,10 +54,10 @@ def train_steps(t: Trainer, steps: int) -> float:
     t.model.train()
     t.sampler.set_epoch(0)
     batches = iter(DataLoader(t.train_data, batch_sampler=t.sampler, collate_fn=t.collator, generator=torch.Generator()))
-    t._optimizer_step([next(batches)])  # warm-up
+    t.train_step([next(batches)])  # warm-up
     start = time.perf_counter()
     for _ in range(steps):
-        t._optimizer_step([next(batches)])
+        t.train_step([next(batches)])
         t.state.global_step += 1
     return (time.perf_counter() - start) / steps
 
@@ -80,11 +80,11 @@ def main() -> None:
         start = time.perf_counter()
         t.save_checkpoint()  # what the loop blocks on: write + fsync + rename, then a background publish
         saves.append(time.perf_counter() - start)
-    t.publisher.flush(60)
+    t.checkpointer.flush(60)
     save_s = statistics.median(saves)
     cadence = TrainConfig().save_steps  # the default --save_steps
     share = save_s / (cadence * step_s)
-    ckpt = t.checkpoint_dir / f"step-{t.state.global_step:08d}"
+    ckpt = t.checkpointer.checkpoint_dir / f"step-{t.state.global_step:08d}"
     files = read_manifest(ckpt).total_size + (ckpt / "manifest.json").stat().st_size
     payload = sum(p.numel() * p.element_size() for p in t.model.trainable_parameters()) + tensor_bytes(t.optimizer.state_dict()["state"])
     print(f"1. size: checkpoint {files:,} B / (trainable + optimizer state) {payload:,} B = {files / payload:.3f} (target <= 1.05)")
@@ -99,12 +99,14 @@ def main() -> None:
         row = {k: 1.0 for k in ("train/lm_loss", "train/balance_loss", "train/z_loss", "train/entropy", "train/max_prob",
                                 "routing/usage_0", "routing/usage_1", "routing/usage_2", "routing/usage_3")}
         t.state.history, t.state.history_base = [{"step": s, **row} for s in range(10, step + 1, 10)], 0
-        dirs[step] = save_training_checkpoint(t, t.checkpoint_dir)
+        rows = t.history.write(t.state)  # what a save writes: the history beside, then the checkpoint
+        dirs[step] = save_training_checkpoint(t.checkpointer.checkpoint_dir, t.model, t.optimizer, t.scheduler, t.state,
+                                              rows, t.run_record())
     times = {10: [], 10_000: []}
     for _ in range(args.repeats):
         for step, directory in dirs.items():
             start = time.perf_counter()
-            restore_training_checkpoint(t, fetch(str(directory), out / "downloads"))
+            t.state = restore_training_checkpoint(fetch(str(directory), out / "downloads"), t.model, t.optimizer, t.scheduler)
             assert t.state.global_step == step
             t.sampler.set_epoch(t.state.epoch, start_batch=t.state.batch_in_epoch)
             next(iter(t.sampler))  # the first batch after the resume point, without replaying

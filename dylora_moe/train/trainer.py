@@ -1,22 +1,25 @@
-"""The training recipe: ``setup()``, ``train()``, ``evaluate()``, with its state in one place.
+"""The training recipe: ``setup()``, ``train()``, ``train_step()``, ``evaluate()``.
 
 A plain PyTorch loop rather than HF ``Trainer``: exact resume needs the data position restored
 directly (epoch, batch within the epoch) and the whole state listed explicitly, which is simpler
 to own than to bend a framework into. Everything that a resume must restore is in
-:class:`TrainerState` plus the model's trainable state, the optimizer, the scheduler and the RNGs.
+:class:`TrainerState` (``state.py``) plus the model's trainable state, the optimizer, the
+scheduler and the RNGs (``checkpoint_payload.py``).
+
+The recipe owns the loop; the rest it calls: the :class:`Checkpointer` (store, resume, save,
+publish, retention), the metric history (``history.py``), the loop's helpers (``callbacks.py``:
+early stopping, maturity, metric windows) and the signal watch (``preemption.py``). The loop
+body reads in order: one optimizer step (``train_step``), then ``_after_step``: maturity, metric
+window, evaluation point, checkpoint, signals. The end of the run is ``finish()``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import math
 import random
-import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,52 +28,24 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..errors import CheckpointError, ConfigError, DyLoRAError
+from ..checkpoint.stores import CheckpointStore
+from ..errors import ConfigError
 from ..model import DyLoRAConfig, DyLoRAMoE
 from ..model.base import load_base_model, load_tokenizer
-from ..checkpoint.fingerprint import ArchitectureFingerprint, FingerprintMismatch
-from ..checkpoint.format import (apply_retention, checkpoint_name, cleanup_partial, latest_checkpoint,
-                                 list_checkpoints, read_manifest)
-from ..checkpoint.resume import resolve_resume
-from ..checkpoint.stores import BackgroundPublisher, LocalStore, open_store
-from ..checkpoint.stores.probe import probe_store
-from ..checkpoint.training import restore_training_checkpoint, save_training_checkpoint
+from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow
+from .checkpoint_payload import RunRecord
+from .checkpointing import EXIT_UNPUBLISHED, Checkpointer, UnpublishedCheckpoints
 from .config import TrainConfig
+from .history import MetricHistory
 from .metrics import MetricsSink, make_sink
 from .preemption import EXIT_PREEMPTED, Preempted, SignalWatch, StartupInterrupted, signal_name
 from .report import plot_routing, write_summary
 from .run_lock import RunDirLock
+from .state import TrainerState
 
 log = logging.getLogger(__name__)
 
-EXIT_UNPUBLISHED = 3  # training finished, but some checkpoints never reached the store (local copies kept)
-DISK_FULL_FREE_BYTES = 16 << 20  # below this much free space a failed write is reported as a full disk
-
-
-class UnpublishedCheckpoints(DyLoRAError):
-    """The run finished but the store did not confirm every checkpoint; exit status 3."""
-
-    exit_code = EXIT_UNPUBLISHED
-
-
-@dataclass
-class TrainerState:
-    """Progress of a run: what, besides tensors, a resume must restore."""
-
-    global_step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed (this rank)
-    tokens_seen: int = 0
-    eval_loss_base: float | None = None
-    best_eval_loss: float | None = None
-    last_eval_loss: float | None = None
-    last_eval_step: int | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    maturity_step: int | None = None
-    train_time_s: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)  # rows logged since this process started
-    history_base: int = 0  # rows before those, kept in RUN_DIR/history.jsonl (read only when needed)
+__all__ = ["EXIT_PREEMPTED", "EXIT_UNPUBLISHED", "Preempted", "Trainer", "TrainerState", "UnpublishedCheckpoints"]
 
 
 def seed_everything(seed: int) -> None:
@@ -80,7 +55,9 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, signals: SignalWatch | None = None):
+    """``store``: a store object to publish to instead of the one ``--checkpoint_store`` names."""
+
+    def __init__(self, config: TrainConfig, signals: SignalWatch | None = None, store: CheckpointStore | None = None):
         self.config = config
         self.state = TrainerState()
         self.stop_reason: str | None = None
@@ -89,9 +66,11 @@ class Trainer:
         self.signals = signals
         self.phase = "starting"  # what start-up is doing, for the message if a signal stops it
         self.lock: RunDirLock | None = None
-        self.publisher: BackgroundPublisher | None = None
+        self.checkpointer: Checkpointer | None = None
+        self._store = store
         self.sink, self._sink_open = MetricsSink(), False
-        self._unflushed = False  # the last history row has metrics the sink has not seen
+        self.early_stopping = EarlyStopping.for_config(config)
+        self.maturity = MaturitySchedule.for_config(config)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -103,7 +82,8 @@ class Trainer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.run_id = cfg.resolved_run_id()
         self.run_dir = Path(cfg.output_dir) / self.run_id
-        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.history = MetricHistory(self.run_dir)
+        self.checkpointer = Checkpointer(cfg, self.run_id, self.run_dir, store=self._store)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.lock = RunDirLock(self.run_dir).acquire()  # before anything in the run directory is touched
@@ -112,8 +92,7 @@ class Trainer:
                 f"cannot write to --output_dir {cfg.output_dir!r} (run directory {self.run_dir}): "
                 f"{err.strerror or err}. Give a writable directory with --output_dir.") from None
         try:
-            for leftovers in (self.checkpoint_dir, self.run_dir / "downloads"):
-                cleanup_partial(leftovers)  # staging folders of writes a crash interrupted
+            self.checkpointer.clean_leftovers()
             if cfg.checkpoint_store == "wandb":  # the store is this run's artifact: open the run first
                 self._open_sink()
             return self._setup_rest(model_config)
@@ -129,14 +108,9 @@ class Trainer:
 
         cfg = self.config
         self.phase = "checking the checkpoint store"
-        self.store = self._open_store()
-        probe_store(self.store, cfg.store_timeout_s)
+        self.checkpointer.open_store(wandb_run=getattr(self.sink, "run", None))
         self.phase = "fetching the checkpoint to resume from"
-        reference, bare_is_wandb = cfg.resume_reference
-        self.resume_dir = resolve_resume(
-            reference, self.run_dir, self.store, bare_is_wandb=bare_is_wandb, allow_fresh_start=cfg.allow_fresh_start,
-            start_from=cfg.start_from, timeout_s=cfg.store_timeout_s,
-        )
+        self.resume_dir = self.checkpointer.fetch_resume()
 
         self.phase = "loading the base model"
         self.tokenizer = load_tokenizer(cfg.model_name)
@@ -145,7 +119,7 @@ class Trainer:
         self.model.config.base_model_name_or_path = cfg.model_name
         self.model.to(self.device)
         if self.resume_dir is not None:
-            self._check_fingerprint(reference)
+            self.checkpointer.check_fingerprint(self.model)
         if not self._sink_open:
             self._open_sink()  # only now: a refused resume must not touch the W&B run
 
@@ -170,35 +144,12 @@ class Trainer:
         )
         self.scheduler = self._make_scheduler()
         if self.resume_dir is not None:
-            restore_training_checkpoint(self, self.resume_dir)
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", self.resume_dir, self.state.global_step,
-                     self.state.epoch, self.state.batch_in_epoch)
-        self.publisher = BackgroundPublisher(self.store)
-        self._republish_unconfirmed()
+            self.state = self.checkpointer.restore(self.model, self.optimizer, self.scheduler)
+        self.checkpointer.start_publishing(self.state.best_step)
         return self
 
-    def _republish_unconfirmed(self) -> None:
-        """Publish, in order, the local checkpoints of an earlier process that the store never confirmed.
-
-        A crash or kill during (or before) a publish leaves a checkpoint that exists only here. It is
-        queued again before any new checkpoint, so it is kept by retention until the store confirms it.
-        """
-        local = list_checkpoints(self.checkpoint_dir)
-        if not local:
-            return
-        try:
-            stored = {v.step for v in self.store.list_versions()}
-        except CheckpointError as err:
-            log.warning("cannot list %s to find unpublished checkpoints (%s); they are kept locally", self.store.url, err)
-            return
-        for step, path in local:
-            if step not in stored:
-                log.warning("checkpoint %s was never confirmed by %s (an earlier process stopped first): "
-                            "publishing it now", path, self.store.url)
-                self.publisher.submit(path, step, ["latest"] + (["best"] if step == self.state.best_step else []))
-
     def _stopped_during_startup(self, stop: StartupInterrupted) -> Preempted:
-        latest = latest_checkpoint(self.checkpoint_dir)
+        latest = self.checkpointer.latest()
         saved = (f"the newest checkpoint {latest} is intact" if latest is not None
                  else f"run {self.run_id} has no local checkpoint yet")
         return stop.as_preempted(f"while {self.phase}: nothing new was saved and {saved}. Continue with the same "
@@ -206,8 +157,8 @@ class Trainer:
 
     def _abort(self, exit_code: int = 1) -> None:
         """Leave after an error or an early signal: what is queued gets the preemption budget to publish."""
-        if self.publisher is not None:
-            self.publisher.close(timeout_s=self.config.preemption_budget_s)
+        if self.checkpointer is not None:
+            self.checkpointer.close(timeout_s=self.config.preemption_budget_s)
         self.sink.finish(exit_code=exit_code)
         if self.lock is not None:
             self.lock.release()
@@ -216,35 +167,6 @@ class Trainer:
         cfg = self.config
         self.sink = make_sink(cfg.report_to, self.run_id, self.run_dir, cfg.wandb_project, cfg.wandb_entity, cfg.to_dict())
         self._sink_open = True
-
-    def _open_store(self):
-        """The store checkpoints are published to: ``wandb`` means this W&B run's artifact."""
-        address = self.config.checkpoint_store
-        if address == "wandb":
-            run = getattr(self.sink, "run", None)
-            if run is None:
-                raise ConfigError("--checkpoint_store wandb needs W&B metrics: add --report_to wandb (and WANDB_API_KEY or WANDB_MODE).")
-            from ..checkpoint.stores.wandb_store import WandbStore
-
-            return WandbStore.for_run(run)
-        if not address:
-            return LocalStore.for_run_dir(self.run_dir)
-        return open_store(address, timeout_s=self.config.store_timeout_s)
-
-    def _check_fingerprint(self, reference: str | None) -> None:
-        saved = ArchitectureFingerprint.from_dict(read_manifest(self.resume_dir).fingerprint)
-        requested = ArchitectureFingerprint.of(self.model)
-        diffs = saved.differences(requested, grow_experts=self.config.grow_experts)
-        if diffs:
-            hint = ""
-            if any(d[0] == "num_experts" and d[2] > d[1] for d in diffs):
-                hint = " A larger --num_experts is allowed with --grow_experts."
-            if any(d[0] == "base_weights_sha" for d in diffs):
-                hint += (f" The base model's weights differ from those the checkpoint was trained on "
-                         f"({saved.base_model!r}): resume with the same base (a hub id and a local copy of the "
-                         "same weights match).")
-            source = str(reference) if reference not in (None, "auto") else str(self.resume_dir)
-            raise FingerprintMismatch(source, diffs, hint)
 
     def _mixing(self) -> str:
         """Balanced or concatenated; weights written into --datasets ("a:2,b:1") win over both."""
@@ -297,7 +219,13 @@ class Trainer:
         return total / max(count, 1)
 
     # ------------------------------------------------------------------ training
-    def _optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimizer step over ``micro_batches`` (gradient accumulation): forward, backward, clip, update.
+
+        Returns the step's metrics: losses and router statistics averaged over the micro-batches,
+        per-expert usage and gradient norms, and ``tokens``. The run's progress (``state``: step,
+        data position, tokens seen) is the loop's to advance.
+        """
         n = len(micro_batches)
         sums = {"lm_loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0, "entropy": 0.0, "max_prob": 0.0}
         usage = torch.zeros(self.model.num_experts)
@@ -337,28 +265,8 @@ class Trainer:
                 squares += layer.lora_B.grad.float().unflatten(1, (E, r)).pow(2).sum((0, 2)).cpu()
         return squares.sqrt()
 
-    def _maybe_mature(self) -> None:
-        threshold = self.config.maturity_fraction * self.total_steps
-        if self.state.maturity_step is None and self.state.global_step >= threshold and self.config.maturity_fraction < 1:
-            self.model.set_maturity()
-            self.state.maturity_step = self.state.global_step
-            log.info("step %d: all experts mature, routing switches to top-%d", self.state.global_step, self.config.top_k)
-
-    def _after_eval(self, loss: float) -> bool:
-        """Record a validation loss; True when early stopping says stop."""
-        st = self.state
-        st.last_eval_loss, st.last_eval_step = loss, st.global_step
-        if st.best_eval_loss is None or loss < st.best_eval_loss:
-            st.best_eval_loss, st.best_step, st.evals_without_improvement = loss, st.global_step, 0
-        else:
-            st.evals_without_improvement += 1
-        patience = self.config.early_stopping_patience
-        return not self.config.disable_early_stopping and patience > 0 and st.evals_without_improvement >= patience
-
     def train(self) -> dict[str, Any]:
-        from tqdm.auto import tqdm
-
-        cfg, st = self.config, self.state
+        st = self.state
         self.model.train()
         try:
             if st.eval_loss_base is None:
@@ -383,11 +291,10 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, st = self.config, self.state
-        self._maybe_mature()
+        self.maturity.update(self.model, st, self.total_steps)
         bar = tqdm(total=self.total_steps, initial=st.global_step, desc="train", unit="step",
                    disable=not cfg.progress, dynamic_ncols=True)
-        window: list[dict[str, float]] = []
-        window_start = time.perf_counter()
+        window = MetricWindow()
         started = time.perf_counter() - st.train_time_s
         while self.stop_reason is None:
             if st.global_step >= self.total_steps:
@@ -400,47 +307,60 @@ class Trainer:
                                       generator=torch.Generator()))
             remaining = self.sampler.num_batches - st.batch_in_epoch
             while remaining > 0 and self.stop_reason is None:
-                self._flush_log()  # the previous step's row is complete: one row per step
+                self.history.flush(st, self.sink)  # the previous step's row is complete: one row per step
                 n = min(cfg.gradient_accumulation_steps, remaining)
-                metrics = self._optimizer_step([next(batches) for _ in range(n)])
+                metrics = self.train_step([next(batches) for _ in range(n)])
                 st.batch_in_epoch += n
                 remaining -= n
                 st.global_step += 1
                 st.tokens_seen += metrics["tokens"]
                 st.train_time_s = time.perf_counter() - started
-                window.append(metrics)
-                self._maybe_mature()
-                if cfg.logging_steps and st.global_step % cfg.logging_steps == 0:
-                    self._log_window(window, time.perf_counter() - window_start, bar)
-                    window, window_start = [], time.perf_counter()
-                if cfg.eval_steps and st.global_step % cfg.eval_steps == 0:
-                    loss = self.evaluate()
-                    self._log({"eval/loss": loss})
-                    shown = getattr(bar, "postfix", None)  # a disabled bar (--progress false) has none
-                    bar.set_postfix_str(f"{shown} val={loss:.3f}" if shown else f"val={loss:.3f}")
-                    if self._after_eval(loss):
-                        self.stop_reason = f"early stopping (no improvement in {cfg.early_stopping_patience} evaluations)"
-                if cfg.save_steps and st.global_step % cfg.save_steps == 0:
-                    self.save_checkpoint()
-                bar.update(1)
-                if self.signals.received is not None:
-                    self._preempt(bar)
-                if st.global_step >= self.total_steps and self.stop_reason is None:
-                    self.stop_reason = "max steps reached"
+                window.add(metrics)
+                self._after_step(window, bar)
             if remaining == 0:
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
         bar.close()
         if window:
-            self._log_window(window, time.perf_counter() - window_start, None)
+            self._log_window(window, None)
         st.train_time_s = time.perf_counter() - started
         return self.finish()
+
+    def _after_step(self, window: MetricWindow, bar) -> None:
+        """What follows every optimizer step, in this order: maturity, metrics, the evaluation point,
+        the checkpoint, a pending signal, the step limit."""
+        cfg, st = self.config, self.state
+        self.maturity.update(self.model, st, self.total_steps)
+        if cfg.logging_steps and st.global_step % cfg.logging_steps == 0:
+            self._log_window(window, bar)
+        if cfg.eval_steps and st.global_step % cfg.eval_steps == 0:
+            self._evaluation_point(bar)
+        if cfg.save_steps and st.global_step % cfg.save_steps == 0:
+            self.save_checkpoint()
+        bar.update(1)
+        if self.signals.received is not None:
+            self._preempt(bar)
+        if st.global_step >= self.total_steps and self.stop_reason is None:
+            self.stop_reason = "max steps reached"
+
+    def _evaluation_point(self, bar) -> None:
+        """Every ``--eval_steps`` optimizer steps: the validation loss, and early stopping on it.
+
+        Other evaluations during training belong here too (before the checkpoint of this step is
+        written, so it records them); like ``evaluate`` they must not draw from the global RNG.
+        """
+        loss = self.evaluate()
+        self._log({"eval/loss": loss})
+        shown = getattr(bar, "postfix", None)  # a disabled bar (--progress false) has none
+        bar.set_postfix_str(f"{shown} val={loss:.3f}" if shown else f"val={loss:.3f}")
+        if self.early_stopping.record(self.state, loss):
+            self.stop_reason = self.early_stopping.reason()
 
     def _preempt(self, bar) -> None:
         started = time.perf_counter()
         bar.close()
         directory = self.save_checkpoint(wait_s=self.config.preemption_budget_s)
-        published = self.publisher.close(timeout_s=0)
-        self._flush_log()
+        published = self.checkpointer.close(timeout_s=0)
+        self.history.flush(self.state, self.sink)
         self.sink.finish(exit_code=EXIT_PREEMPTED)
         self.lock.release()
         name = signal_name(self.signals.received)
@@ -450,33 +370,17 @@ class Trainer:
             f"{time.perf_counter() - started:.1f} s. Continue with --resume auto --run_id {self.run_id}."
         )
 
+    # ------------------------------------------------------------------ metrics
     def _log(self, metrics: dict[str, float]) -> None:
-        """Add metrics to this step's row; the sink gets one row per step (see ``_flush_log``)."""
-        history, step = self.state.history, self.state.global_step
-        if history and history[-1]["step"] == step:
-            history[-1].update(metrics)
-        else:
-            history.append({"step": step, **metrics})
-        self._unflushed = True
+        """Add metrics to this step's row; the sink gets one row per step."""
+        self.history.log(self.state, metrics)
 
     def full_history(self) -> list[dict[str, Any]]:
         """Every logged row of the run, including those before a resume."""
-        from ..checkpoint.training import read_history
+        return self.history.full(self.state)
 
-        return read_history(self.run_dir, self.state.history_base) + self.state.history
-
-    def _flush_log(self) -> None:
-        if self._unflushed:
-            row = dict(self.state.history[-1])
-            self.sink.log({k: v for k, v in row.items() if k != "step"}, row["step"])
-            self._unflushed = False
-
-    def _log_window(self, window: list[dict[str, float]], seconds: float, bar) -> None:
-        keys = [k for k in window[0] if k != "tokens"]
-        mean = {k: sum(m[k] for m in window) / len(window) for k in keys}
-        mean["train/tokens_per_s"] = sum(m["tokens"] for m in window) / max(seconds, 1e-9)
-        mean["train/learning_rate"] = self.scheduler.get_last_lr()[0]
-        mean["routing/dense"] = float(self.model.routing.dense)
+    def _log_window(self, window: MetricWindow, bar) -> None:
+        mean = window.close(self.scheduler.get_last_lr()[0], self.model.routing.dense)
         self._log(mean)
         if bar is not None:
             bar.set_postfix_str(f"loss={mean['train/lm_loss']:.3f} tok/s={mean['train/tokens_per_s']:.0f}")
@@ -484,66 +388,42 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
     def save_checkpoint(self, wait_s: float | None = None) -> Path:
         """Write a durable checkpoint and publish it (in the background unless ``wait_s`` is given)."""
-        st = self.state
-        with self._writing(f"checkpoint {checkpoint_name(st.global_step)}", self.checkpoint_dir):
-            directory = save_training_checkpoint(self, self.checkpoint_dir)
-        aliases = ["latest"] + (["best"] if st.best_step == st.global_step else [])
-        self.publisher.submit(directory, st.global_step, aliases)
-        if wait_s is not None and not self.publisher.flush(wait_s):
-            log.warning("checkpoint %s is safe locally but not yet published to %s", directory, self.store.url)
-        best = checkpoint_name(st.best_step) if st.best_step is not None else None
-        unconfirmed = {p.name for p in self.publisher.unconfirmed()}
-        apply_retention(self.checkpoint_dir, self.config.save_total_limit, best, keep=unconfirmed)
-        return directory
+        return self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state, self.history,
+                                      self.run_record(), wait_s=wait_s)
 
-    @contextlib.contextmanager
-    def _writing(self, what: str, where: Path):
-        """Turn a failed write (a full disk above all) into one paragraph that says what is still safe."""
-        try:
-            yield
-        except (OSError, RuntimeError) as err:
-            free = _free_bytes(where)
-            full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < DISK_FULL_FREE_BYTES
-            if not full and not isinstance(err, OSError):
-                raise
-            latest = latest_checkpoint(self.checkpoint_dir)
-            safe = (f"the previous checkpoint {latest} is intact" if latest is not None
-                    else "no earlier checkpoint exists")
-            cause = (f"the disk is full ({free / 1e6:.1f} MB free)" if full
-                     else f"{err.strerror or err}")
-            raise CheckpointError(
-                f"cannot write {what} in {where}: {cause}. Nothing partial was kept and {safe}. "
-                f"{'Free some space' if full else 'Fix the problem'} (or give --output_dir on another disk) and "
-                f"continue with --resume auto --run_id {self.run_id}.") from None
+    def run_record(self) -> RunRecord:
+        """What a checkpoint's manifest records about this run."""
+        return RunRecord(run_id=self.run_id, training_config=self.config.to_dict(), seed=self.config.seed,
+                         batches_per_epoch=self.sampler.num_batches, train_examples=len(self.train_data),
+                         wandb_run_id=self.sink.run_id)
 
     def finish(self) -> dict[str, Any]:
+        """The end of the run: final evaluation and checkpoint, publishing, the model, reports, summary."""
         from ..data import padding_waste
 
         st = self.state
         # The loop may have just evaluated this step, and then saved it: neither is done twice.
         evaluated = st.last_eval_step == st.global_step
-        saved_after_eval = evaluated and (self.checkpoint_dir / checkpoint_name(st.global_step)).exists()
+        saved_after_eval = evaluated and self.checkpointer.has_local(st.global_step)
         if evaluated:
             final_loss = st.last_eval_loss
         else:
             final_loss = self.evaluate()
             self._log({"eval/loss": final_loss})
-            self._after_eval(final_loss)
-        self._flush_log()
+            self.early_stopping.record(st, final_loss)
+        self.history.flush(st, self.sink)
         if not saved_after_eval:
             self.save_checkpoint()
         # A signal now (the loop is over) only shortens the wait for the store to the preemption budget.
         wait_s = self.config.preemption_budget_s if self.signals.received is not None else self.config.publish_timeout_s
-        self.publisher.close(timeout_s=wait_s)
-        unpublished = sorted(self.publisher.unconfirmed())
+        self.checkpointer.close(timeout_s=wait_s)
+        unpublished = self.checkpointer.unpublished()
         model_dir = self.run_dir / "final"
-        with self._writing("the final model", model_dir):
+        with self.checkpointer.writing("the final model", model_dir):
             self.model.save_pretrained(model_dir)
             self.tokenizer.save_pretrained(model_dir)
-        best_dir = self.checkpoint_dir / checkpoint_name(st.best_step) if st.best_step is not None else None
-        if hasattr(self.store, "publish_final_best") and best_dir is not None and best_dir.exists():
-            self.store.publish_final_best(best_dir, st.best_step)  # the seed's best-dylora-model-full
-        png = plot_routing(self.full_history(), self.model.num_experts, self.run_dir / "routing.png", st.maturity_step)
+        self.checkpointer.publish_final_best(st.best_step)  # the seed's best-dylora-model-full
+        reports = self._end_of_run_reports()
         lengths = self.train_data["length"]
         summary = {
             "run_id": self.run_id,
@@ -563,7 +443,7 @@ class Trainer:
             "train_examples": len(self.train_data),
             "eval_examples": len(self.eval_data),
             "model_dir": str(model_dir),
-            "routing_png": str(png) if png else None,
+            **reports,
             "unpublished_checkpoints": [str(p) for p in unpublished],
             "data": self.data_report.to_dict(),
         }
@@ -572,20 +452,11 @@ class Trainer:
         self.sink.finish()
         self.lock.release()
         if unpublished:
-            last_error = next((job.error for job in reversed(self.publisher.failed) if job.error), "no answer in time")
-            raise UnpublishedCheckpoints(
-                f"training finished (model in {model_dir}) but {len(unpublished)} checkpoint(s) were not published to "
-                f"{self.store.url} ({last_error}): {', '.join(p.name for p in unpublished)}. Their local copies are "
-                f"kept in {self.checkpoint_dir}. Run the same command with --resume auto --run_id {self.run_id} to "
-                "publish them.")
+            raise self.checkpointer.unpublished_error(model_dir, unpublished)
         return summary
 
-
-def _free_bytes(path: Path) -> int:
-    probe = Path(path).absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        return shutil.disk_usage(probe).free
-    except OSError:
-        return 0
+    def _end_of_run_reports(self) -> dict[str, Any]:
+        """Reports written into the run directory once the model is final; their paths go into the summary."""
+        png = plot_routing(self.full_history(), self.model.num_experts, self.run_dir / "routing.png",
+                           self.state.maturity_step)
+        return {"routing_png": str(png) if png else None}

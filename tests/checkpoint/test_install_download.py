@@ -13,7 +13,7 @@ import shutil
 import pytest
 
 from dylora_moe.checkpoint.format import MANIFEST_NAME, hash_file, read_manifest, verify_checkpoint
-from dylora_moe.checkpoint.stores.base import install_download
+from dylora_moe.checkpoint.stores.download import install_download
 from dylora_moe.errors import CheckpointError
 
 

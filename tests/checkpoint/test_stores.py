@@ -9,7 +9,7 @@ import pytest
 
 from dylora_moe.checkpoint.format import verify_checkpoint
 from dylora_moe.checkpoint.stores import FsspecStore, LocalStore, open_store
-from dylora_moe.checkpoint.stores import base as store_base
+from dylora_moe.checkpoint.stores import download as store_download
 from dylora_moe.errors import CheckpointError
 
 BACKENDS = ["local", "file", "memory", "s3"]
@@ -121,7 +121,7 @@ def test_download_checks_free_disk_space_first(store, ckpts, tmp_path, monkeypat
     store.publish(ckpts[1](10), 10)
     fetched = []
     monkeypatch.setattr(store, "_download", lambda key, path: fetched.append(key))
-    monkeypatch.setattr(store_base.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000}))
+    monkeypatch.setattr(store_download.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000}))
     with pytest.raises(CheckpointError, match=r"Not enough free disk space .* has 0\.0 MB free"):
         store.download("latest", tmp_path / "dl")
     assert fetched == []
@@ -149,6 +149,11 @@ def test_local_store_layout(tmp_path, ckpts):
     # The same layout reads back through file:// (what ref_for hands to references.fetch).
     assert store.ref_for("v0") == (tmp_path / "run" / "store").as_uri() + ":v0"
     assert FsspecStore(store.url).resolve("latest") == "v0"
+    # No address is the run's own store; "wandb" needs the active W&B run.
+    assert open_store(None, run_dir=tmp_path / "run").url == store.url
+    assert open_store("", run_dir=tmp_path / "run").list_versions()[0].step == 10
+    with pytest.raises(CheckpointError, match="'wandb' is the checkpoint artifact of the active W&B run"):
+        open_store("wandb")
 
 
 def test_s3_endpoint_from_environment(s3_endpoint, ckpts, monkeypatch):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dylora_moe.checkpoint.references import fetch
+from dylora_moe.checkpoint.stores import open_store
 from dylora_moe.checkpoint.stores.wandb_store import FINAL_BEST_NAME, WandbStore
 from dylora_moe.errors import CheckpointError
 from tests.checkpoint.conftest import free_port, make_checkpoint
@@ -50,6 +51,7 @@ def sha256s(paths) -> set[str]:
 def test_offline_publish_stages_our_files(offline_run, ckpts, tmp_path):
     store = WandbStore.for_run(offline_run)
     assert store.url == "wandb://team/dylora/run1-checkpoint"
+    assert open_store("wandb", run=offline_run).url == store.url  # the address of this run's artifact
     path = ckpts[1](10)
     # Offline, W&B has no version number yet; the step alias names the version after sync.
     assert store.publish(path, 10, ["latest", "best"]) == "step-10"

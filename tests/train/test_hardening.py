@@ -183,12 +183,9 @@ def test_retention_keeps_checkpoints_from_before_a_restart_until_the_store_confi
                 raise OSError("the store is down for step 2")
             return super().publish(local_dir, step, aliases)
 
-    class HeldBackTrainer(Trainer):
-        def _open_store(self):
-            return HeldBackStore(self.run_dir / "store")
-
-    trainer = HeldBackTrainer(config(max_steps=6, resume="auto", publish_timeout_s=1)).setup()
-    assert {p.name for p in trainer.publisher.unconfirmed()} == {"step-00000002"}
+    store = HeldBackStore(tmp_path / "keep" / "store")
+    trainer = Trainer(config(max_steps=6, resume="auto", publish_timeout_s=1), store=store).setup()
+    assert {p.name for p in trainer.checkpointer.unpublished()} == {"step-00000002"}
     try:
         with pytest.raises(UnpublishedCheckpoints, match="not published to .* step-00000002"):
             trainer.train()

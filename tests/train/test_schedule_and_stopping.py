@@ -1,6 +1,8 @@
 import torch
 
+from dylora_moe.train.callbacks import EarlyStopping
 from dylora_moe.train.config import TrainConfig
+from dylora_moe.train.state import TrainerState
 from dylora_moe.train.trainer import Trainer
 
 
@@ -34,12 +36,13 @@ def test_cosine_with_restarts_goes_back_up():
 
 
 def test_early_stopping_after_patience_evaluations_without_improvement():
-    trainer = bare_trainer(early_stopping_patience=2)
-    decisions = [trainer._after_eval(loss) for loss in (3.0, 2.5, 2.6, 2.5, 2.4, 2.45, 2.41)]
+    stopping, state = EarlyStopping.for_config(TrainConfig(early_stopping_patience=2)), TrainerState()
+    decisions = [stopping.record(state, loss) for loss in (3.0, 2.5, 2.6, 2.5, 2.4, 2.45, 2.41)]
     assert decisions == [False, False, False, True, False, False, True]
-    assert trainer.state.best_eval_loss == 2.4
+    assert state.best_eval_loss == 2.4
 
 
 def test_disable_early_stopping_never_stops():
-    trainer = bare_trainer(early_stopping_patience=1, disable_early_stopping=True)
-    assert not any(trainer._after_eval(loss) for loss in (1.0, 2.0, 3.0, 4.0))
+    stopping = EarlyStopping.for_config(TrainConfig(early_stopping_patience=1, disable_early_stopping=True))
+    state = TrainerState()
+    assert not any(stopping.record(state, loss) for loss in (1.0, 2.0, 3.0, 4.0))

@@ -1,7 +1,8 @@
 """Checkpoint stores: where published checkpoints live (see ``base`` for the interface).
 
 ``open_store`` turns a store address into a backend: a local path, an fsspec URL
-(``file://``, ``memory://``, ``s3://``, ``gs://``) or ``wandb://ENTITY/PROJECT/NAME``.
+(``file://``, ``memory://``, ``s3://``, ``gs://``), ``wandb://ENTITY/PROJECT/NAME``, ``wandb``
+(the checkpoint artifact of the active W&B run ``run``) or nothing (``RUN_DIR/store``).
 """
 
 from __future__ import annotations
@@ -12,17 +13,37 @@ from typing import Any
 from dylora_moe.checkpoint.stores.background import BackgroundPublisher
 from dylora_moe.checkpoint.stores.base import (CheckpointStore, StoreUnreachableError,
                                                VersionInfo)
+from dylora_moe.checkpoint.stores.download import check_free_space, install_download
 from dylora_moe.checkpoint.stores.fsspec_store import FsspecStore
 from dylora_moe.checkpoint.stores.local import LocalStore
+from dylora_moe.checkpoint.stores.object_store import ObjectCheckpointStore
 from dylora_moe.errors import CheckpointError
 
-__all__ = ["BackgroundPublisher", "CheckpointStore", "FsspecStore", "LocalStore",
-           "StoreUnreachableError", "VersionInfo", "open_store"]
+__all__ = ["BackgroundPublisher", "CheckpointStore", "FsspecStore", "LocalStore", "ObjectCheckpointStore",
+           "StoreUnreachableError", "VersionInfo", "check_free_space", "install_download", "open_store"]
+
+THIS_RUN_WANDB = "wandb"  # the address of the active W&B run's own checkpoint artifact
 
 
-def open_store(address: str | Path, *, storage_options: dict[str, Any] | None = None,
-               wandb_api: Any = None, timeout_s: float | None = None) -> CheckpointStore:
-    """The store at ``address``: ``wandb://E/P/NAME``, an fsspec URL, or a local directory."""
+def open_store(address: str | Path | None, *, run: Any = None, run_dir: Path | None = None,
+               storage_options: dict[str, Any] | None = None, wandb_api: Any = None,
+               timeout_s: float | None = None) -> CheckpointStore:
+    """The store at ``address``: ``wandb://E/P/NAME``, an fsspec URL, or a local directory.
+
+    ``wandb`` alone is the artifact ``<run id>-checkpoint`` of the active W&B ``run``; no address
+    (None or '') is the run's own ``RUN_DIR/store`` (``run_dir`` given).
+    """
+    if address == THIS_RUN_WANDB:
+        if run is None:
+            raise CheckpointError("store address 'wandb' is the checkpoint artifact of the active W&B run, and "
+                                  "there is none; give wandb://ENTITY/PROJECT/NAME or open a W&B run first.")
+        from dylora_moe.checkpoint.stores.wandb_store import WandbStore
+
+        return WandbStore.for_run(run)
+    if not address:
+        if run_dir is None:
+            raise CheckpointError("no store address given: name a directory, an fsspec URL or a W&B artifact.")
+        return LocalStore.for_run_dir(run_dir)
     address = str(address)
     if address.startswith("wandb://"):
         from dylora_moe.checkpoint.stores.wandb_store import WandbStore

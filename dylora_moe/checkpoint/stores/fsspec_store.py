@@ -21,7 +21,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from dylora_moe.checkpoint.stores.base import ObjectCheckpointStore
+from dylora_moe.checkpoint.stores.object_store import ObjectCheckpointStore
 from dylora_moe.errors import CheckpointError
 
 PROTOCOLS = ("file", "memory", "s3", "gs", "gcs")

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from dylora_moe.checkpoint.format import fsync_path
-from dylora_moe.checkpoint.stores.base import ObjectCheckpointStore
+from dylora_moe.checkpoint.stores.object_store import ObjectCheckpointStore
 
 
 class LocalStore(ObjectCheckpointStore):

@@ -22,8 +22,8 @@ from typing import Any, Sequence
 from dylora_moe.checkpoint.format import MANIFEST_NAME, hash_file, verify_checkpoint
 from dylora_moe.checkpoint.stores.base import (DEFAULT_ALIASES, CheckpointStore,
                                                StoreUnreachableError, VersionInfo, check_ref_name,
-                                               install_download, publish_aliases,
-                                               version_number)
+                                               publish_aliases, version_number)
+from dylora_moe.checkpoint.stores.download import install_download
 from dylora_moe.errors import CheckpointError
 
 log = logging.getLogger(__name__)

@@ -8,11 +8,9 @@
     manifest.json                                   sha256/size of every file, fingerprint, config,
                                                     data position, W&B run, library versions
 
-Everything loads without executing code. Saves happen at optimizer-step boundaries.
-
-The metric history (for the routing picture) grows with the run, so it lives beside the
-checkpoints in ``RUN_DIR/history.jsonl``, written before each checkpoint; the checkpoint records
-how many rows belong to it. A checkpoint therefore costs the same at step 10 and step 10,000.
+Everything loads without executing code. Saves happen at optimizer-step boundaries. The pieces
+are passed explicitly: nothing here knows the trainer. The metric history lives beside the
+checkpoints (``history.py``); a checkpoint records how many of its rows belong to it.
 """
 
 from __future__ import annotations
@@ -21,19 +19,30 @@ import base64
 import json
 import pickle
 import random
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..checkpoint.fingerprint import ArchitectureFingerprint
+from ..checkpoint.format import checkpoint_name, write_checkpoint
 from ..errors import CheckpointError
-from .fingerprint import ArchitectureFingerprint
-from .format import checkpoint_name, write_checkpoint
+from ..model import DyLoRAMoE
+from .state import TrainerState
 
-if TYPE_CHECKING:
-    from ..train.trainer import Trainer
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a checkpoint's manifest records about the run, besides its progress."""
+
+    run_id: str
+    training_config: dict[str, Any]
+    seed: int
+    batches_per_epoch: int
+    train_examples: int
+    wandb_run_id: str | None
 
 
 def rng_state() -> dict:
@@ -56,74 +65,53 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-HISTORY_NAME = "history.jsonl"
-
-
-def _write_history(run_dir: Path, history: list[dict]) -> None:
-    tmp = run_dir / f".{HISTORY_NAME}.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    tmp.replace(run_dir / HISTORY_NAME)
-
-
-def read_history(run_dir: Path, rows: int) -> list[dict]:
-    path = run_dir / HISTORY_NAME
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()[:rows]
-    return [json.loads(line) for line in lines]
-
-
-def save_training_checkpoint(trainer: "Trainer", parent: Path) -> Path:
-    st = trainer.state
-    history = trainer.full_history()
-    _write_history(trainer.run_dir, history)
-    progress = {k: v for k, v in asdict(st).items() if k not in ("history", "history_base")}
-    progress["history_rows"] = len(history)
+def save_training_checkpoint(parent: Path, model: DyLoRAMoE, optimizer: torch.optim.Optimizer, scheduler: Any,
+                             state: TrainerState, history_rows: int, run: RunRecord) -> Path:
+    """Write the checkpoint of ``state.global_step`` durably under ``parent``; its directory."""
+    progress = state.progress(history_rows)
 
     def write_files(staging: Path) -> None:
-        trainer.model.save_pretrained(staging)
-        torch.save(trainer.optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(trainer.scheduler.state_dict(), staging / "scheduler.pt")
+        model.save_pretrained(staging)
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         (staging / "rng.json").write_text(json.dumps(rng_state()))
         (staging / "trainer_state.json").write_text(json.dumps(progress) + "\n")
 
     fields = {
-        "global_step": st.global_step,
-        "epoch": st.epoch,
-        "fingerprint": ArchitectureFingerprint.of(trainer.model).to_dict(),
-        "training_config": trainer.config.to_dict(),
+        "global_step": state.global_step,
+        "epoch": state.epoch,
+        "fingerprint": ArchitectureFingerprint.of(model).to_dict(),
+        "training_config": run.training_config,
         "data_state": {
-            "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "seed": trainer.config.seed,
-            "batches_per_epoch": trainer.sampler.num_batches, "train_examples": len(trainer.train_data),
+            "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "seed": run.seed,
+            "batches_per_epoch": run.batches_per_epoch, "train_examples": run.train_examples,
         },
-        "wandb": {"run_id": trainer.sink.run_id, "step": st.global_step},
-        "extra": {"run_id": trainer.run_id, "eval_loss": st.last_eval_loss},
+        "wandb": {"run_id": run.wandb_run_id, "step": state.global_step},
+        "extra": {"run_id": run.run_id, "eval_loss": state.last_eval_loss},
     }
-    return write_checkpoint(parent, checkpoint_name(st.global_step), write_files, fields, overwrite=True)
+    return write_checkpoint(parent, checkpoint_name(state.global_step), write_files, fields, overwrite=True)
 
 
-def restore_training_checkpoint(trainer: "Trainer", directory: Path) -> None:
-    """Load a verified checkpoint into a set-up trainer (same fingerprint already checked).
+def restore_training_checkpoint(directory: Path, model: DyLoRAMoE, optimizer: torch.optim.Optimizer,
+                                scheduler: Any) -> TrainerState:
+    """Load a verified checkpoint into a set-up model, optimizer and scheduler (same fingerprint
+    already checked), set the RNGs, and return the saved progress.
 
     A checkpoint with fewer experts than the model (``--grow_experts``) fills the first slots;
     the optimizer's moments then no longer fit the parameters and start afresh.
     """
     from safetensors.torch import load_file
 
-    from ..train.trainer import TrainerState
-
     directory = Path(directory)
-    state = load_file(str(directory / "dylora_model.safetensors"))
-    model = trainer.model
-    grown = state["routing.mature"].numel() < model.num_experts
-    model.load_trainable_state_dict(state, allow_growth=grown)
-    st = json.loads((directory / "trainer_state.json").read_text())
-    trainer.state = TrainerState(**{k: v for k, v in st.items() if k in TrainerState.__dataclass_fields__})
-    trainer.state.history_base = st.get("history_rows", 0)  # parsed only when the history is needed
+    weights = load_file(str(directory / "dylora_model.safetensors"))
+    grown = weights["routing.mature"].numel() < model.num_experts
+    model.load_trainable_state_dict(weights, allow_growth=grown)
+    state = TrainerState.from_progress(json.loads((directory / "trainer_state.json").read_text()))
     if not grown:
-        trainer.optimizer.load_state_dict(load_tensors_only(directory / "optimizer.pt"))
-    _continue_schedule(trainer, load_tensors_only(directory / "scheduler.pt")["last_epoch"])
+        optimizer.load_state_dict(load_tensors_only(directory / "optimizer.pt"))
+    continue_schedule(optimizer, scheduler, load_tensors_only(directory / "scheduler.pt")["last_epoch"])
     set_rng_state(json.loads((directory / "rng.json").read_text()))
+    return state
 
 
 def load_tensors_only(path: Path):
@@ -145,7 +133,7 @@ def load_tensors_only(path: Path):
                               f"({type(err).__name__}); resume from another checkpoint.") from None
 
 
-def _continue_schedule(trainer: "Trainer", step: int) -> None:
+def continue_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, step: int) -> None:
     """Put the requested schedule at the checkpoint's step.
 
     Only the position comes from the checkpoint: the peak learning rate and the schedule's length
@@ -153,9 +141,8 @@ def _continue_schedule(trainer: "Trainer", step: int) -> None:
     schedule instead of restarting it. With an unchanged configuration this is the value the
     uninterrupted run's scheduler computes, by the same expression.
     """
-    scheduler = trainer.scheduler
     scheduler.last_epoch = step
     lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, base, lr in zip(trainer.optimizer.param_groups, scheduler.base_lrs, lrs):
+    for group, base, lr in zip(optimizer.param_groups, scheduler.base_lrs, lrs):
         group["initial_lr"], group["lr"] = base, lr
     scheduler._last_lr = lrs
