@@ -154,3 +154,27 @@ def test_unconfirmed_checkpoints_are_protected_from_retention(ckpts, tmp_path):
     store.release.set()
     assert publisher.flush(10) is True and publisher.unconfirmed() == set()
     assert [v.step for v in store.list_versions()] == [10, 20]
+
+
+def test_a_step_written_again_while_it_is_being_published_reaches_the_store_whole(ckpts, tmp_path):
+    """The final save (or a preemption) may rewrite a step whose upload is still running: the store must get
+    one consistent version, never files of both writes."""
+    from dylora_moe.checkpoint.format import checkpoint_name, write_checkpoint
+
+    parent, make = ckpts
+    first = verify_checkpoint(make(10))
+    store = HangingStore(tmp_path / "store", hang_calls=1)
+    publisher = BackgroundPublisher(store, rank=0, **FAST)
+    publisher.submit(parent / checkpoint_name(10), 10)
+    assert store.entered.wait(10)
+
+    def write_other_bytes(staging):  # the same step, saved again with other contents
+        (staging / "trainable.safetensors").write_bytes(b"rewritten after the final evaluation")
+
+    write_checkpoint(parent, checkpoint_name(10), write_other_bytes, {"global_step": 10, "epoch": 0}, overwrite=True)
+    store.release.set()
+    assert publisher.close(10)
+    assert publisher.published and not publisher.failed
+    stored = verify_checkpoint(store.root / "v0")  # every file matches the manifest stored with it
+    assert stored.files == first.files  # and it is the checkpoint as it was when it was submitted
+    assert not [p for p in parent.iterdir() if p.name.startswith(".tmp-")]  # the snapshot is gone

@@ -6,6 +6,12 @@ attempt ``timeout_s`` and retrying failures with exponential back-off. An attemp
 is abandoned (Python cannot kill a thread) and the job is retried as a new version. The local
 checkpoint is never deleted here: retention is the trainer's decision.
 
+A job publishes from a snapshot of the checkpoint taken at ``submit`` (hard links, so it costs
+no copy): the trainer may write the same step again (after the final evaluation, or at a
+preemption right after a periodic save) while an upload from it is still running, and the store
+must never receive a mixture of the two. Snapshots are ``.tmp-`` folders beside the checkpoint,
+removed when the job ends (or by ``cleanup_partial`` after a crash).
+
 At preemption the trainer calls ``flush(budget_s)``, which waits for the queue to drain and says
 whether everything was published in time. Only rank 0 publishes: on any other rank (``rank`` or
 the ``RANK`` environment variable) the publisher accepts jobs and does nothing.
@@ -16,12 +22,15 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import secrets
+import shutil
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from dylora_moe.checkpoint.format import TMP_PREFIX
 from dylora_moe.checkpoint.stores.base import DEFAULT_ALIASES, CheckpointStore
 from dylora_moe.checkpoint.stores.probe import is_permanent
 from dylora_moe.errors import CheckpointError
@@ -31,10 +40,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PublishJob:
-    local_dir: Path
+    local_dir: Path  # the checkpoint, as retention and restarts know it
     step: int
     aliases: tuple[str, ...]
+    source: Path | None = None  # the snapshot the upload reads (local_dir itself where none was taken)
     attempts: int = 0
+    running: int = 0  # attempts whose thread has not ended (an abandoned one may still be uploading)
+    ended: bool = False
     version: str | None = None
     error: str | None = None
 
@@ -68,8 +80,10 @@ class BackgroundPublisher:
         if self._closed.is_set():
             raise CheckpointError(f"Cannot publish {local_dir}: the publisher to "
                                   f"{self.store.url} is closed.")
+        local_dir = Path(local_dir)
+        job = PublishJob(local_dir, step, tuple(aliases), source=_snapshot(local_dir))
         with self._cond:
-            self._queue.append(PublishJob(Path(local_dir), step, tuple(aliases)))
+            self._queue.append(job)
             self._pending += 1
             self._cond.notify_all()
 
@@ -116,6 +130,7 @@ class BackgroundPublisher:
             try:
                 self._publish_with_retries(job)
             finally:
+                self._attempt_over(job, job_ended=True)
                 with self._cond:
                     self._pending -= 1
                     self._current = None
@@ -144,14 +159,30 @@ class BackgroundPublisher:
         log.error("Gave up publishing %s to %s after %d attempt(s); the local copy is kept. "
                   "Last error: %s", job.local_dir, self.store.url, job.attempts, job.error)
 
+    def _attempt_over(self, job: PublishJob, job_ended: bool = False) -> None:
+        """Remove the job's snapshot once the job has ended and no attempt still reads it."""
+        with self._cond:
+            if job_ended:
+                job.ended = True
+            else:
+                job.running -= 1
+            last = job.ended and job.running == 0
+        if last and job.source != job.local_dir:
+            shutil.rmtree(job.source, ignore_errors=True)
+
     def _attempt(self, job: PublishJob) -> str:
         result: dict[str, object] = {}
 
         def target() -> None:
             try:
-                result["version"] = self.store.publish(job.local_dir, job.step, job.aliases)
+                result["version"] = self.store.publish(job.source, job.step, job.aliases)
             except BaseException as e:  # handed to the worker thread
                 result["error"] = e
+            finally:
+                self._attempt_over(job)
+
+        with self._cond:
+            job.running += 1
 
         thread = threading.Thread(target=target, name=f"publish-step-{job.step}", daemon=True)
         thread.start()
@@ -161,3 +192,23 @@ class BackgroundPublisher:
         if "error" in result:
             raise result["error"]  # type: ignore[misc]
         return result["version"]  # type: ignore[return-value]
+
+
+def _snapshot(checkpoint: Path) -> Path:
+    """Hard links to every file of ``checkpoint`` in a ``.tmp-`` folder beside it (copies where the
+    file system has no hard links): later writes of the same step replace the files, not these."""
+    snapshot = checkpoint.parent / f"{TMP_PREFIX}publishing-{checkpoint.name}-{secrets.token_hex(4)}"
+    try:
+        shutil.copytree(checkpoint, snapshot, copy_function=_link_or_copy)
+    except OSError as e:
+        shutil.rmtree(snapshot, ignore_errors=True)
+        log.warning("Cannot snapshot %s for publishing (%s); publishing it in place", checkpoint, e)
+        return checkpoint
+    return snapshot
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
