@@ -66,6 +66,11 @@ class TrainConfig:
     eval_steps: int = _opt(50, "evaluate every N optimizer steps (0: only at the end)")
     early_stopping_patience: int = _opt(3, "stop after N evaluations without improvement")
     disable_early_stopping: bool = _opt(False, "never stop early")
+    eval_benchmarks: str = _opt(
+        "", "comma-separated benchmarks (humaneval, mbpp) whose real pass@1 is logged during training: greedy "
+        "completions run with their tests in dylora eval's sandbox (empty: off)")
+    eval_every: int = _opt(0, "log the --eval_benchmarks pass@1 every N optimizer steps (0: at every --eval_steps evaluation)")
+    eval_max_tasks: int = _opt(20, "pass@1 on the first N tasks of each --eval_benchmarks benchmark")
     # output, logging, checkpoints
     output_dir: str = _opt("runs", "parent directory of run directories")
     run_id: str | None = _opt(None, "stable run id (default: CLOUD_ML_JOB_ID, SKYPILOT_TASK_ID, or a timestamp)")
@@ -140,7 +145,14 @@ class TrainConfig:
         self._check_references()
         if self.report_to not in ("auto", "wandb", "tensorboard", "none"):
             raise ConfigError(f"--report_to {self.report_to!r} is invalid: choose auto, wandb, tensorboard or none.")
-        for name in ("eval_steps", "save_steps", "logging_steps", "early_stopping_patience", "cosine_restarts"):
+        if self.eval_benchmarks:
+            from ..eval.tasks import check_benchmarks
+
+            check_benchmarks(self.eval_benchmark_list, "--eval_benchmarks")
+        if self.eval_max_tasks < 1:
+            raise ConfigError(f"--eval_max_tasks {self.eval_max_tasks!r} is invalid: it must be at least 1.")
+        for name in ("eval_steps", "save_steps", "logging_steps", "early_stopping_patience", "cosine_restarts",
+                     "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} {getattr(self, name)!r} is invalid: it must be >= 0.")
 
@@ -164,6 +176,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def eval_benchmark_list(self) -> list[str]:
+        return [b.strip() for b in self.eval_benchmarks.split(",") if b.strip()]
 
     @property
     def resume_reference(self) -> tuple[str | None, bool]:

@@ -334,6 +334,9 @@ class Trainer:
             self._log_window(window, bar)
         if cfg.eval_steps and st.global_step % cfg.eval_steps == 0:
             self._evaluation_point(bar)
+        pass_at_1_every = cfg.eval_every or cfg.eval_steps
+        if cfg.eval_benchmarks and pass_at_1_every and st.global_step % pass_at_1_every == 0:
+            self._log(self.pass_at_1())
         if cfg.save_steps and st.global_step % cfg.save_steps == 0:
             self.save_checkpoint()
         bar.update(1)
@@ -354,6 +357,15 @@ class Trainer:
         bar.set_postfix_str(f"{shown} val={loss:.3f}" if shown else f"val={loss:.3f}")
         if self.early_stopping.record(self.state, loss):
             self.stop_reason = self.early_stopping.reason()
+
+    def pass_at_1(self) -> dict[str, float]:
+        """Real pass@1 of the model as it is now on ``--eval_benchmarks`` (``dylora_moe.eval``: greedy
+        completions executed in the sandbox; the global RNG is left as it was)."""
+        from ..eval.during_training import evaluate_during_training
+
+        cfg = self.config
+        return evaluate_during_training(self.model, self.tokenizer, cfg.eval_benchmark_list, cfg.eval_max_tasks,
+                                        data_dir=cfg.data_dir)
 
     def _preempt(self, bar) -> None:
         started = time.perf_counter()
