@@ -15,7 +15,7 @@ ROUTING_GRANULARITIES = ("token", "example")
 class DyLoRAConfig:
     num_experts: int = 4
     r: int = 16
-    alpha: float = 32.0
+    alpha: float = 128.0  # 2 x num_experts x r: a uniform gate updates like one rank-64 LoRA of alpha 128
     dropout: float = 0.05
     target_modules: tuple[str, ...] | str = DEFAULT_TARGET_MODULES
     top_k: int = 1
@@ -25,11 +25,11 @@ class DyLoRAConfig:
     # "token": every token is routed on its own; "example": one gate per example, computed in each
     # adapted layer from the mean of that layer's input over the prompt tokens, and kept for
     # every generated token (works with the KV cache).
-    routing: str = "token"
+    routing: str = "example"
     # The router computes router_scale * (W x) with W initialised at std 0.02 / router_scale: the
     # same initial gates, but under Adam the router then learns router_scale times faster than
     # the experts (a router learning-rate multiplier that lives in the model, not the optimizer).
-    router_scale: float = 1.0
+    router_scale: float = 30.0
     base_model_name_or_path: str | None = None
     mature: list[bool] = field(default_factory=list)  # filled in by the model
 

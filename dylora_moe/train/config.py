@@ -30,15 +30,20 @@ class TrainConfig:
     model_name: str = _opt(DEFAULT_MODEL_NAME, "base causal LM: hub id, local directory, or the shipped 'tiny-python-lm'")
     num_experts: int = _opt(4, "number of LoRA experts")
     lora_r: int = _opt(16, "LoRA rank of every expert")
-    lora_alpha: float = _opt(32.0, "LoRA alpha (scaling alpha/r)")
+    lora_alpha: float = _opt(128.0, "LoRA alpha (scaling alpha/r; the default 128 = 2 x num_experts x lora_r "
+                             "makes a uniform gate over the 4 experts update like one rank-64 LoRA of alpha 128)")
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
     target_modules: str = _opt("q_proj,v_proj", "comma-separated module names to adapt, or 'all-linear'")
     top_k: int = _opt(1, "experts per token once all experts are mature (sparse routing)")
     router_temperature: float = _opt(2.0, "softmax temperature of dense routing while experts are immature")
+    routing: str = _opt("example", "'example': one gate per example, from its prompt (kept while generating); "
+                        "'token': every token routed on its own")
+    router_scale: float = _opt(30.0, "router logits = scale x W x, W initialised smaller by as much: "
+                               "the router learns this many times faster than the experts")
     balance_coefficient: float = _opt(0.01, "weight of the load-balancing loss")
     z_loss_coefficient: float = _opt(0.0, "weight of the router z-loss (0: off)")
     maturity_fraction: float = _opt(
-        0.5, "fraction of the planned optimizer steps after which all experts are marked mature "
+        1.0, "fraction of the planned optimizer steps after which all experts are marked mature "
         "(routing switches from dense to top-k); 1 keeps routing dense, 0 starts sparse")
     # data
     datasets: str = _opt("stdlib_functions", "comma-separated dataset names or files; 'name:weight,...' sets mixing weights")

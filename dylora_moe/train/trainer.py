@@ -40,6 +40,7 @@ from .history import MetricHistory
 from .metrics import MetricsSink, make_sink
 from .preemption import EXIT_PREEMPTED, Preempted, SignalWatch, StartupInterrupted, signal_name
 from .report import plot_routing, write_summary
+from .routing_report import write_run_routing_report
 from .run_lock import RunDirLock
 from .state import TrainerState
 
@@ -178,6 +179,7 @@ class Trainer:
             num_experts=cfg.num_experts, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
             target_modules=cfg.target_modules, top_k=cfg.top_k, router_temperature=cfg.router_temperature,
             balance_coefficient=cfg.balance_coefficient, z_loss_coefficient=cfg.z_loss_coefficient,
+            routing=cfg.routing, router_scale=cfg.router_scale,
         )
 
     def _make_scheduler(self):
@@ -209,7 +211,8 @@ class Trainer:
         for batch in loader:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.autocast():
-                logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    prompt_mask=batch["labels"] == -100).logits  # per-example routing reads the prompt
             labels = batch["labels"][:, 1:]
             total += F.cross_entropy(
                 logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
@@ -471,4 +474,7 @@ class Trainer:
         """Reports written into the run directory once the model is final; their paths go into the summary."""
         png = plot_routing(self.full_history(), self.model.num_experts, self.run_dir / "routing.png",
                            self.state.maturity_step)
-        return {"routing_png": str(png) if png else None}
+        routing = write_run_routing_report(self.model, self.eval_data, self.collator, self.run_dir,
+                                           self.config.eval_batch_size)  # several datasets: who serves whom
+        return {"routing_png": str(png) if png else None,
+                "routing_mutual_information_bits": routing.mi_mean if routing is not None else None}

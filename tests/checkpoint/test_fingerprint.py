@@ -107,5 +107,5 @@ def test_mismatch_table_names_every_field_with_both_values(saved):
     error = FingerprintMismatch("ckpt", saved.differences(requested))
     rows = [line.split() for line in error.table.splitlines()]
     assert rows[0] == ["field", "checkpoint", "requested"]
-    assert rows[1:] == [["alpha", "32.0", "8.0"], ["top_k", "1", "2"]]
+    assert rows[1:] == [["alpha", "128.0", "8.0"], ["top_k", "1", "2"]]  # the default alpha is 128
     assert error.exit_code == 2 and "2 architecture field(s) differ" in str(error)

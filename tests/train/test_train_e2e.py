@@ -22,7 +22,8 @@ def run_train(tmp_path, *argv):
 
 @pytest.mark.slow
 def test_trains_on_builtin_stdlib_functions_and_loss_falls(tmp_path, capsys):
-    summary = run_train(tmp_path, "--max_steps", "16", "--eval_steps", "8", "--training_subset", "40")
+    summary = run_train(tmp_path, "--max_steps", "16", "--eval_steps", "8", "--training_subset", "40",
+                        "--maturity_fraction", "0.5")
     assert summary["eval_loss_final"] < summary["eval_loss_base"] - 0.05, summary
     assert summary["padding_waste"] < 0.10
     assert summary["maturity_step"] == 8  # half of the planned steps: dense, then top-1
@@ -75,6 +76,10 @@ def test_trains_on_code_alpaca_and_mbpp_interleaved(tmp_path):
     counts = summary["data"]["datasets"]
     assert set(counts) == {"code_alpaca", "mbpp"}
     assert counts["code_alpaca"]["in_mix"] == counts["mbpp"]["in_mix"]  # balanced interleaving
+    report = json.loads((tmp_path / "e2e" / "routing_report.json").read_text())  # several datasets: routing report
+    assert report["datasets"] == ["code_alpaca", "mbpp"] and report["granularity"] == "example"
+    assert summary["routing_mutual_information_bits"] == report["mutual_information_bits"]["mean"]
+    assert (tmp_path / "e2e" / "routing_heatmap.png").stat().st_size > 1000
 
 
 def test_unknown_dataset_name_exits_2_listing_known_names(tmp_path, capsys):
