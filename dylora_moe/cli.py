@@ -47,19 +47,9 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from .data import format_prompt
-    from .model import DyLoRAMoE
-    from .model.base import load_tokenizer
-    from .model.dylora import CONFIG_NAME
-    from .errors import ConfigError
-    from pathlib import Path
+    from .model.dylora import load_trained_mixture
 
-    model_dir = Path(args.model)
-    if not (model_dir / CONFIG_NAME).is_file():
-        raise ConfigError(f"--model {args.model!r} is not a trained mixture (no {CONFIG_NAME}); "
-                          "give a run's 'final' directory, e.g. runs/RUN_ID/final.")
-    model = DyLoRAMoE.from_pretrained(model_dir).eval()
-    tokenizer_source = str(model_dir) if (model_dir / "tokenizer_config.json").is_file() else model.config.base_model_name_or_path
-    tokenizer = load_tokenizer(tokenizer_source)
+    model, tokenizer = load_trained_mixture(args.model)
     prompt = args.prompt if args.raw else format_prompt(args.prompt)
     inputs = tokenizer(prompt, return_tensors="pt")
     torch.manual_seed(args.seed)

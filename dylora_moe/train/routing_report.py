@@ -213,17 +213,10 @@ def routing_report(model_ref: str, datasets: str, *, data_dir: str | None = None
     """Load a trained mixture directory, route the datasets' held-out split, write the report."""
     from ..data import PaddingCollator, build_datasets
     from ..errors import ConfigError
-    from ..model import DyLoRAMoE
-    from ..model.base import load_tokenizer
-    from ..model.dylora import CONFIG_NAME
+    from ..model.dylora import load_trained_mixture
 
+    model, tokenizer = load_trained_mixture(model_ref)
     model_dir = Path(model_ref)
-    if not (model_dir / CONFIG_NAME).is_file():
-        raise ConfigError(f"--model {model_ref!r} is not a trained mixture (no {CONFIG_NAME}); give a run's "
-                          "'final' directory (runs/RUN_ID/final) or a checkpoint directory.")
-    model = DyLoRAMoE.from_pretrained(model_dir).eval()
-    tokenizer_source = str(model_dir) if (model_dir / "tokenizer_config.json").is_file() else model.config.base_model_name_or_path
-    tokenizer = load_tokenizer(tokenizer_source)
     names = [n.strip() for n in datasets.split(",") if n.strip()]
     # only the held-out split is used: tokenise 1% of the training splits (the split itself is unchanged)
     _, eval_data, _ = build_datasets(names, tokenizer, max_seq_length, data_dir=data_dir, seed=seed,
