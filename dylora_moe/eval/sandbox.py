@@ -256,16 +256,17 @@ class Sandbox:
                 cmd += ["--symlink", os.readlink(d), d]
             elif os.path.isdir(d):
                 cmd += ["--ro-bind", d, d]
-        made = set()
+        cmd += ["--perms", "0755", "--dir", "/sandbox", "--ro-bind", str(WORKER_SCRIPT), _SANDBOX_WORKER_PATH,
+                "--dev", "/dev", "--proc", "/proc", "--perms", "1777", "--size", str(self.limits.tmp_mb * 2**20),
+                "--tmpfs", "/tmp", "--chdir", "/tmp", "--cap-drop", "ALL"]
+        # After the private /tmp: a Python installed under /tmp (a checkout there, as CI may use) stays visible.
+        made = {"/tmp"}
         for root in _python_roots():
             for parent in _ancestors(root + "/x"):  # readable parents even where the host's are 0700 (/root)
                 if parent not in made and not any(parent == d or parent.startswith(d + "/") for d in _SYSTEM_DIRS):
                     cmd += ["--perms", "0755", "--dir", parent]
                     made.add(parent)
             cmd += ["--ro-bind", root, root]
-        cmd += ["--perms", "0755", "--dir", "/sandbox", "--ro-bind", str(WORKER_SCRIPT), _SANDBOX_WORKER_PATH,
-                "--dev", "/dev", "--proc", "/proc", "--perms", "1777", "--size", str(self.limits.tmp_mb * 2**20),
-                "--tmpfs", "/tmp", "--chdir", "/tmp", "--cap-drop", "ALL"]
         if uid is not None:  # the worker needs these two to become its own user; then it has none
             cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         cmd += ["--", python, "-I", "-B", _SANDBOX_WORKER_PATH, *worker_args, "--work_root", "/tmp",

@@ -34,6 +34,9 @@ import sys
 import time
 import traceback
 
+# Where this interpreter lives (a venv under /tmp is bind-mounted into the private /tmp read-only).
+_OWN_PYTHON = {os.path.abspath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+
 PR_SET_CHILD_SUBREAPER = 36
 RESULT_LIMIT = 2000  # characters of an error message reported back
 
@@ -253,6 +256,8 @@ def run_one(program: str, timeout: float, limits: argparse.Namespace, nproc: int
     if limits.clear_work_root:  # our private /tmp: nothing a program wrote outlives it
         for entry in os.listdir(limits.work_root):
             path = os.path.join(limits.work_root, entry)
+            if any(root == path or root.startswith(path + "/") for root in _OWN_PYTHON):
+                continue  # the folders holding this Python's read-only mount, when it lives under /tmp
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) and not os.path.islink(path) else _unlink(path)
     return result
 
