@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,6 +23,7 @@ from ..checkpoint.format import (apply_retention, checkpoint_name, cleanup_parti
                                  list_checkpoints, read_manifest)
 from ..checkpoint.resume import resolve_resume
 from ..checkpoint.stores import BackgroundPublisher, CheckpointStore, open_store
+from ..checkpoint.stores.download import free_bytes
 from ..checkpoint.stores.probe import probe_store
 from ..errors import CheckpointError, ConfigError, DyLoRAError
 from ..model import DyLoRAMoE
@@ -161,7 +161,7 @@ class Checkpointer:
         try:
             yield
         except (OSError, RuntimeError) as err:
-            free = _free_bytes(where)
+            free = free_bytes(where)
             full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < DISK_FULL_FREE_BYTES
             if not full and not isinstance(err, OSError):
                 raise
@@ -203,13 +203,3 @@ class Checkpointer:
         best_dir = self.checkpoint_dir / checkpoint_name(best_step) if best_step is not None else None
         if hasattr(self.store, "publish_final_best") and best_dir is not None and best_dir.exists():
             self.store.publish_final_best(best_dir, best_step)
-
-
-def _free_bytes(path: Path) -> int:
-    probe = Path(path).absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        return shutil.disk_usage(probe).free
-    except OSError:
-        return 0

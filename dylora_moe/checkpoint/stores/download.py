@@ -21,12 +21,23 @@ from dylora_moe.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem that holds ``path`` (or would: its nearest existing parent)."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return 0
+
+
 def check_free_space(dest_dir: Path, needed: int, label: str) -> None:
     """Refuse to download ``needed`` bytes where the filesystem of ``dest_dir`` lacks room."""
     probe = Path(dest_dir).absolute()
     while not probe.exists():
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = free_bytes(probe)
     required = int(needed * 1.05) + (1 << 20)  # 5% and 1 MiB of headroom
     if free < required:
         raise CheckpointError(
