@@ -11,11 +11,21 @@ ALL_LINEAR = "all-linear"
 ROUTING_GRANULARITIES = ("token", "example")
 
 
+def derived_alpha(num_experts: int, r: int) -> float:
+    """The LoRA alpha used when none is given: 2 x num_experts x r.
+
+    The mixture's update is (alpha / r) x sum_e g_e B_e A_e. With a uniform gate (g_e = 1/E) that
+    is exactly one LoRA of rank E·r with alpha 2·E·r, i.e. the usual alpha = 2 x rank, whatever E
+    and r are (128 for 4 experts of rank 16).
+    """
+    return 2.0 * num_experts * r
+
+
 @dataclass
 class DyLoRAConfig:
     num_experts: int = 4
     r: int = 16
-    alpha: float = 128.0  # 2 x num_experts x r: a uniform gate updates like one rank-64 LoRA of alpha 128
+    alpha: float | None = None  # None or 0: derived_alpha(num_experts, r), resolved to a number at construction
     dropout: float = 0.05
     target_modules: tuple[str, ...] | str = DEFAULT_TARGET_MODULES
     top_k: int = 1
@@ -38,6 +48,8 @@ class DyLoRAConfig:
             self.target_modules = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
         elif isinstance(self.target_modules, list):
             self.target_modules = tuple(self.target_modules)
+        if not self.alpha and isinstance(self.num_experts, int) and isinstance(self.r, int):
+            self.alpha = derived_alpha(self.num_experts, self.r)  # a saved config keeps its number
         self.validate()
 
     def validate(self) -> None:
@@ -45,7 +57,7 @@ class DyLoRAConfig:
             raise ConfigError(f"num_experts={self.num_experts!r} is invalid: the mixture needs at least 1 expert.")
         if not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"lora_r={self.r!r} is invalid: the LoRA rank must be an integer >= 1.")
-        if self.alpha <= 0:
+        if self.alpha is None or self.alpha <= 0:
             raise ConfigError(f"lora_alpha={self.alpha!r} is invalid: it must be > 0 (scaling is alpha / r).")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora_dropout={self.dropout!r} is invalid: it must be in [0, 1).")

@@ -30,8 +30,10 @@ class TrainConfig:
     model_name: str = _opt(DEFAULT_MODEL_NAME, "base causal LM: hub id, local directory, or the shipped 'tiny-python-lm'")
     num_experts: int = _opt(4, "number of LoRA experts")
     lora_r: int = _opt(16, "LoRA rank of every expert")
-    lora_alpha: float = _opt(128.0, "LoRA alpha (scaling alpha/r; the default 128 = 2 x num_experts x lora_r "
-                             "makes a uniform gate over the 4 experts update like one rank-64 LoRA of alpha 128)")
+    lora_alpha: float | None = _opt(
+        None, "LoRA alpha (scaling alpha/r); unset or 0: 2 x num_experts x lora_r (128 for 4 experts of rank 16), "
+        "so a uniform gate updates like one LoRA of rank num_experts x lora_r with alpha 2 x that rank",
+        shown_default="2 x num_experts x lora_r")
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
     target_modules: str = _opt("q_proj,v_proj", "comma-separated module names to adapt, or 'all-linear'")
     top_k: int = _opt(1, "experts per token once all experts are mature (sparse routing)")
@@ -256,7 +258,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             group = parser.add_argument_group(_SECTIONS[f.name])
         default = f.default if f.default is not MISSING else None
         kind = _flag_type(f)
-        help_text = f"{f.metadata['help']} (default: {default})"
+        help_text = f"{f.metadata['help']} (default: {f.metadata.get('shown_default', default)})"
         if kind == "bool":
             # `--bf16` alone means true; `--bf16 false` is accepted too (seed scripts pass values).
             group.add_argument(f"--{f.name}", nargs="?", const=True, type=_parse_bool, metavar=_METAVARS[kind],
