@@ -69,6 +69,12 @@ DESIGNS: dict[str, tuple[str, dict]] = {
     "moe_example_dense_a128_rs30": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0}),
     "moe_example_dense_a128_rs30_bal0.1": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0, "balance_coefficient": 0.1}),
     "moe_example_dense_a128_rs30_bal0": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0, "balance_coefficient": 0.0}),
+    # + the router's mutual-information term (mean gate entropy - entropy of the mean gate), weight N
+    **{f"moe_example_dense_a128_rs30_mi{c:g}": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0, "router_mi_coefficient": c})
+       for c in (0.01, 0.03, 0.1, 0.3, 1.0)},
+    # + minus the mutual information dataset;expert in the batch (the dataset ids train the router only)
+    **{f"moe_example_dense_a128_rs30_dmi{c:g}": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0, "dataset_mi_coefficient": c})
+       for c in (0.01, 0.03, 0.1, 0.3, 1.0)},
 }
 
 
@@ -112,11 +118,14 @@ def train_and_evaluate(name: str, args, data) -> dict:
                 break
             if kind == "moe" and maturity_fraction < 1 and step >= maturity_fraction * args.steps and model.routing.dense:
                 model.set_maturity()
-            batch = collator([train_data[i] for i in indices])
+            examples = [train_data[i] for i in indices]
+            batch = collator(examples)
             if kind == "lora":
                 loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
             else:
-                loss = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+                dataset_ids = torch.tensor([DATASETS.index(e["source"]) for e in examples])
+                loss = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                             dataset_ids=dataset_ids).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()

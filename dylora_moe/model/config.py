@@ -32,6 +32,12 @@ class DyLoRAConfig:
     router_temperature: float = 2.0
     balance_coefficient: float = 0.01
     z_loss_coefficient: float = 0.0
+    # weight of the router's mutual-information term (see router.mutual_information_loss): confident
+    # gates that still spread over the experts as a whole; 0: off
+    router_mi_coefficient: float = 0.0
+    # weight of minus the mutual information between an example's dataset and its expert in the batch
+    # (router.dataset_mutual_information_loss); it applies when the forward pass gets dataset_ids
+    dataset_mi_coefficient: float = 0.0
     # "token": every token is routed on its own; "example": one gate per example, computed in each
     # adapted layer from the mean of that layer's input over the prompt tokens, and kept for
     # every generated token (works with the KV cache).
@@ -68,11 +74,9 @@ class DyLoRAConfig:
             )
         if self.router_temperature <= 0:
             raise ConfigError(f"router_temperature={self.router_temperature!r} is invalid: it must be > 0.")
-        if self.balance_coefficient < 0 or self.z_loss_coefficient < 0:
-            raise ConfigError(
-                f"balance_coefficient={self.balance_coefficient!r} / z_loss_coefficient="
-                f"{self.z_loss_coefficient!r}: auxiliary loss coefficients must be >= 0."
-            )
+        for name in ("balance_coefficient", "z_loss_coefficient", "router_mi_coefficient", "dataset_mi_coefficient"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: auxiliary loss coefficients must be >= 0.")
         if not self.router_scale > 0:
             raise ConfigError(f"router_scale={self.router_scale!r} is invalid: it must be > 0.")
         if self.routing not in ROUTING_GRANULARITIES:

@@ -38,6 +38,8 @@ class DyLoRAOutput:
     lm_loss: torch.Tensor | None = None
     balance_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
+    mi_loss: torch.Tensor | None = None
+    dataset_mi_loss: torch.Tensor | None = None
     router_stats: RouterStats | None = None
 
 
@@ -144,18 +146,22 @@ class DyLoRAMoE(nn.Module):
         self._sync_config()
 
     # ------------------------------------------------------------------ compute
-    def forward(self, input_ids, attention_mask=None, labels=None, prompt_mask=None, **kwargs) -> DyLoRAOutput:
+    def forward(self, input_ids, attention_mask=None, labels=None, prompt_mask=None, dataset_ids=None,
+                **kwargs) -> DyLoRAOutput:
         """Causal-LM forward. Per-example routing reads the prompt: ``prompt_mask`` (batch, seq), or
         the tokens whose label is -100 when ``labels`` are given, or else every non-padding token
-        (then the whole input must be the prompt, as in generation)."""
+        (then the whole input must be the prompt, as in generation). ``dataset_ids`` (batch,), each
+        example's dataset, only feed the dataset-expert loss (``dataset_mi_coefficient``)."""
         token_mask = attention_mask.bool() if attention_mask is not None else None
         self.routing.start_collecting(token_mask)
+        self.routing.dataset_ids = dataset_ids
         if self.routing.granularity == "example" and not self.routing.generating:
             self.routing.prompt_mask = self._prompt_mask(input_ids, token_mask, labels, prompt_mask)
         try:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         finally:
             stats = self.routing.stop_collecting()
+            self.routing.dataset_ids = None
             if not self.routing.generating:
                 self.routing.prompt_mask = None
         result = DyLoRAOutput(logits=out.logits, router_stats=stats)
@@ -164,10 +170,14 @@ class DyLoRAMoE(nn.Module):
             result.lm_loss = out.loss
             result.balance_loss = stats.balance_loss if stats else zero
             result.z_loss = stats.z_loss if stats else zero
+            result.mi_loss = stats.mi_loss if stats else zero
+            result.dataset_mi_loss = stats.dataset_mi_loss if stats else zero
             result.loss = (
                 out.loss
                 + self.config.balance_coefficient * result.balance_loss
                 + self.config.z_loss_coefficient * result.z_loss
+                + self.config.router_mi_coefficient * result.mi_loss
+                + self.config.dataset_mi_coefficient * result.dataset_mi_loss
             )
         return result
 

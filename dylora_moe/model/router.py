@@ -36,6 +36,8 @@ class RouterStats:
 
     balance_loss: torch.Tensor
     z_loss: torch.Tensor
+    mi_loss: torch.Tensor  # mean entropy of a gate minus entropy of the mean gate (nats, <= 0)
+    dataset_mi_loss: torch.Tensor  # minus the mutual information dataset;expert in the batch (nats, <= 0)
     expert_usage: torch.Tensor  # (E,) fraction of token-assignments per expert, sums to 1
     entropy: torch.Tensor  # mean entropy of the routing distribution (nats)
     max_prob: torch.Tensor  # mean probability of the most likely expert
@@ -55,6 +57,7 @@ class RoutingState:
     granularity: str = "token"  # "token" or "example" (see the module docstring)
     scale: float = 1.0  # logits = scale * W x (W initialised smaller by as much): a faster-learning router
     prompt_mask: torch.Tensor | None = None  # (batch, seq) bool: the prompt tokens, per-example routing
+    dataset_ids: torch.Tensor | None = None  # (batch,) long: each example's dataset, for dataset_mi_loss
     generating: bool = False  # per-example routing: keep each router's prefill gate for new tokens
     collect: bool = False
     _records: list = field(default_factory=list)
@@ -105,6 +108,40 @@ def balance_loss(probs: torch.Tensor, dispatch: torch.Tensor) -> torch.Tensor:
     fraction = dispatch.float().sum(0) / dispatch.float().sum().clamp(min=1)
     mean_prob = probs.mean(0)
     return num_experts * (fraction * mean_prob).sum()
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each distribution along the last dimension."""
+    return -(probs * probs.clamp_min(1e-9).log()).sum(-1)
+
+
+def mutual_information_loss(probs: torch.Tensor) -> torch.Tensor:
+    """``mean_n H(p_n) - H(mean_n p_n)``: minus the mutual information between a routed unit and its
+    expert, when the unit is drawn uniformly from the N counted units and the expert from its gate.
+
+    Minimising it makes each gate confident (low entropy of a gate) while the units as a whole
+    still use all experts (high entropy of the mean gate); it needs no labels. It lies in
+    [-log E, 0]: 0 when every unit has the same gate, -log E when each unit picks one expert
+    with certainty and the experts are used equally.
+    """
+    return entropy(probs).mean() - entropy(probs.mean(0))
+
+
+def dataset_mutual_information_loss(probs: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """``H(E | D) - H(E)``: minus the mutual information between a unit's dataset D (``groups``,
+    (N,) ids) and its expert E, with ``p(E | d)`` the mean gate of the units of dataset d.
+
+    Minimising it sends the units of one dataset to the same experts and different datasets to
+    different experts, while all experts stay in use (the Mod-Squad task-expert loss, with
+    datasets as tasks). The router still reads only the input: the ids are a training signal.
+    0 when there is one dataset in the batch; at least ``-min(log D, log E)``.
+    """
+    _, index = torch.unique(groups, return_inverse=True)
+    members = F.one_hot(index).to(probs.dtype)  # (N, D)
+    counts = members.sum(0)
+    conditional = (members.t() @ probs) / counts.unsqueeze(-1)  # (D, E): mean gate per dataset
+    share = counts / counts.sum()
+    return (share * entropy(conditional)).sum() - entropy(share @ conditional)
 
 
 class HybridRouter(nn.Module):
@@ -176,22 +213,29 @@ class HybridRouter(nn.Module):
         logits = logits.reshape(-1, num_experts)
         probs = probs.reshape(-1, num_experts)
         dispatch = dispatch.reshape(-1, num_experts)
+        groups = self.state.dataset_ids
+        if groups is not None:  # per example: (batch,); per token: each token takes its example's id
+            groups = groups.to(probs.device).reshape(-1, 1).expand(-1, probs.shape[0] // groups.numel()).reshape(-1)
         mask = self.state.token_mask
         if mask is not None and mask.numel() == probs.shape[0]:
             keep = mask.reshape(-1).bool()
             logits, probs, dispatch = logits[keep], probs[keep], dispatch[keep]
+            groups = groups[keep] if groups is not None else None
         if probs.shape[0] == 0:
             return
         with torch.no_grad():
             usage = dispatch.float().sum(0) / dispatch.float().sum()
-            entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()
+            mean_entropy = entropy(probs).mean()
             max_prob = probs.max(-1).values.mean()
         self.state._records.append(
             {
                 "balance_loss": balance_loss(probs, dispatch),
                 "z_loss": torch.logsumexp(logits, dim=-1).pow(2).mean(),
+                "mi_loss": mutual_information_loss(probs),
+                "dataset_mi_loss": (dataset_mutual_information_loss(probs, groups) if groups is not None
+                                    else probs.new_zeros(())),
                 "expert_usage": usage,
-                "entropy": entropy,
+                "entropy": mean_entropy,
                 "max_prob": max_prob,
             }
         )

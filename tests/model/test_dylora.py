@@ -15,11 +15,12 @@ def trained_mixture(base=None, **config):
 
 
 def test_forward_returns_loss_and_its_parts(input_ids):
-    model = trained_mixture(balance_coefficient=0.5, z_loss_coefficient=0.1)
+    model = trained_mixture(balance_coefficient=0.5, z_loss_coefficient=0.1, router_mi_coefficient=0.3)
     out = model(input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids)
-    expected = out.lm_loss + 0.5 * out.balance_loss + 0.1 * out.z_loss
+    expected = out.lm_loss + 0.5 * out.balance_loss + 0.1 * out.z_loss + 0.3 * out.mi_loss
     torch.testing.assert_close(out.loss, expected)
     assert out.balance_loss >= 1.0 - 1e-6 and out.z_loss > 0
+    assert -torch.log(torch.tensor(3.0)) - 1e-6 <= out.mi_loss < 0  # minus an information, at most log E
     stats = out.router_stats
     torch.testing.assert_close(stats.expert_usage.sum(), torch.tensor(1.0))
     assert 0 < stats.entropy <= torch.log(torch.tensor(3.0)) + 1e-6

@@ -1,0 +1,60 @@
+"""The router's information terms inside the model: what reaches the loss, and what training them does."""
+
+import pytest
+import torch
+
+from dylora_moe.model import DyLoRAConfig, DyLoRAMoE
+from tests.model.helpers import randomize_experts, tiny_llama
+
+
+def two_kinds_of_prompts(n: int, seed: int):
+    """n examples of dataset 0 (prompt tokens 3-63) and n of dataset 1 (tokens 64-127), with labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.randint(3, 64, (n, 10), generator=g), torch.randint(64, 128, (n, 10), generator=g)])
+    labels = ids.clone()
+    labels[:, :6] = -100  # the first 6 tokens are the prompt
+    return ids, labels, torch.tensor([0] * n + [1] * n)
+
+
+@pytest.mark.parametrize("routing", ["example", "token"])
+def test_dataset_term_reaches_the_loss_only_with_dataset_ids(routing):
+    model = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=3, r=4, dropout=0.0, routing=routing,
+                                                 dataset_mi_coefficient=0.5)).eval()
+    randomize_experts(model)
+    ids, labels, datasets = two_kinds_of_prompts(3, seed=0)
+    mask = torch.ones_like(ids)
+    with_ids = model(ids, attention_mask=mask, labels=labels, dataset_ids=datasets)
+    assert with_ids.dataset_mi_loss < 0
+    torch.testing.assert_close(with_ids.loss, with_ids.lm_loss + 0.01 * with_ids.balance_loss
+                               + 0.5 * with_ids.dataset_mi_loss)
+    without = model(ids, attention_mask=mask, labels=labels)
+    assert without.dataset_mi_loss == 0
+    torch.testing.assert_close(without.loss, with_ids.loss - 0.5 * with_ids.dataset_mi_loss)
+    assert model.routing.dataset_ids is None  # nothing left behind for the next pass
+
+
+def test_training_the_dataset_term_routes_unseen_prompts_of_each_dataset_to_an_expert_of_its_own():
+    torch.manual_seed(0)
+    model = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=2, r=2, dropout=0.0, routing="example",
+                                                 balance_coefficient=0.0, dataset_mi_coefficient=1.0))
+    routers = [layer.router.weight for _, layer in model.adapted_layers()]
+    optimizer = torch.optim.Adam(routers, lr=1e-3)
+    for step in range(40):
+        ids, labels, datasets = two_kinds_of_prompts(4, seed=step)
+        out = model(ids, attention_mask=torch.ones_like(ids), labels=labels, dataset_ids=datasets)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    ids, labels, datasets = two_kinds_of_prompts(8, seed=1000)  # held out, and no ids given
+    captured = []
+    hooks = [layer.router.register_forward_hook(lambda _m, _i, gate: captured.append(gate[:, 0]))
+             for _, layer in model.adapted_layers()]
+    with torch.no_grad():
+        model(ids, attention_mask=torch.ones_like(ids), labels=labels)
+    for h in hooks:
+        h.remove()
+    for gate in captured:  # every layer: dataset 0 mostly on one expert, dataset 1 on the other
+        top1 = gate.argmax(-1)
+        first, second = top1[:8].mode().values, top1[8:].mode().values
+        assert first != second
+        assert (top1[:8] == first).sum() + (top1[8:] == second).sum() >= 14  # of 16 unseen examples
