@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import os
 import sys
 import tempfile
@@ -32,8 +31,6 @@ from ..train.config import _parse_bool as parse_bool  # the same true/false word
 from .secrets import SECRET_ENV_NAMES, parse_secret_refs
 from .vertex import (VertexError, VertexJobs, VertexSettings, build_custom_job, job_name, job_to_json,
                      parse_labels, region_of, state_name)
-
-log = logging.getLogger(__name__)
 
 JOB_ID = "$(CLOUD_ML_JOB_ID)"
 _REFERENCE_OPTIONS = ("resume", "resume_from_checkpoint", "wandb_checkpoint_artifact", "start_from")
@@ -155,10 +152,6 @@ def _settings(args: argparse.Namespace, section: dict[str, Any], path: str | Non
                 raise ConfigError(f"{name}: {values[name]!r} is not an integer.") from e
     settings = VertexSettings(**values)
     settings.validate()
-    if settings.replica_count > 1:
-        log.warning("--replica_count %d: every replica runs the same `dylora train` command; training across "
-                    "replicas needs torch.distributed support in the trainer (see docs/cloud.md, Multi-node).",
-                    settings.replica_count)
     return settings
 
 

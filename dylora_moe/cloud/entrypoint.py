@@ -5,7 +5,11 @@
 2. Replaces ``$(VAR)`` in ARGS with the environment variable VAR, e.g. ``$(CLOUD_ML_JOB_ID)``, the
    job id that Vertex sets and that ``dylora submit vertex`` cannot know when it builds the job.
 3. Runs ``dylora ARGS`` in this process (so SIGTERM reaches the trainer, which checkpoints and
-   exits 75), and returns its exit status.
+   exits 75), and returns its exit status. A ``train`` of a job with several replicas (Vertex's
+   ``CLUSTER_SPEC``) or several GPUs per replica runs instead as this machine's ranks of one
+   torch.distributed training, started by torch's launcher (``rendezvous.py``, ``launch.py``);
+   the exit status is then that of the ranks (75 when every stopped rank was preempted after
+   checkpointing).
 4. After a successful ``train`` on the chief replica, copies the trained mixture (``RUN_DIR/final``)
    to ``AIP_MODEL_DIR`` when Vertex set it (the job's BASE_OUTPUT_DIR/model/).
 """
@@ -21,6 +25,9 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError, DyLoRAError
+from .launch import run_ranks
+from .rendezvous import Rendezvous, is_launched_rank
+from .rendezvous import from_environment as rendezvous_from_environment
 from .secrets import parse_secret_refs, resolve_secrets
 
 log = logging.getLogger("dylora_moe.cloud.entrypoint")
@@ -72,6 +79,14 @@ def upload_model(dylora_args: list[str], destination: str) -> str:
     return destination
 
 
+def machine_rendezvous(dylora_args: list[str]) -> Rendezvous | None:
+    """This machine's ranks when ``dylora_args`` is a ``train`` to run as several (None: in this process)."""
+    if dylora_args[:1] != ["train"] or is_launched_rank():
+        return None  # under torchrun already, or not training: nothing to launch
+    rendezvous = rendezvous_from_environment()
+    return rendezvous if rendezvous.distributed else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dylora_moe.cloud.entrypoint",
                                      description="Start a cloud job: resolve secrets, then run `dylora ARGS`.")
@@ -80,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dylora_args", nargs=argparse.REMAINDER, help="-- then the dylora command line")
     args = parser.parse_args(argv)
     dylora_args = args.dylora_args[1:] if args.dylora_args[:1] == ["--"] else args.dylora_args
+    if not dylora_args:
+        parser.error("no dylora command given after --")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from ..train.preemption import SignalWatch, StartupInterrupted
 
@@ -89,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if names:
             log.info("secrets resolved from Secret Manager into %s", ", ".join(names))
         dylora_args = expand_variables(dylora_args)
+        rendezvous = machine_rendezvous(dylora_args)
     except StartupInterrupted as stop:
         err = stop.as_preempted("before training started; nothing was saved. The same command starts the job.")
         print(f"dylora job: stopped: {err}", file=sys.stderr)
@@ -97,21 +115,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dylora job: error: {' '.join(str(err).split())}", file=sys.stderr)
         return err.exit_code
     finally:
-        signals.restore()  # `dylora` installs its own watch from its first moment
-    if not dylora_args:
-        parser.error("no dylora command given after --")
+        signals.restore()  # `dylora` installs its own watch from its first moment, the launcher its own
     log.info("running: dylora %s", " ".join(dylora_args))
 
     from ..cli import main as dylora_main
 
-    status = dylora_main(dylora_args)
-    model_dir = os.environ.get("AIP_MODEL_DIR")
-    if status == 0 and dylora_args[0] == "train" and model_dir and _is_chief(os.environ):
-        try:
+    try:
+        status = dylora_main(dylora_args) if rendezvous is None else run_ranks(
+            rendezvous, dylora_args, run_id=os.environ.get("CLOUD_ML_JOB_ID") or "dylora-train")
+        model_dir = os.environ.get("AIP_MODEL_DIR")
+        if status == 0 and dylora_args[0] == "train" and model_dir and _is_chief(os.environ):
             log.info("trained mixture copied to %s", upload_model(dylora_args, model_dir))
-        except DyLoRAError as err:
-            print(f"dylora job: error: {' '.join(str(err).split())}", file=sys.stderr)
-            return err.exit_code
+    except DyLoRAError as err:
+        print(f"dylora job: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return err.exit_code
     return status
 
 
