@@ -71,8 +71,12 @@ def upload_model(dylora_args: list[str], destination: str) -> str:
         raise DyLoRAError(f"training finished but {final} does not exist; nothing was copied to {destination}.")
     try:
         fs, root = fsspec.core.url_to_fs(destination.rstrip("/"))
+        protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
         for path in sorted(p for p in final.rglob("*") if p.is_file()):
-            fs.put_file(str(path), f"{root}/{path.relative_to(final).as_posix()}")
+            target = f"{root}/{path.relative_to(final).as_posix()}"
+            if "file" in protocols:  # a directory (a /gcs/ mount): folders exist before files; object stores have none
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+            fs.put_file(str(path), target)
     except Exception as e:
         raise DyLoRAError(f"training finished but copying {final} to {destination} failed ({type(e).__name__}: "
                           f"{e}); the checkpoints are in the run's store.") from e
