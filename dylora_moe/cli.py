@@ -23,9 +23,11 @@ def _train(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .train.config import config_from_args
+    from .train.launch_env import is_main_process
 
     config = config_from_args(args)
-    if config.checkpoint_store and config.checkpoint_store != "wandb":
+    main_process = is_main_process()  # under torchrun: rank 0 alone checks the store, writes and reports
+    if config.checkpoint_store and config.checkpoint_store != "wandb" and main_process:
         # Fail fast on a store that cannot work, before torch and the model load (the trainer checks
         # again, for library use and for the default and W&B stores).
         from .checkpoint.stores import open_store
@@ -36,10 +38,11 @@ def _train(args: argparse.Namespace) -> int:
 
     with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
         summary = Trainer(config, signals=args.signals).setup().train()
-    print(
-        f"done: held-out loss {summary['eval_loss_base']:.4f} (base) -> {summary['eval_loss_final']:.4f} "
-        f"(trained) in {summary['steps']} steps; model in {summary['model_dir']}"
-    )
+    if main_process:
+        print(
+            f"done: held-out loss {summary['eval_loss_base']:.4f} (base) -> {summary['eval_loss_final']:.4f} "
+            f"(trained) in {summary['steps']} steps; model in {summary['model_dir']}"
+        )
     return 0
 
 
@@ -181,7 +184,12 @@ def _run(argv: list[str] | None, signals) -> int:
     args.signals = signals
     if args.command != "train":
         signals.restore()  # only training has a checkpoint to protect and a 75 to promise
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .train.launch_env import is_main_process, launched_rank
+
+    # under a launcher, ranks other than 0 say only what goes wrong (and which rank they are)
+    rank = "" if is_main_process() else f"[rank {launched_rank()}] "
+    level = logging.DEBUG if args.verbose else logging.INFO if not rank else logging.WARNING
+    logging.basicConfig(level=level, format=f"{rank}%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec", "botocore", "aiobotocore", "s3fs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not args.verbose and args.command not in (None, "ckpt"):  # ckpt needs neither library: no import

@@ -10,10 +10,16 @@ Hugging Face's ``LengthGroupedSampler``, plus the batch shuffle).
 
 Resuming is exact and costs no data access: the order depends only on ``(seed, epoch)`` and the
 lengths, so ``set_epoch(epoch, start_batch=k)`` makes the next iteration begin at the *k*-th batch
-of that epoch (for this rank). Under ``torch.distributed`` give ``num_replicas`` (world size) and
-``rank``: every rank computes the same global batch list and takes every ``num_replicas``-th
-batch; the list is padded by repeating its first batches (or, with ``drop_last``, cut) so all
-ranks step the same number of times.
+of that epoch (for this rank).
+
+Under ``torch.distributed`` give ``num_replicas`` (world size), ``rank`` and ``step_multiple``
+(micro-batches per optimizer step over all ranks: world size x accumulation). Every rank computes
+the same global batch list, padded by repeating its first batches (or, with ``drop_last``, cut)
+to a whole number of optimizer steps, and takes every ``num_replicas``-th batch. Optimizer step
+*k* therefore consumes global batches ``k*step_multiple .. (k+1)*step_multiple - 1`` whatever the
+world size: a run resumed on another number of ranks, with the accumulation recomputed to keep
+``step_multiple``, sees the same examples at every later step. ``even=False`` (evaluation) neither
+pads nor cuts: ranks then hold shares that differ by at most one batch.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         drop_last: bool = False,
         num_replicas: int = 1,
         rank: int = 0,
+        step_multiple: int | None = None,
+        even: bool = True,
     ):
         """``lengths[i]`` is example *i*'s token count; ``shuffle=False`` gives a fixed order
         sorted by length (for evaluation). ``mega_batch_mult`` defaults, as in Hugging Face, to
@@ -47,6 +55,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        step_multiple = step_multiple or num_replicas
+        if step_multiple % num_replicas:
+            raise ValueError(f"step_multiple {step_multiple} is not a multiple of num_replicas {num_replicas}")
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.seed = seed
@@ -56,6 +67,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.num_replicas = num_replicas
         self.rank = rank
+        self.step_multiple = step_multiple if even else 1
+        self.even = even
         self.epoch = 0
         self.start_batch = 0
 
@@ -92,14 +105,22 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     def rank_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of ``epoch``, all of them."""
         batches = self.global_batches(epoch)
-        world = self.num_replicas
-        if world > 1 and batches and len(batches) % world:
+        multiple = self.step_multiple
+        if multiple > 1 and batches and len(batches) % multiple:
             if self.drop_last:
-                batches = batches[: len(batches) - len(batches) % world]
+                batches = batches[: len(batches) - len(batches) % multiple]
             else:
-                extra = world - len(batches) % world
+                extra = multiple - len(batches) % multiple
                 batches = batches + [batches[i % len(batches)] for i in range(extra)]
-        return batches[self.rank:: world]
+        return batches[self.rank:: self.num_replicas]
+
+    @property
+    def global_num_batches(self) -> int:
+        """Batches per epoch over every rank, padding included (a whole number of optimizer steps)."""
+        full, rest = divmod(len(self.lengths), self.batch_size)
+        total = full + (1 if rest and not self.drop_last else 0)
+        multiple = self.step_multiple
+        return total // multiple * multiple if self.drop_last else -(-total // multiple) * multiple
 
     @property
     def num_batches(self) -> int:
@@ -108,10 +129,11 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         Mega-batches are whole multiples of ``batch_size``, so only the last one can leave a
         short batch, exactly as without shuffling.
         """
-        full, rest = divmod(len(self.lengths), self.batch_size)
-        total = full + (1 if rest and not self.drop_last else 0)
-        world = self.num_replicas
-        return total // world if self.drop_last else -(-total // world)
+        if not self.even:
+            full, rest = divmod(len(self.lengths), self.batch_size)
+            total = full + (1 if rest and not self.drop_last else 0)
+            return len(range(self.rank, total, self.num_replicas))
+        return self.global_num_batches // self.num_replicas
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self.rank_batches(self.epoch)

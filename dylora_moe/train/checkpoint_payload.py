@@ -2,7 +2,8 @@
 
     dylora_config.json + dylora_model.safetensors   trainable weights only (a loadable mixture)
     optimizer.pt, scheduler.pt                      torch.save of state dicts, loaded weights_only
-    rng.json                                        python, numpy and torch RNG states
+    rng.json                                        python, numpy and torch RNG states (rank 0)
+    rng_ranks.json                                  with several ranks: every rank's RNG states, in order
     trainer_state.json                              progress: step, epoch, batch within the epoch,
                                                     early stopping, maturity, metric-history length
     manifest.json                                   sha256/size of every file, fingerprint, config,
@@ -40,9 +41,31 @@ class RunRecord:
     run_id: str
     training_config: dict[str, Any]
     seed: int
-    batches_per_epoch: int
+    batches_per_epoch: int  # over every rank, padded to whole optimizer steps
     train_examples: int
     wandb_run_id: str | None
+    world_size: int = 1
+    micro_batches_per_step: int = 1  # world size x gradient accumulation: with the batch size, the global batch
+    train_batch_size: int = 0
+
+
+@dataclass
+class TrainingPayload:
+    """A checkpoint read into memory: what :func:`apply_training_checkpoint` puts back, on any rank."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler_step: int
+    progress: dict[str, Any]
+    rng: list[dict]  # per rank of the run that saved it
+    data_state: dict[str, Any]
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Global micro-batches per optimizer step of the run that saved it (older checkpoints: one rank)."""
+        if "micro_batches_per_step" in self.data_state:
+            return int(self.data_state["micro_batches_per_step"])
+        return int(self.data_state.get("world_size", 1)) * int(self.data_state.get("gradient_accumulation_steps", 1))
 
 
 def rng_state() -> dict:
@@ -66,15 +89,22 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_training_checkpoint(parent: Path, model: DyLoRAMoE, optimizer: torch.optim.Optimizer, scheduler: Any,
-                             state: TrainerState, history_rows: int, run: RunRecord) -> Path:
-    """Write the checkpoint of ``state.global_step`` durably under ``parent``; its directory."""
+                             state: TrainerState, history_rows: int, run: RunRecord,
+                             rng_states: list[dict] | None = None) -> Path:
+    """Write the checkpoint of ``state.global_step`` durably under ``parent``; its directory.
+
+    ``rng_states``: every rank's RNG states in rank order (default: this process's alone).
+    """
     progress = state.progress(history_rows)
+    rng_states = rng_states or [rng_state()]
 
     def write_files(staging: Path) -> None:
         model.save_pretrained(staging)
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        (staging / "rng.json").write_text(json.dumps(rng_state()))
+        (staging / "rng.json").write_text(json.dumps(rng_states[0]))
+        if len(rng_states) > 1:
+            (staging / "rng_ranks.json").write_text(json.dumps(rng_states))
         (staging / "trainer_state.json").write_text(json.dumps(progress) + "\n")
 
     fields = {
@@ -85,6 +115,8 @@ def save_training_checkpoint(parent: Path, model: DyLoRAMoE, optimizer: torch.op
         "data_state": {
             "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "seed": run.seed,
             "batches_per_epoch": run.batches_per_epoch, "train_examples": run.train_examples,
+            "world_size": run.world_size, "micro_batches_per_step": run.micro_batches_per_step,
+            "train_batch_size": run.train_batch_size,
         },
         "wandb": {"run_id": run.wandb_run_id, "step": state.global_step},
         "extra": {"run_id": run.run_id, "eval_loss": state.last_eval_loss},
@@ -92,26 +124,51 @@ def save_training_checkpoint(parent: Path, model: DyLoRAMoE, optimizer: torch.op
     return write_checkpoint(parent, checkpoint_name(state.global_step), write_files, fields, overwrite=True)
 
 
-def restore_training_checkpoint(directory: Path, model: DyLoRAMoE, optimizer: torch.optim.Optimizer,
-                                scheduler: Any) -> TrainerState:
-    """Load a verified checkpoint into a set-up model, optimizer and scheduler (same fingerprint
-    already checked), set the RNGs, and return the saved progress.
-
-    A checkpoint with fewer experts than the model (``--grow_experts``) fills the first slots;
-    the optimizer's moments then no longer fit the parameters and start afresh.
-    """
+def read_training_checkpoint(directory: Path) -> TrainingPayload:
+    """Everything a resume restores from a verified checkpoint, read into memory (nothing executed)."""
     from safetensors.torch import load_file
 
+    from ..checkpoint.format import read_manifest
+
     directory = Path(directory)
-    weights = load_file(str(directory / "dylora_model.safetensors"))
-    grown = weights["routing.mature"].numel() < model.num_experts
-    model.load_trainable_state_dict(weights, allow_growth=grown)
-    state = TrainerState.from_progress(json.loads((directory / "trainer_state.json").read_text()))
+    rng_file = directory / "rng_ranks.json"
+    rng = (json.loads(rng_file.read_text()) if rng_file.is_file()
+           else [json.loads((directory / "rng.json").read_text())])
+    manifest = read_manifest(directory)
+    data_state = dict(manifest.data_state or {})
+    data_state.setdefault("gradient_accumulation_steps", manifest.training_config.get("gradient_accumulation_steps", 1))
+    return TrainingPayload(
+        weights=load_file(str(directory / "dylora_model.safetensors")),
+        optimizer=load_tensors_only(directory / "optimizer.pt"),
+        scheduler_step=load_tensors_only(directory / "scheduler.pt")["last_epoch"],
+        progress=json.loads((directory / "trainer_state.json").read_text()),
+        rng=rng, data_state=data_state)
+
+
+def apply_training_checkpoint(payload: TrainingPayload, model: DyLoRAMoE, optimizer: torch.optim.Optimizer,
+                              scheduler: Any, rank: int = 0) -> TrainerState:
+    """Put a read checkpoint into a set-up model, optimizer and scheduler (same fingerprint already
+    checked), set this rank's RNGs, and return the saved progress.
+
+    A checkpoint with fewer experts than the model (``--grow_experts``) fills the first slots;
+    the optimizer's moments then no longer fit the parameters and start afresh. A rank the saving
+    run did not have (resuming on more ranks) keeps the RNG it was seeded with.
+    """
+    grown = payload.weights["routing.mature"].numel() < model.num_experts
+    model.load_trainable_state_dict(payload.weights, allow_growth=grown)
+    state = TrainerState.from_progress(payload.progress)
     if not grown:
-        optimizer.load_state_dict(load_tensors_only(directory / "optimizer.pt"))
-    continue_schedule(optimizer, scheduler, load_tensors_only(directory / "scheduler.pt")["last_epoch"])
-    set_rng_state(json.loads((directory / "rng.json").read_text()))
+        optimizer.load_state_dict(payload.optimizer)
+    continue_schedule(optimizer, scheduler, payload.scheduler_step)
+    if rank < len(payload.rng):
+        set_rng_state(payload.rng[rank])
     return state
+
+
+def restore_training_checkpoint(directory: Path, model: DyLoRAMoE, optimizer: torch.optim.Optimizer,
+                                scheduler: Any) -> TrainerState:
+    """Read and apply a verified checkpoint in one process (see :func:`apply_training_checkpoint`)."""
+    return apply_training_checkpoint(read_training_checkpoint(directory), model, optimizer, scheduler)
 
 
 def load_tensors_only(path: Path):

@@ -27,7 +27,7 @@ from ..checkpoint.stores.download import free_bytes
 from ..checkpoint.stores.probe import probe_store
 from ..errors import CheckpointError, ConfigError, DyLoRAError
 from ..model import DyLoRAMoE
-from .checkpoint_payload import RunRecord, restore_training_checkpoint, save_training_checkpoint
+from .checkpoint_payload import RunRecord, TrainingPayload, read_training_checkpoint, save_training_checkpoint
 from .config import TrainConfig
 from .history import MetricHistory
 from .state import TrainerState
@@ -100,12 +100,9 @@ class Checkpointer:
             source = str(reference) if reference not in (None, "auto") else str(self.resume_dir)
             raise FingerprintMismatch(source, diffs, hint)
 
-    def restore(self, model: DyLoRAMoE, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
-        """Load the fetched checkpoint into the set-up pieces; the run's saved progress."""
-        state = restore_training_checkpoint(self.resume_dir, model, optimizer, scheduler)
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", self.resume_dir, state.global_step,
-                 state.epoch, state.batch_in_epoch)
-        return state
+    def read_resume(self) -> TrainingPayload:
+        """The fetched checkpoint, read into memory (to restore on this rank and to share with the others)."""
+        return read_training_checkpoint(self.resume_dir)
 
     def start_publishing(self, best_step: int | None) -> None:
         """Start the background publisher; first in its queue, what an earlier process left unconfirmed."""
@@ -134,11 +131,15 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ during the run
     def save(self, model: DyLoRAMoE, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainerState,
-             history: MetricHistory, run: RunRecord, wait_s: float | None = None) -> Path:
-        """Write a durable checkpoint and publish it (in the background unless ``wait_s`` is given)."""
+             history: MetricHistory, run: RunRecord, wait_s: float | None = None,
+             rng_states: list[dict] | None = None) -> Path:
+        """Write a durable checkpoint and publish it (in the background unless ``wait_s`` is given).
+
+        ``rng_states``: every rank's RNG states, in rank order (default: this process's)."""
         with self.writing(f"checkpoint {checkpoint_name(state.global_step)}", self.checkpoint_dir):
             rows = history.write(state)
-            directory = save_training_checkpoint(self.checkpoint_dir, model, optimizer, scheduler, state, rows, run)
+            directory = save_training_checkpoint(self.checkpoint_dir, model, optimizer, scheduler, state, rows, run,
+                                                 rng_states)
         aliases = ["latest"] + (["best"] if state.best_step == state.global_step else [])
         self.publisher.submit(directory, state.global_step, aliases)
         if wait_s is not None and not self.flush(wait_s):

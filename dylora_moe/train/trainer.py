@@ -11,10 +11,18 @@ publish, retention), the metric history (``history.py``), the loop's helpers (``
 early stopping, maturity, metric windows) and the signal watch (``preemption.py``). The loop
 body reads in order: one optimizer step (``train_step``), then ``_after_step``: maturity, metric
 window, evaluation point, checkpoint, signals. The end of the run is ``finish()``.
+
+Under a launcher (``torchrun``, ``accelerate launch``) the same recipe runs on every rank
+(``distributed.py``): batches are sharded by rank, gradients of the trainable parameters are
+averaged by DDP, the evaluation is summed over the ranks, rank 0 alone writes, publishes and
+logs, and all ranks agree after every step on whether a signal arrived. The data position is
+counted in global micro-batches, so a checkpoint resumes on another number of ranks with the
+accumulation recomputed to keep the global batch and the order of the examples.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import random
@@ -33,9 +41,11 @@ from ..errors import ConfigError
 from ..model import DyLoRAConfig, DyLoRAMoE
 from ..model.base import load_base_model, load_tokenizer
 from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow
-from .checkpoint_payload import RunRecord
+from .checkpoint_payload import RunRecord, TrainingPayload, apply_training_checkpoint, rng_state
 from .checkpointing import EXIT_UNPUBLISHED, Checkpointer, UnpublishedCheckpoints
 from .config import TrainConfig
+from .distributed import Ranks, wrap_for_gradient_sync
+from .example_trace import ExampleTrace
 from .history import MetricHistory
 from .metrics import MetricsSink, make_sink
 from .preemption import EXIT_PREEMPTED, Preempted, SignalWatch, StartupInterrupted, signal_name
@@ -72,6 +82,7 @@ class Trainer:
         self.sink, self._sink_open = MetricsSink(), False
         self.early_stopping = EarlyStopping.for_config(config)
         self.maturity = MaturitySchedule.for_config(config)
+        self.ranks = Ranks()
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -79,23 +90,14 @@ class Trainer:
         if cfg.fp16 and not torch.cuda.is_available():
             raise ConfigError("--fp16 needs a CUDA GPU and none is available; use --bf16 (works on CPU) or neither.")
         model_config = self.model_config()  # validates the mixture options before anything is loaded
+        self.ranks = Ranks.from_environment()  # under a launcher: join the other ranks first
         seed_everything(cfg.seed)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = self.ranks.device()
         self.run_id = cfg.resolved_run_id()
         self.run_dir = Path(cfg.output_dir) / self.run_id
         self.history = MetricHistory(self.run_dir)
-        self.checkpointer = Checkpointer(cfg, self.run_id, self.run_dir, store=self._store)
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.lock = RunDirLock(self.run_dir).acquire()  # before anything in the run directory is touched
-        except OSError as err:
-            raise ConfigError(
-                f"cannot write to --output_dir {cfg.output_dir!r} (run directory {self.run_dir}): "
-                f"{err.strerror or err}. Give a writable directory with --output_dir.") from None
-        try:
-            self.checkpointer.clean_leftovers()
-            if cfg.checkpoint_store == "wandb":  # the store is this run's artifact: open the run first
-                self._open_sink()
+            self.ranks.on_main(self._claim_run_dir, "claiming the run directory")
             return self._setup_rest(model_config)
         except StartupInterrupted as stop:
             self._abort(EXIT_PREEMPTED)
@@ -104,25 +106,51 @@ class Trainer:
             self._abort()
             raise
 
-    def _setup_rest(self, model_config: DyLoRAConfig) -> "Trainer":
-        from ..data import LengthGroupedBatchSampler, PaddingCollator, build_datasets
-
+    def _claim_run_dir(self) -> None:
+        """Rank 0: lock the run directory, clean what a crash left, open W&B when it is the store."""
         cfg = self.config
+        self.checkpointer = Checkpointer(cfg, self.run_id, self.run_dir, store=self._store)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = RunDirLock(self.run_dir).acquire()  # before anything in the run directory is touched
+        except OSError as err:
+            raise ConfigError(
+                f"cannot write to --output_dir {cfg.output_dir!r} (run directory {self.run_dir}): "
+                f"{err.strerror or err}. Give a writable directory with --output_dir.") from None
+        self.checkpointer.clean_leftovers()
+        if cfg.checkpoint_store == "wandb":  # the store is this run's artifact: open the run first
+            self._open_sink()
+
+    def _open_store_and_fetch(self) -> None:
+        """Rank 0: check the store, fetch the checkpoint to resume from (if any)."""
         self.phase = "checking the checkpoint store"
         self.checkpointer.open_store(wandb_run=getattr(self.sink, "run", None))
         self.phase = "fetching the checkpoint to resume from"
-        self.resume_dir = self.checkpointer.fetch_resume()
+        self.checkpointer.fetch_resume()
 
+    def _check_and_read_resume(self) -> TrainingPayload | None:
+        """Rank 0: compare fingerprints, read the checkpoint (shared with every rank), open the sink."""
+        payload = None
+        if self.checkpointer.resume_dir is not None:
+            self.checkpointer.check_fingerprint(self.model)
+            payload = self.checkpointer.read_resume()
+        if not self._sink_open:
+            self._open_sink()  # only now: a refused resume must not touch the W&B run
+        return payload
+
+    def _setup_rest(self, model_config: DyLoRAConfig) -> "Trainer":
+        from ..data import LengthGroupedBatchSampler, PaddingCollator, build_datasets
+        from ..data.mixing import derive_seed
+
+        cfg, ranks = self.config, self.ranks
+        ranks.on_main(self._open_store_and_fetch, "checking the checkpoint store")
         self.phase = "loading the base model"
         self.tokenizer = load_tokenizer(cfg.model_name)
         base = load_base_model(cfg.model_name).to(self.device)
         self.model = DyLoRAMoE(base, model_config)
         self.model.config.base_model_name_or_path = cfg.model_name
         self.model.to(self.device)
-        if self.resume_dir is not None:
-            self.checkpointer.check_fingerprint(self.model)
-        if not self._sink_open:
-            self._open_sink()  # only now: a refused resume must not touch the W&B run
+        payload = ranks.on_main(self._check_and_read_resume, "checking the checkpoint to resume from")
 
         self.phase = "loading the data"
         self.train_data, self.eval_data, self.data_report = build_datasets(
@@ -135,24 +163,73 @@ class Trainer:
             raise ConfigError("the validation split is empty: raise --validation_fraction or --eval_subset.")
 
         self.collator = PaddingCollator.for_tokenizer(self.tokenizer)
-        self.sampler = LengthGroupedBatchSampler(self.train_data["length"], cfg.train_batch_size, seed=cfg.seed)
-        self.eval_sampler = LengthGroupedBatchSampler(self.eval_data["length"], cfg.eval_batch_size, shuffle=False)
-        steps_per_epoch = math.ceil(self.sampler.num_batches / cfg.gradient_accumulation_steps)
+        self.micro_batches_per_step = self._micro_batches_per_step(payload)
+        self.accumulation = self.micro_batches_per_step // ranks.world_size
+        self.sampler = LengthGroupedBatchSampler(
+            self.train_data["length"], cfg.train_batch_size, seed=cfg.seed, num_replicas=ranks.world_size,
+            rank=ranks.rank, step_multiple=self.micro_batches_per_step)
+        self.eval_sampler = LengthGroupedBatchSampler(self.eval_data["length"], cfg.eval_batch_size, shuffle=False,
+                                                      num_replicas=ranks.world_size, rank=ranks.rank, even=False)
+        steps_per_epoch = self.sampler.global_num_batches // self.micro_batches_per_step
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
         self.steps_per_epoch = steps_per_epoch
+        if ranks.rank > 0:  # the same initial weights everywhere, but each rank its own dropout
+            seed_everything(derive_seed(cfg.seed, "rank", ranks.rank))
         self.optimizer = torch.optim.AdamW(
             self.model.trainable_parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )
         self.scheduler = self._make_scheduler()
-        if self.resume_dir is not None:
-            self.state = self.checkpointer.restore(self.model, self.optimizer, self.scheduler)
-        self.checkpointer.start_publishing(self.state.best_step)
+        if payload is not None:
+            self.state = apply_training_checkpoint(payload, self.model, self.optimizer, self.scheduler, ranks.rank)
+            log.info("resumed at step %d (epoch %d, micro-batch %d of %d)%s", self.state.global_step, self.state.epoch,
+                     self.state.batch_in_epoch, self.sampler.global_num_batches, self._world_change(payload))
+        self.train_model = wrap_for_gradient_sync(self.model, ranks)
+        ranks.on_main(lambda: self.checkpointer.start_publishing(self.state.best_step), "starting the publisher")
         return self
 
+    def _micro_batches_per_step(self, payload: TrainingPayload | None) -> int:
+        """Global micro-batches per optimizer step: this run's ranks x accumulation, or the checkpoint's.
+
+        A resumed run keeps the checkpoint's global batch whatever its world size, by recomputing
+        the accumulation; a world size that cannot reproduce it is refused before training.
+        """
+        cfg, world = self.config, self.ranks.world_size
+        if payload is None:
+            return world * cfg.gradient_accumulation_steps
+        saved = payload.micro_batches_per_step
+        saved_world = int(payload.data_state.get("world_size", 1))
+        if saved % world:
+            raise ConfigError(
+                f"the checkpoint was trained with a global batch of {saved} micro-batches per optimizer step "
+                f"({saved_world} rank(s) x {saved // saved_world} accumulation step(s) x --train_batch_size "
+                f"{payload.data_state.get('train_batch_size') or cfg.train_batch_size}), which {world} ranks cannot "
+                f"reproduce: resume on a number of ranks that divides {saved} (e.g. "
+                f"{', '.join(str(n) for n in range(1, saved + 1) if saved % n == 0)}).")
+        saved_batch = payload.data_state.get("train_batch_size")
+        if saved_batch and saved_batch != cfg.train_batch_size:
+            log.warning("--train_batch_size %d differs from the checkpoint's %d: the global batch and the order of "
+                        "the examples change from here on", cfg.train_batch_size, saved_batch)
+        return saved
+
+    def _world_change(self, payload: TrainingPayload) -> str:
+        saved_world = int(payload.data_state.get("world_size", 1))
+        accumulation = self.micro_batches_per_step // saved_world
+        if saved_world == self.ranks.world_size and accumulation == self.config.gradient_accumulation_steps:
+            return ""
+        return (f"; saved by {saved_world} rank(s) x {accumulation} accumulation, continued on "
+                f"{self.ranks.world_size} rank(s) x {self.accumulation} accumulation: the same global batch of "
+                f"{self.micro_batches_per_step} micro-batches")
+
+    @property
+    def resume_dir(self) -> Path | None:
+        """The verified local checkpoint this run resumed from (rank 0; None: a fresh start)."""
+        return self.checkpointer.resume_dir if self.checkpointer is not None else None
+
     def _stopped_during_startup(self, stop: StartupInterrupted) -> Preempted:
-        latest = self.checkpointer.latest()
+        latest = self.checkpointer.latest() if self.checkpointer is not None else None
         saved = (f"the newest checkpoint {latest} is intact" if latest is not None
-                 else f"run {self.run_id} has no local checkpoint yet")
+                 else f"run {self.run_id} has no local checkpoint yet" if self.ranks.is_main
+                 else "the run's checkpoints are rank 0's")
         return stop.as_preempted(f"while {self.phase}: nothing new was saved and {saved}. Continue with the same "
                                  f"command and --resume auto --run_id {self.run_id}.")
 
@@ -163,6 +240,15 @@ class Trainer:
         self.sink.finish(exit_code=exit_code)
         if self.lock is not None:
             self.lock.release()
+        self._leave_ranks()
+
+    def _leave_ranks(self) -> None:
+        """Leave the process group; the DDP wrapper goes first (it holds the group, and freeing it after
+        the group is destroyed deadlocks gloo)."""
+        if self.ranks.enabled:
+            self.train_model = getattr(self, "model", None)
+            gc.collect()
+        self.ranks.close()
 
     def _open_sink(self) -> None:
         cfg = self.config
@@ -202,7 +288,11 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Token-weighted mean LM loss over the validation set (response tokens only)."""
+        """Token-weighted mean LM loss over the validation set (response tokens only).
+
+        With several ranks each evaluates its share of the batches and the sums are added up, so
+        every rank gets the loss of the whole set.
+        """
         was_training = self.model.training
         self.model.eval()
         loader = DataLoader(self.eval_data, batch_sampler=self.eval_sampler, collate_fn=self.collator,
@@ -219,6 +309,7 @@ class Trainer:
             ).item()
             count += int((labels != -100).sum())
         self.model.train(was_training)
+        total, count = self.ranks.sum([total, count])
         return total / max(count, 1)
 
     # ------------------------------------------------------------------ training
@@ -233,11 +324,14 @@ class Trainer:
         sums = {"lm_loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0, "entropy": 0.0, "max_prob": 0.0}
         usage = torch.zeros(self.model.num_experts)
         tokens = 0
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self.autocast():
-                out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            (out.loss / n).backward()
+            # with several ranks, gradients are averaged once per step: in the last micro-batch's backward
+            accumulating = self.ranks.enabled and i < n - 1
+            with self.train_model.no_sync() if accumulating else nullcontext(), self.autocast():
+                out = self.train_model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       labels=batch["labels"])
+                (out.loss / n).backward()
             tokens += int(batch["attention_mask"].sum())
             sums["lm_loss"] += out.lm_loss.item() / n
             sums["balance_loss"] += out.balance_loss.item() / n
@@ -252,6 +346,12 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ranks.enabled:  # the metrics of the whole global batch: means over ranks, tokens summed
+            world = self.ranks.world_size
+            reduced = self.ranks.sum([*sums.values(), *usage.tolist(), tokens])
+            sums = {k: v / world for k, v in zip(sums, reduced)}
+            usage = torch.tensor(reduced[len(sums): len(sums) + len(usage)]) / world
+            tokens = int(reduced[-1])
         metrics = {f"train/{k}": v for k, v in sums.items()}
         metrics.update({f"routing/usage_{e}": float(u) for e, u in enumerate(usage)})
         metrics.update({f"grad_norm/expert_{e}": float(g) for e, g in enumerate(grad_norms)})
@@ -296,24 +396,33 @@ class Trainer:
         cfg, st = self.config, self.state
         self.maturity.update(self.model, st, self.total_steps)
         bar = tqdm(total=self.total_steps, initial=st.global_step, desc="train", unit="step",
-                   disable=not cfg.progress, dynamic_ncols=True)
+                   disable=not (cfg.progress and self.ranks.is_main), dynamic_ncols=True)
+        world = self.ranks.world_size
+        trace = ExampleTrace.from_environment(self.ranks.rank, world)  # DYLORA_TRACE_EXAMPLES: a debugging record
         window = MetricWindow()
         started = time.perf_counter() - st.train_time_s
         while self.stop_reason is None:
             if st.global_step >= self.total_steps:
                 self.stop_reason = "max steps reached"
                 break
-            self.sampler.set_epoch(st.epoch, start_batch=st.batch_in_epoch)
+            # st.batch_in_epoch counts the epoch's micro-batches over every rank; this rank holds every
+            # world-th of them (see LengthGroupedBatchSampler)
+            start = st.batch_in_epoch // world
+            self.sampler.set_epoch(st.epoch, start_batch=start)
             # A DataLoader iterator draws a seed from its generator: a private one keeps the global
             # RNG (dropout) identical whether or not the run was resumed mid-epoch.
             batches = iter(DataLoader(self.train_data, batch_sampler=self.sampler, collate_fn=self.collator,
                                       generator=torch.Generator()))
-            remaining = self.sampler.num_batches - st.batch_in_epoch
+            remaining = self.sampler.num_batches - start
+            listed = self.sampler.rank_batches(st.epoch)[start:] if trace else []
             while remaining > 0 and self.stop_reason is None:
                 self.history.flush(st, self.sink)  # the previous step's row is complete: one row per step
-                n = min(cfg.gradient_accumulation_steps, remaining)
+                n = min(self.accumulation, remaining)
+                if trace:
+                    trace.record(st.global_step + 1, listed[:n])
+                    listed = listed[n:]
                 metrics = self.train_step([next(batches) for _ in range(n)])
-                st.batch_in_epoch += n
+                st.batch_in_epoch += n * world
                 remaining -= n
                 st.global_step += 1
                 st.tokens_seen += metrics["tokens"]
@@ -338,13 +447,14 @@ class Trainer:
         if cfg.eval_steps and st.global_step % cfg.eval_steps == 0:
             self._evaluation_point(bar)
         pass_at_1_every = cfg.eval_every or cfg.eval_steps
-        if cfg.eval_benchmarks and pass_at_1_every and st.global_step % pass_at_1_every == 0:
-            self._log(self.pass_at_1())
+        if cfg.eval_benchmarks and pass_at_1_every and st.global_step % pass_at_1_every == 0 and self.ranks.is_main:
+            self._log(self.pass_at_1())  # logged by rank 0 alone; the others wait in the next step
         if cfg.save_steps and st.global_step % cfg.save_steps == 0:
             self.save_checkpoint()
         bar.update(1)
-        if self.signals.received is not None:
-            self._preempt(bar)
+        signum, rank = self.ranks.first_signal(self.signals.received)  # every rank stops at the same step
+        if signum is not None:
+            self._preempt(bar, signum, rank)
         if st.global_step >= self.total_steps and self.stop_reason is None:
             self.stop_reason = "max steps reached"
 
@@ -370,20 +480,27 @@ class Trainer:
         return evaluate_during_training(self.model, self.tokenizer, cfg.eval_benchmark_list, cfg.eval_max_tasks,
                                         data_dir=cfg.data_dir)
 
-    def _preempt(self, bar) -> None:
+    def _preempt(self, bar, signum: int, rank: int) -> None:
         started = time.perf_counter()
         bar.close()
         directory = self.save_checkpoint(wait_s=self.config.preemption_budget_s)
+        published = self.ranks.on_main(self._close_after_preemption, "publishing the preemption checkpoint")
+        self._leave_ranks()
+        name = signal_name(signum)
+        by = f" (received by rank {rank} of {self.ranks.world_size})" if self.ranks.enabled else ""
+        raise Preempted(
+            f"stopped by {name}{by} at step {self.state.global_step}: checkpoint {directory} written"
+            f"{' and published' if published else ' (publishing did not finish in the budget)'} in "
+            f"{time.perf_counter() - started:.1f} s. Continue with --resume auto --run_id {self.run_id}."
+        )
+
+    def _close_after_preemption(self) -> bool:
+        """Rank 0: the checkpoint is written and was given the budget; close what is open. Whether it was published."""
         published = self.checkpointer.close(timeout_s=0)
         self.history.flush(self.state, self.sink)
         self.sink.finish(exit_code=EXIT_PREEMPTED)
         self.lock.release()
-        name = signal_name(self.signals.received)
-        raise Preempted(
-            f"stopped by {name} at step {self.state.global_step}: checkpoint {directory} written"
-            f"{' and published' if published else ' (publishing did not finish in the budget)'} in "
-            f"{time.perf_counter() - started:.1f} s. Continue with --resume auto --run_id {self.run_id}."
-        )
+        return published
 
     # ------------------------------------------------------------------ metrics
     def _log(self, metrics: dict[str, float]) -> None:
@@ -402,24 +519,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def save_checkpoint(self, wait_s: float | None = None) -> Path:
-        """Write a durable checkpoint and publish it (in the background unless ``wait_s`` is given)."""
-        return self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state, self.history,
-                                      self.run_record(), wait_s=wait_s)
+        """Write a durable checkpoint and publish it (in the background unless ``wait_s`` is given).
+
+        Every rank calls it: rank 0 writes, with every rank's RNG states; all get its directory."""
+        rng_states = self.ranks.gather(rng_state())
+        return self.ranks.on_main(
+            lambda: self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state, self.history,
+                                           self.run_record(), wait_s=wait_s, rng_states=rng_states),
+            f"writing the checkpoint of step {self.state.global_step}")
 
     def run_record(self) -> RunRecord:
         """What a checkpoint's manifest records about this run."""
         return RunRecord(run_id=self.run_id, training_config=self.config.to_dict(), seed=self.config.seed,
-                         batches_per_epoch=self.sampler.num_batches, train_examples=len(self.train_data),
-                         wandb_run_id=self.sink.run_id)
+                         batches_per_epoch=self.sampler.global_num_batches, train_examples=len(self.train_data),
+                         wandb_run_id=self.sink.run_id, world_size=self.ranks.world_size,
+                         micro_batches_per_step=self.micro_batches_per_step,
+                         train_batch_size=self.config.train_batch_size)
 
     def finish(self) -> dict[str, Any]:
         """The end of the run: final evaluation and checkpoint, publishing, the model, reports, summary."""
-        from ..data import padding_waste
-
         st = self.state
         # The loop may have just evaluated this step, and then saved it: neither is done twice.
         evaluated = st.last_eval_step == st.global_step
-        saved_after_eval = evaluated and self.checkpointer.has_local(st.global_step)
+        saved_after_eval = evaluated and self.ranks.share(
+            self.checkpointer.has_local(st.global_step) if self.ranks.is_main else None)
         if evaluated:
             final_loss = st.last_eval_loss
         else:
@@ -429,6 +552,16 @@ class Trainer:
         self.history.flush(st, self.sink)
         if not saved_after_eval:
             self.save_checkpoint()
+        try:
+            return self.ranks.on_main(lambda: self._finish_on_main(final_loss), "finishing the run")
+        finally:
+            self._leave_ranks()
+
+    def _finish_on_main(self, final_loss: float) -> dict[str, Any]:
+        """Rank 0: publishing, the model, the reports and the summary."""
+        from ..data import padding_waste
+
+        st = self.state
         # A signal now (the loop is over) only shortens the wait for the store to the preemption budget.
         wait_s = self.config.preemption_budget_s if self.signals.received is not None else self.config.publish_timeout_s
         self.checkpointer.close(timeout_s=wait_s)
@@ -455,6 +588,8 @@ class Trainer:
             "padding_waste": padding_waste(lengths, self.sampler.rank_batches(0)),
             "maturity_step": st.maturity_step,
             "num_experts": self.model.num_experts,
+            "world_size": self.ranks.world_size,
+            "global_batch": self.micro_batches_per_step * self.config.train_batch_size,
             "train_examples": len(self.train_data),
             "eval_examples": len(self.eval_data),
             "model_dir": str(model_dir),

@@ -1,0 +1,177 @@
+"""`dylora train` under real `torchrun` processes (gloo on CPU): DDP, signals, exact and elastic resume.
+
+Every run here is a real launcher with real worker processes, on the small random Llama and the
+built-in dataset. `DYLORA_TRACE_EXAMPLES` records which training examples each optimizer step
+consumed on each rank, so the sample order can be compared across world sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dylora_moe.checkpoint.format import list_checkpoints, read_manifest, verify_checkpoint
+from dylora_moe.checkpoint.stores import open_store
+from dylora_moe.train.example_trace import read_trace
+from dylora_moe.train.preemption import EXIT_PREEMPTED
+from tests.conftest import REPO_ROOT, free_port
+
+pytestmark = pytest.mark.slow
+
+STEPS = 12
+
+
+def train_argv(model_dir: str, out: Path, run_id: str, *extra: str) -> list[str]:
+    return ["train", "--model_name", model_dir, "--output_dir", str(out), "--run_id", run_id, "--report_to", "none",
+            "--progress", "false", "--training_subset", "8", "--max_seq_length", "64", "--train_batch_size", "4",
+            "--eval_batch_size", "8", "--lora_dropout", "0.1", "--learning_rate", "1e-3", "--logging_steps", "1",
+            "--eval_steps", "4", "--save_steps", "4", "--max_steps", str(STEPS), "--disable_early_stopping", *extra]
+
+
+def environment(trace: Path | None = None) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
+    env.pop("DYLORA_TRACE_EXAMPLES", None)
+    if trace is not None:
+        env["DYLORA_TRACE_EXAMPLES"] = str(trace)
+    return env
+
+
+def launch(nproc: int, argv: list[str], trace: Path | None = None) -> subprocess.Popen:
+    """`torchrun --nproc_per_node N -m dylora_moe ARGV` (one process without a launcher when N is 0)."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+                 "127.0.0.1", "--master_port", str(free_port())] if nproc else [sys.executable])
+    return subprocess.Popen([*launcher, "-m", "dylora_moe", *argv], cwd=REPO_ROOT, env=environment(trace),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run(nproc: int, argv: list[str], trace: Path | None = None, status: int = 0) -> str:
+    proc = launch(nproc, argv, trace)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == status, out
+    return out
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "dylora_model.safetensors"))
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    return [row["train/lm_loss"] for row in rows if "train/lm_loss" in row]
+
+
+def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """RANK -> pid of the launcher's worker processes (read from their environment)."""
+    workers = {}
+    for child in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        ranks = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")]
+        if ranks:
+            workers[int(ranks[0])] = int(child)
+    return workers
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_model_dir, tmp_path_factory):
+    """A 2-rank run of STEPS steps, the reference for the others."""
+    out = tmp_path_factory.mktemp("dist")
+    log = run(2, train_argv(small_model_dir, out, "full"), trace=out / "trace-full")
+    return out, log
+
+
+def test_two_ranks_train_with_rank_0_alone_writing_and_publishing(uninterrupted):
+    out, log = uninterrupted
+    run_dir = out / "full"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 2 * 4 and summary["steps"] == STEPS
+    assert log.count("done: held-out loss") == 1  # one rank reports
+    # the store has exactly one version per save (steps 4, 8, 12), every one complete
+    versions = open_store(str(run_dir / "store")).list_versions()
+    assert sorted(v.step for v in versions) == [4, 8, 12]
+    for step, path in list_checkpoints(run_dir / "checkpoints"):
+        manifest = verify_checkpoint(path)
+        assert manifest.data_state["world_size"] == 2 and manifest.data_state["micro_batches_per_step"] == 2
+        assert len(json.loads((path / "rng_ranks.json").read_text())) == 2  # every rank's RNG states
+    # the trace: each step's global batch is 2 micro-batches of 4 (the epoch's last may be short), one per rank
+    trace = read_trace(out / "trace-full")
+    assert sorted(trace) == list(range(1, STEPS + 1)) and all(4 < len(ids) <= 8 for ids in trace.values())
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_resume_is_bit_identical(
+        uninterrupted, small_model_dir):
+    out, _ = uninterrupted
+    argv = train_argv(small_model_dir, out, "cut", "--resume", "auto")
+    launcher = launch(2, argv)
+    first = out / "cut" / "checkpoints" / "step-00000004"
+    while not first.exists() and launcher.poll() is None:
+        time.sleep(0.05)
+    workers = worker_pids(launcher)
+    assert sorted(workers) == [0, 1]
+    os.kill(workers[1], signal.SIGTERM)  # a spot preemption reaching one VM first
+    log, _ = launcher.communicate(timeout=120)
+    stopped = [line for line in log.splitlines() if "stopped by SIGTERM (received by rank 1 of 2) at step" in line]
+    assert len(stopped) == 2, log  # both ranks stop, at the same step
+    step = int(stopped[0].split(" at step ")[1].split(":")[0])
+    assert all(f"at step {step}:" in line for line in stopped) and 4 <= step < STEPS
+    # torchrun reports both workers' status 75; its own ChildFailedError report is the only traceback
+    assert log.count(f"exitcode  : {EXIT_PREEMPTED}") == 2
+    assert log.count("Traceback") == 1 and "ChildFailedError" in log.split("Traceback")[1]
+    assert verify_checkpoint(out / "cut" / "checkpoints" / f"step-{step:08d}").global_step == step
+    latest = json.loads((out / "cut" / "store" / "aliases" / "latest.json").read_text())
+    assert latest["step"] == step  # rank 0 published the preemption checkpoint
+
+    run(2, argv)  # the same command continues
+    a, b = final_weights(out / "full"), final_weights(out / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert train_losses(out / "full") == train_losses(out / "cut")
+
+
+def test_evaluation_over_two_ranks_equals_one_process(uninterrupted, small_model_dir, tmp_path):
+    out, _ = uninterrupted
+    run(0, train_argv(small_model_dir, tmp_path, "one", "--max_steps", "1", "--save_steps", "0"))
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())["eval_loss_base"]
+    two = json.loads((out / "full" / "summary.json").read_text())["eval_loss_base"]
+    assert one == pytest.approx(two, rel=1e-6)
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)], ids=["2-to-1", "1-to-2"])
+def test_elastic_resume_keeps_the_global_batch_and_the_order_of_the_examples(
+        uninterrupted, small_model_dir, tmp_path, first, then):
+    out, _ = uninterrupted
+    reference = read_trace(out / "trace-full")  # 2 ranks x 1 accumulation
+    accumulation = 2 // first
+    argv = train_argv(small_model_dir, tmp_path, "elastic", "--gradient_accumulation_steps", str(accumulation))
+    run(first if first > 1 else 0, [*argv, "--max_steps", "4"], trace=tmp_path / "trace")
+    log = run(then if then > 1 else 0, [*argv, "--resume", "auto"], trace=tmp_path / "trace")
+    assert f"saved by {first} rank(s) x {accumulation} accumulation, continued on {then} rank(s) x " \
+           f"{2 // then} accumulation" in log
+    trace = read_trace(tmp_path / "trace")
+    assert sorted(trace) == list(range(1, STEPS + 1))
+    assert trace == reference  # every step, before and after the resume, saw the same examples
+    summary = json.loads((tmp_path / "elastic" / "summary.json").read_text())
+    assert summary["world_size"] == then and summary["global_batch"] == 8 and summary["steps"] == STEPS
+    newest = list_checkpoints(tmp_path / "elastic" / "checkpoints")[-1][1]
+    assert read_manifest(newest).data_state["micro_batches_per_step"] == 2
+
+
+def test_a_global_batch_the_new_world_size_cannot_reproduce_is_refused_before_training(small_model_dir, tmp_path):
+    argv = train_argv(small_model_dir, tmp_path, "odd", "--gradient_accumulation_steps", "3")
+    run(0, [*argv, "--max_steps", "4"])  # one rank x 3 micro-batches per step
+    saved = list_checkpoints(tmp_path / "odd" / "checkpoints")
+    log = run(2, [*argv, "--resume", "auto"], status=1)
+    assert "global batch of 3 micro-batches per optimizer step" in log and "2 ranks cannot reproduce" in log
+    assert "a number of ranks that divides 3 (e.g. 1, 3)" in log
+    assert log.count("dylora train: error:") == 2  # each rank says it in one paragraph
+    assert list_checkpoints(tmp_path / "odd" / "checkpoints") == saved
+    for _, path in saved:
+        verify_checkpoint(path)
