@@ -6,7 +6,7 @@ case runs under a real ``torchrun --standalone --nproc_per_node N`` (gloo on CPU
 1-rank case as a plain process. Every worker has ``OMP_NUM_THREADS`` = ``--threads`` (1 by default),
 runs ``--warmup`` optimizer steps, then ``--steps`` timed ``Trainer.train_step`` calls on micro-batches
 drawn beforehand from the trainer's own (rank-sharded) sampler, and writes its numbers as JSON.
-The cases alternate for ``--rounds`` rounds and the median round is reported.
+The cases alternate for ``--rounds`` rounds; each measure is the median over the rounds.
 
 Ideal scaling: the same step time and N times the tokens/s. The bytes all-reduced per optimizer
 step are measured by a DDP communication hook that wraps torch's default ``allreduce_hook`` and
@@ -61,6 +61,25 @@ def parameter_bytes(parameters) -> tuple[int, int]:
     return sum(p.numel() for p in parameters), sum(p.numel() * p.element_size() for p in parameters)
 
 
+def allreduce_alone_s(ranks, nbytes: int, repeats: int = 10) -> float:
+    """Median seconds of one all-reduce of ``nbytes`` of float32 on its own (every rank ready first)."""
+    import torch
+    import torch.distributed as dist
+
+    if not ranks.enabled or nbytes == 0:
+        return 0.0
+    tensor = torch.zeros(nbytes // 4, device=ranks.device())
+    times = []
+    for _ in range(repeats):
+        ranks.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(tensor)
+        if tensor.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def run_worker(args: argparse.Namespace) -> None:
     import torch
     from torch.utils.data import DataLoader
@@ -109,6 +128,7 @@ def run_worker(args: argparse.Namespace) -> None:
         "step_s": step_s, "tokens": tokens,
         "padded_tokens_per_rank": [p / ranks.world_size for p in padded_all],
         "allreduce_bytes_per_step": counter.bytes / args.steps, "buckets_per_step": counter.buckets / args.steps,
+        "allreduce_alone_s": allreduce_alone_s(ranks, counter.bytes // args.steps),
         "trainable_params": trainable[0], "trainable_bytes": trainable[1],
         "frozen_params": frozen[0], "frozen_bytes": frozen[1],
     }
@@ -142,45 +162,51 @@ def run_case(args: argparse.Namespace, nproc: int, out: Path, round_: int) -> di
     data["wall_s"] = time.perf_counter() - start
     data["step_mean_s"] = statistics.fmean(data["step_s"])
     data["tokens_per_s"] = sum(data["tokens"]) / sum(data["step_s"])
+    data["step_per_k_s"] = 1000 * sum(data["step_s"]) / sum(data["padded_tokens_per_rank"])
     print(f"round {round_}: {nproc} rank(s): step {data['step_mean_s']:.3f} s (median "
           f"{statistics.median(data['step_s']):.3f}), {data['tokens_per_s']:.0f} tokens/s, "
-          f"all-reduced {data['allreduce_bytes_per_step']:,.0f} B/step in {data['buckets_per_step']:g} bucket(s), "
+          f"all-reduced {data['allreduce_bytes_per_step']:,.0f} B/step in {data['buckets_per_step']:g} bucket(s) "
+          f"(alone: {data['allreduce_alone_s'] * 1000:.1f} ms), "
           f"process {data['wall_s']:.0f} s, load average {os.getloadavg()[0]:.1f}", flush=True)
     return data
 
 
-def median_round(results: list[dict]) -> dict:
-    """The round whose mean step time is the median (the lower middle one for an even count)."""
-    ordered = sorted(results, key=lambda r: r["step_mean_s"])
-    return ordered[(len(ordered) - 1) // 2]
+def summarise(results: list[dict]) -> dict:
+    """One case over the rounds: the median of each timed measure, the rest as measured (it does not vary)."""
+    summary = dict(results[0])
+    for key in ("step_mean_s", "step_per_k_s", "tokens_per_s", "allreduce_alone_s"):
+        summary[key] = statistics.median(r[key] for r in results)
+    summary["padded_mean"] = statistics.fmean(p for r in results for p in r["padded_tokens_per_rank"])
+    return summary
 
 
 def table(one: dict, many: dict, nproc: int) -> str:
-    n = f"{nproc} ranks"
     unit = "thread" if one["device"] == "cpu" else "GPU"
-    one_name = f"1 rank x 1 {unit}" if unit == "GPU" else f"1 rank x {one['threads']} thread"
-    many_name = f"{n} x 1 {unit}" if unit == "GPU" else f"{n} x {many['threads']} thread"
-    per_k = lambda r: 1000 * sum(r["step_s"]) / sum(r["padded_tokens_per_rank"])  # noqa: E731
+    names = [f"1 rank x {one['threads'] if unit == 'thread' else 1} {unit}",
+             f"{nproc} ranks x {many['threads'] if unit == 'thread' else 1} {unit}"]
     mb = lambda b: f"{b:,.0f} B ({b / 2**20:.2f} MiB)"  # noqa: E731
+    ratio = lambda key: many[key] / one[key]  # noqa: E731
     rows = [
         ("backend", one["backend"], many["backend"], ""),
         ("micro-batch per rank (examples)", one["batch"], many["batch"], ""),
-        ("padded tokens per rank per step (mean)", f"{statistics.fmean(one['padded_tokens_per_rank']):.0f}",
-         f"{statistics.fmean(many['padded_tokens_per_rank']):.0f}", ""),
-        ("step time (mean)", f"{one['step_mean_s']:.3f} s", f"{many['step_mean_s']:.3f} s",
-         f"**{many['step_mean_s'] / one['step_mean_s']:.2f}** (ideal 1.00)"),
-        ("step time per 1,000 padded tokens per rank", f"{per_k(one):.3f} s", f"{per_k(many):.3f} s",
-         f"**{per_k(many) / per_k(one):.2f}** (ideal 1.00; evens out the batches' lengths)"),
-        ("tokens/s (all ranks, without padding)", f"{one['tokens_per_s']:.0f}", f"{many['tokens_per_s']:.0f}",
-         f"**{many['tokens_per_s'] / one['tokens_per_s']:.2f}x** (ideal {nproc}.00x)"),
-        ("bytes all-reduced per optimizer step (measured by the DDP hook)", "0 (no DDP)",
+        ("padded tokens per rank per step (mean)", f"{one['padded_mean']:.0f}", f"{many['padded_mean']:.0f}", ""),
+        ("step time (mean of the timed steps)", f"{one['step_mean_s']:.3f} s", f"{many['step_mean_s']:.3f} s",
+         f"**{ratio('step_mean_s'):.2f}** (ideal 1.00)"),
+        ("step time per 1,000 padded tokens per rank", f"{one['step_per_k_s']:.3f} s",
+         f"{many['step_per_k_s']:.3f} s", f"**{ratio('step_per_k_s'):.2f}** (ideal 1.00; evens out batch lengths)"),
+        ("tokens/s (all ranks, padding not counted)", f"{one['tokens_per_s']:.0f}", f"{many['tokens_per_s']:.0f}",
+         f"**{ratio('tokens_per_s'):.2f}x** (ideal {nproc}.00x)"),
+        ("bytes all-reduced per optimizer step (counted by the DDP hook)", "0 (no DDP)",
          f"{mb(many['allreduce_bytes_per_step'])} in {many['buckets_per_step']:g} bucket(s)", ""),
-        ("trainable gradient bytes (DDP's parameters)", mb(one["trainable_bytes"]), mb(many["trainable_bytes"]),
+        ("one all-reduce of those bytes on its own (after a barrier)", "-",
+         f"{many['allreduce_alone_s'] * 1000:.1f} ms",
+         f"{many['allreduce_alone_s'] / many['step_mean_s']:.1%} of a step"),
+        ("trainable gradient bytes (what DDP registers)", mb(one["trainable_bytes"]), mb(many["trainable_bytes"]),
          f"{many['trainable_params']:,} parameters"),
         ("frozen base bytes (never all-reduced)", mb(one["frozen_bytes"]), mb(many["frozen_bytes"]),
          f"{many['frozen_params']:,} parameters"),
     ]
-    lines = [f"| | {one_name} | {many_name} | ratio / note |", "|---|---|---|---|"]
+    lines = [f"| median of the rounds | {names[0]} | {names[1]} | ratio / note |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
 
@@ -219,7 +245,10 @@ def main() -> None:
             singles.append(run_case(args, 1, Path(tmp), round_))
             multis.append(run_case(args, args.nproc, Path(tmp), round_))
     print()
-    print(table(median_round(singles), median_round(multis), args.nproc))
+    print(table(summarise(singles), summarise(multis), args.nproc))
+    print("\nper round, N-rank / 1-rank: step time " + ", ".join(
+        f"{m['step_mean_s'] / s['step_mean_s']:.2f}" for s, m in zip(singles, multis)) + "; tokens/s " + ", ".join(
+        f"{m['tokens_per_s'] / s['tokens_per_s']:.2f}x" for s, m in zip(singles, multis)))
     print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
