@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -236,3 +237,125 @@ def test_submit_replica_count_2_accelerator_count_4_builds_a_chief_and_a_worker_
         assert pool["containerSpec"]["command"] == ["python", "-m", "dylora_moe.cloud.entrypoint"]
     assert pools[0]["containerSpec"]["args"] == pools[1]["containerSpec"]["args"]  # every replica, one command
     assert aiplatform_v1.CustomJob.from_json(result.stdout).job_spec.worker_pool_specs[1].replica_count == 1
+
+
+def test_the_multinode_example_of_docs_cloud_md_builds_two_pools_of_four_gpus(tmp_path, monkeypatch, capsys):
+    from dylora_moe import cli
+    from tests.cloud.test_docs import DOC, commands
+
+    (tmp_path / "job.yaml").write_text(re.search(r"```yaml\n# job.yaml\n(.*?)```", DOC, re.S).group(1))
+    monkeypatch.chdir(tmp_path)
+    [argv] = [c for c in commands("dylora submit") if "--replica_count" in c]
+    assert cli.main(argv[1:]) == 0
+    spec = aiplatform_v1.CustomJob.from_json(capsys.readouterr().out).job_spec
+    assert [p.replica_count for p in spec.worker_pool_specs] == [1, 1]
+    assert {(p.machine_spec.machine_type, p.machine_spec.accelerator_count) for p in spec.worker_pool_specs} == {
+        ("g2-standard-48", 4)}
+    assert spec.scheduling.restart_job_on_worker_restart
+
+
+def test_sigterm_while_waiting_at_the_rendezvous_ends_the_replica_at_once(tmp_path):
+    """Nothing was trained yet: the launcher's wait for the chief is not interruptible by a Python handler,
+    so the replica ends by the signal itself (status 143 in a shell), as docs/cloud.md says."""
+    env = {**os.environ, **spec_for("workerpool1", 0, local_cluster(free_port())), "DYLORA_NPROC_PER_NODE": "1",
+           "PYTHONUNBUFFERED": "1"}
+    node = subprocess.Popen([sys.executable, "-m", "dylora_moe.cloud.entrypoint", "--", "train", "--max_steps", "1"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in node.stdout:  # the chief never comes: this replica waits at the rendezvous
+        lines.append(line)
+        if "launching 2 ranks: node 1 of 2" in line:
+            break
+    time.sleep(1)
+    node.send_signal(signal.SIGTERM)
+    output = "".join(lines) + node.communicate(timeout=60)[0]
+    assert node.returncode == -signal.SIGTERM, output
+    assert "Traceback" not in output
+
+
+# ------------------------------------------------------------------ a real `dylora train` on two "nodes"
+def job_command(capsys, *training: str) -> list[str]:
+    """Every replica's container command of a 2-replica job (dry run), to run here with this Python."""
+    from dylora_moe import cli
+
+    status = cli.main(["submit", "vertex", "--project", "proj", "--region", "us-central1", "--image", "img:1",
+                       "--base_output_dir", "gs://bkt/exp", "--replica_count", "2", "--dry-run", "--", *training])
+    out = capsys.readouterr().out
+    assert status == 0
+    pools = aiplatform_v1.CustomJob.from_json(out).job_spec.worker_pool_specs
+    commands = [list(p.container_spec.command) + list(p.container_spec.args) for p in pools]
+    assert [p.replica_count for p in pools] == [1, 1] and commands[0] == commands[1]
+    return [sys.executable, *commands[0][1:]]
+
+
+TRAINING = ["--report_to", "none", "--training_subset", "2", "--max_seq_length", "64", "--train_batch_size", "2",
+            "--eval_steps", "0", "--logging_steps", "1"]
+
+
+def start_replicas(command: list[str], disks: dict[str, Path], job_id: str, port: int,
+                   model_dir: Path) -> list[subprocess.Popen]:
+    """The job's two replicas as Vertex starts them: each on its own VM (working directory), same command."""
+    cluster = local_cluster(port)
+    replicas = []
+    for pool, disk in disks.items():
+        disk.mkdir()
+        env = {**os.environ, **spec_for(pool, 0, cluster), "DYLORA_NPROC_PER_NODE": "1", "CLOUD_ML_JOB_ID": job_id,
+               "AIP_MODEL_DIR": str(model_dir), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+               "HF_DATASETS_OFFLINE": "1"}
+        replicas.append(subprocess.Popen(command, cwd=disk, env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True))
+    return replicas
+
+
+def vms(tmp_path: Path, start: int) -> dict[str, Path]:
+    return {pool: tmp_path / f"vm-{pool}-start{start}" for pool in ("workerpool0", "workerpool1")}
+
+
+@pytest.mark.slow
+def test_a_two_replica_job_trains_on_both_nodes_survives_a_preempted_worker_and_writes_once(
+        small_model_dir, tmp_path, capsys):
+    """Spot preemption hits one VM: SIGTERM to the worker replica's entrypoint. Both replicas exit 75 after
+    rank 0 published the checkpoint; Vertex restarts them on fresh VMs, they meet again, continue from it
+    and finish: one model trained by two nodes, written by rank 0 on the chief only."""
+    from dylora_moe.checkpoint.format import list_checkpoints, read_manifest
+    from dylora_moe.checkpoint.stores import open_store
+
+    steps, job = 12, "4343"
+    store, model_dir = tmp_path / "bucket" / "store", tmp_path / "bucket" / "model"  # gs://... to every replica
+    command = job_command(capsys, "--model_name", small_model_dir, "--max_steps", str(steps), "--save_steps", "1",
+                          *TRAINING, "--checkpoint_store", str(store))
+    disks = vms(tmp_path, 1)
+    chief, worker = start_replicas(command, disks, job, free_port(), model_dir)
+    first = disks["workerpool0"] / "runs" / job / "checkpoints" / "step-00000001"
+    deadline = time.monotonic() + 300
+    while not first.exists() and chief.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGTERM)
+    outputs = [node.communicate(timeout=300)[0] for node in (chief, worker)]
+    assert [chief.returncode, worker.returncode] == [75, 75], "\n\n".join(outputs)
+    assert "Traceback" not in "".join(outputs)
+    assert "launching 2 ranks: node 0 of 2, 1 process(es) per node, rendezvous at chief 127.0.0.1:" in outputs[0]
+    assert "launching 2 ranks: node 1 of 2" in outputs[1]
+    assert "received SIGTERM: the ranks of this node were asked to stop" in outputs[1]
+    assert "every stopped rank checkpointed first (rank 1: exit 75)" in outputs[1]
+    assert "every stopped rank checkpointed first (rank 0: exit 75)" in outputs[0]
+    preempted_at = max(v.step for v in open_store(str(store)).list_versions())
+    assert 1 <= preempted_at < steps and not model_dir.exists()
+
+    disks = vms(tmp_path, 2)  # the restart: new VMs, empty disks, the same command
+    nodes = start_replicas(command, disks, job, free_port(), model_dir)
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n\n".join(outputs)
+    assert "Traceback" not in "".join(outputs)
+    assert f"at step {preempted_at}" in outputs[0]
+    # rank 0 (on the chief) is the only writer: the run directory, the checkpoints, the store's versions
+    run_dir = disks["workerpool0"] / "runs" / job
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    assert checkpoints and checkpoints[-1][0] == steps
+    assert read_manifest(checkpoints[-1][1]).data_state["world_size"] == 2  # one model trained by both nodes
+    assert not (disks["workerpool1"] / "runs").exists() and "Published" not in outputs[1]
+    published = [int(step) for step in re.findall(r"Published \S+ to \S+ as v\d+ \(aliases \[.*'step-(\d+)'\]\)",
+                                                    outputs[0])]
+    assert [v.step for v in open_store(str(store)).list_versions()][-len(published):] == published  # one per save
+    # and only the chief copied the trained mixture to AIP_MODEL_DIR (a worker has no final/ to copy)
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted(p.name for p in (run_dir / "final").iterdir())
