@@ -75,6 +75,21 @@ DESIGNS: dict[str, tuple[str, dict]] = {
     # + minus the mutual information dataset;expert in the batch (the dataset ids train the router only)
     **{f"moe_example_dense_a128_rs30_dmi{c:g}": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0, "dataset_mi_coefficient": c})
        for c in (0.01, 0.03, 0.1, 0.3, 1.0)},
+    # the same without the Switch balance loss: the dataset term's H(E) keeps all experts in use, and a
+    # batch where one dataset dominates is no longer pushed to spread that dataset over the experts
+    **{f"moe_example_dense_a128_rs30_dmi{c:g}_bal0": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0,
+                                                            "dataset_mi_coefficient": c, "balance_coefficient": 0.0})
+       for c in (0.1, 0.2, 0.3, 1.0)},
+    # ... with a softer gate (temperature 4): the same top-1 choice needs larger logit gaps, and the
+    # experts the gate does not pick still take part
+    **{f"moe_example_dense_a128_rs30_dmi{c:g}_bal0_t4": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0,
+                                                               "dataset_mi_coefficient": c, "balance_coefficient": 0.0,
+                                                               "router_temperature": 4.0})
+       for c in (0.3, 1.0)},
+    # ... with a gate floor F: gate = F x (1/4 each) + (1 - F) x router gate; the losses read the router gate
+    **{f"moe_example_dense_a128_rs30_dmi{c:g}_bal0_floor{f:g}": ("moe", {
+        **EXAMPLE_DENSE_A128, "router_scale": 30.0, "dataset_mi_coefficient": c, "balance_coefficient": 0.0,
+        "gate_floor": f}) for c in (0.3, 1.0) for f in (0.25, 0.5)},
 }
 
 

@@ -46,6 +46,9 @@ class DyLoRAConfig:
     # same initial gates, but under Adam the router then learns router_scale times faster than
     # the experts (a router learning-rate multiplier that lives in the model, not the optimizer).
     router_scale: float = 30.0
+    # dense routing: gate = gate_floor x (1/E each) + (1 - gate_floor) x router's gate, so every expert
+    # keeps a shared part of every example while the router specialises the rest; 0: off
+    gate_floor: float = 0.0
     base_model_name_or_path: str | None = None
     mature: list[bool] = field(default_factory=list)  # filled in by the model
 
@@ -77,6 +80,8 @@ class DyLoRAConfig:
         for name in ("balance_coefficient", "z_loss_coefficient", "router_mi_coefficient", "dataset_mi_coefficient"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: auxiliary loss coefficients must be >= 0.")
+        if not 0.0 <= self.gate_floor < 1.0:
+            raise ConfigError(f"gate_floor={self.gate_floor!r} is invalid: give a share in [0, 1).")
         if not self.router_scale > 0:
             raise ConfigError(f"router_scale={self.router_scale!r} is invalid: it must be > 0.")
         if self.routing not in ROUTING_GRANULARITIES:

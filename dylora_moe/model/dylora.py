@@ -47,6 +47,12 @@ def _is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter that FSDP shards over ranks (a collective: every rank calls it)."""
+    full_tensor = getattr(tensor, "full_tensor", None)  # a DTensor
+    return full_tensor() if full_tensor is not None else tensor
+
+
 def find_target_modules(model: nn.Module, targets: Sequence[str] | str) -> list[str]:
     """Full names of the modules to adapt; unknown names are an error listing what exists."""
     candidates = {name: m for name, m in model.named_modules() if name and _is_adaptable(m)}
@@ -92,6 +98,7 @@ class DyLoRAMoE(nn.Module):
             temperature=config.router_temperature,
             granularity=config.routing,
             scale=config.router_scale,
+            floor=config.gate_floor,
         )
         self.adapted_names = find_target_modules(base_model, config.target_modules)
         for name in self.adapted_names:
@@ -214,9 +221,9 @@ class DyLoRAMoE(nn.Module):
         """Experts, routers, maturity and admission: all training changes, nothing of the base."""
         state = {}
         for name, layer in self.adapted_layers():
-            state[f"{name}.lora_A"] = layer.lora_A.detach()
-            state[f"{name}.lora_B"] = layer.lora_B.detach()
-            state[f"{name}.router.weight"] = layer.router.weight.detach()
+            state[f"{name}.lora_A"] = _whole(layer.lora_A.detach())
+            state[f"{name}.lora_B"] = _whole(layer.lora_B.detach())
+            state[f"{name}.router.weight"] = _whole(layer.router.weight.detach())
         state[MATURITY_KEY] = self.routing.mature.clone()
         state[ADMISSION_KEY] = self.routing.admission.clone()
         return state
@@ -254,12 +261,13 @@ class DyLoRAMoE(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the config and the trainable state (``state``: one already gathered, e.g. from FSDP shards)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._sync_config()
         (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        state = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        state = {k: v.contiguous().cpu() for k, v in (state or self.trainable_state_dict()).items()}
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod

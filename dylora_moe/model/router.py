@@ -56,6 +56,7 @@ class RoutingState:
     token_mask: torch.Tensor | None = None  # (batch, seq) bool: which tokens count in aux losses
     granularity: str = "token"  # "token" or "example" (see the module docstring)
     scale: float = 1.0  # logits = scale * W x (W initialised smaller by as much): a faster-learning router
+    floor: float = 0.0  # dense routing: this share of every gate is spread evenly over the admitted experts
     prompt_mask: torch.Tensor | None = None  # (batch, seq) bool: the prompt tokens, per-example routing
     dataset_ids: torch.Tensor | None = None  # (batch,) long: each example's dataset, for dataset_mi_loss
     generating: bool = False  # per-example routing: keep each router's prefill gate for new tokens
@@ -69,6 +70,15 @@ class RoutingState:
     @property
     def dense(self) -> bool:
         return not bool(self.mature.all())
+
+    def add_floor(self, gate: torch.Tensor) -> torch.Tensor:
+        """``floor x (even share over the admitted experts) + (1 - floor) x gate``: every expert keeps
+        part of every example (a shared part of the update) while the router decides the rest."""
+        if not self.floor:
+            return gate
+        even = self.admission.to(gate.device) if self.admission is not None else torch.ones(gate.shape[-1])
+        even = (even / even.sum()).to(device=gate.device, dtype=gate.dtype)
+        return self.floor * even + (1.0 - self.floor) * gate
 
     def admit(self, probs: torch.Tensor) -> torch.Tensor:
         if self.admission is None or bool((self.admission == 1).all()):
@@ -178,7 +188,7 @@ class HybridRouter(nn.Module):
             return gate
         if state.dense:
             probs = state.admit(torch.softmax(logits / state.temperature, dim=-1))
-            gate, dispatch = probs, None
+            gate, dispatch = state.add_floor(probs), None  # the auxiliary losses read probs, without the floor
         else:
             probs = state.admit(torch.softmax(logits, dim=-1))
             dispatch = top_k_mask(probs, state.top_k)

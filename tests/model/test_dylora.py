@@ -39,8 +39,9 @@ def test_padding_does_not_count_in_router_statistics(input_ids):
     torch.testing.assert_close(padded.expert_usage, other.expert_usage)
 
 
-def test_add_expert_leaves_outputs_and_existing_experts_unchanged(input_ids):
-    model = trained_mixture()
+@pytest.mark.parametrize("gate_floor", [0.0, 0.5])
+def test_add_expert_leaves_outputs_and_existing_experts_unchanged(input_ids, gate_floor):
+    model = trained_mixture(gate_floor=gate_floor)  # the floor is shared by the admitted experts only
     model.set_maturity(0)
     before_logits = model(input_ids).logits
     before_state = model.trainable_state_dict()

@@ -58,3 +58,37 @@ def test_training_the_dataset_term_routes_unseen_prompts_of_each_dataset_to_an_e
         first, second = top1[:8].mode().values, top1[8:].mode().values
         assert first != second
         assert (top1[:8] == first).sum() + (top1[8:] == second).sum() >= 14  # of 16 unseen examples
+
+
+def gates_of(model, ids, labels):
+    captured = []
+    hooks = [layer.router.register_forward_hook(lambda _m, _i, gate: captured.append(gate))
+             for _, layer in model.adapted_layers()]
+    with torch.no_grad():
+        out = model(ids, attention_mask=torch.ones_like(ids), labels=labels)
+    for h in hooks:
+        h.remove()
+    return captured, out
+
+
+def test_gate_floor_gives_every_expert_a_share_and_keeps_the_routers_choice():
+    ids, labels, datasets = two_kinds_of_prompts(3, seed=0)
+    one_layer = dict(num_experts=4, r=2, dropout=0.0, target_modules="layers.0.self_attn.q_proj")  # same input
+    plain = DyLoRAMoE(tiny_llama(), DyLoRAConfig(**one_layer))
+    randomize_experts(plain)
+    floored = DyLoRAMoE(tiny_llama(), DyLoRAConfig(**one_layer, gate_floor=0.4))
+    floored.load_trainable_state_dict(plain.trainable_state_dict())
+    (without, out_plain), (with_floor, out_floored) = gates_of(plain, ids, labels), gates_of(floored, ids, labels)
+    assert len(without) == len(with_floor) == 1
+    for g, f in zip(without, with_floor):
+        torch.testing.assert_close(f, 0.4 * 0.25 + 0.6 * g)
+        assert torch.equal(f.argmax(-1), g.argmax(-1)) and bool((f >= 0.1 - 1e-6).all())
+    # the auxiliary losses read the router's own gate, not the floored one
+    torch.testing.assert_close(out_floored.balance_loss, out_plain.balance_loss)
+
+
+def test_gate_floor_outside_zero_to_one_is_refused():
+    from dylora_moe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"gate_floor=1.0 is invalid: give a share in \[0, 1\)"):
+        DyLoRAConfig(gate_floor=1.0)
