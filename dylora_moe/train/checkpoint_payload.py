@@ -22,7 +22,7 @@ import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -47,6 +47,19 @@ class RunRecord:
     world_size: int = 1
     micro_batches_per_step: int = 1  # world size x gradient accumulation: with the batch size, the global batch
     train_batch_size: int = 0
+
+
+@dataclass
+class GatheredState:
+    """What the ranks of a distributed run hand to rank 0 for a checkpoint (None: take it from the
+    process itself). Under FSDP the weights and optimizer state are whole tensors gathered from the
+    shards and the fingerprint was computed before sharding, so the checkpoint is the same as one
+    written by a single process: trainable-only and independent of the world size."""
+
+    rng_states: list[dict] | None = None
+    weights: dict[str, torch.Tensor] | None = None
+    optimizer: dict[str, Any] | None = None
+    fingerprint: dict[str, Any] | None = None
 
 
 @dataclass
@@ -90,17 +103,21 @@ def set_rng_state(state: dict) -> None:
 
 def save_training_checkpoint(parent: Path, model: DyLoRAMoE, optimizer: torch.optim.Optimizer, scheduler: Any,
                              state: TrainerState, history_rows: int, run: RunRecord,
-                             rng_states: list[dict] | None = None) -> Path:
+                             gathered: "GatheredState | None" = None) -> Path:
     """Write the checkpoint of ``state.global_step`` durably under ``parent``; its directory.
 
-    ``rng_states``: every rank's RNG states in rank order (default: this process's alone).
+    ``gathered``: what several ranks contributed (every rank's RNG states; under FSDP the whole
+    weights, optimizer state and fingerprint). Default: this process's own.
     """
     progress = state.progress(history_rows)
-    rng_states = rng_states or [rng_state()]
+    gathered = gathered or GatheredState()
+    rng_states = gathered.rng_states or [rng_state()]
+    fingerprint = gathered.fingerprint or ArchitectureFingerprint.of(model).to_dict()
 
     def write_files(staging: Path) -> None:
-        model.save_pretrained(staging)
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        model.save_pretrained(staging, state=gathered.weights)
+        torch.save(gathered.optimizer if gathered.optimizer is not None else optimizer.state_dict(),
+                   staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         (staging / "rng.json").write_text(json.dumps(rng_states[0]))
         if len(rng_states) > 1:
@@ -110,7 +127,7 @@ def save_training_checkpoint(parent: Path, model: DyLoRAMoE, optimizer: torch.op
     fields = {
         "global_step": state.global_step,
         "epoch": state.epoch,
-        "fingerprint": ArchitectureFingerprint.of(model).to_dict(),
+        "fingerprint": fingerprint,
         "training_config": run.training_config,
         "data_state": {
             "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "seed": run.seed,
@@ -145,24 +162,37 @@ def read_training_checkpoint(directory: Path) -> TrainingPayload:
         rng=rng, data_state=data_state)
 
 
-def apply_training_checkpoint(payload: TrainingPayload, model: DyLoRAMoE, optimizer: torch.optim.Optimizer,
-                              scheduler: Any, rank: int = 0) -> TrainerState:
-    """Put a read checkpoint into a set-up model, optimizer and scheduler (same fingerprint already
-    checked), set this rank's RNGs, and return the saved progress.
-
-    A checkpoint with fewer experts than the model (``--grow_experts``) fills the first slots;
-    the optimizer's moments then no longer fit the parameters and start afresh. A rank the saving
-    run did not have (resuming on more ranks) keeps the RNG it was seeded with.
-    """
+def restore_weights(payload: TrainingPayload, model: DyLoRAMoE) -> bool:
+    """Load the checkpoint's trainable weights into the (not yet sharded or wrapped) model; whether
+    the model has more experts than the checkpoint (``--grow_experts``: the new ones start fresh)."""
     grown = payload.weights["routing.mature"].numel() < model.num_experts
     model.load_trainable_state_dict(payload.weights, allow_growth=grown)
+    return grown
+
+
+def restore_progress(payload: TrainingPayload, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0,
+                     grown: bool = False, load_optimizer: Callable[[dict], None] | None = None) -> TrainerState:
+    """Put the optimizer state, the schedule position and this rank's RNGs back; the saved progress.
+
+    After growth the optimizer's moments no longer fit the parameters and start afresh.
+    ``load_optimizer``: how to load a whole optimizer state (default ``optimizer.load_state_dict``;
+    FSDP spreads it over the shards). A rank the saving run did not have (resuming on more ranks)
+    keeps the RNG it was seeded with.
+    """
     state = TrainerState.from_progress(payload.progress)
     if not grown:
-        optimizer.load_state_dict(payload.optimizer)
+        (load_optimizer or optimizer.load_state_dict)(payload.optimizer)
     continue_schedule(optimizer, scheduler, payload.scheduler_step)
     if rank < len(payload.rng):
         set_rng_state(payload.rng[rank])
     return state
+
+
+def apply_training_checkpoint(payload: TrainingPayload, model: DyLoRAMoE, optimizer: torch.optim.Optimizer,
+                              scheduler: Any, rank: int = 0) -> TrainerState:
+    """Weights, optimizer, schedule and RNGs of a read checkpoint, into set-up pieces of one process."""
+    grown = restore_weights(payload, model)
+    return restore_progress(payload, optimizer, scheduler, rank, grown)
 
 
 def restore_training_checkpoint(directory: Path, model: DyLoRAMoE, optimizer: torch.optim.Optimizer,

@@ -27,7 +27,7 @@ from ..checkpoint.stores.download import free_bytes
 from ..checkpoint.stores.probe import probe_store
 from ..errors import CheckpointError, ConfigError, DyLoRAError
 from ..model import DyLoRAMoE
-from .checkpoint_payload import RunRecord, TrainingPayload, read_training_checkpoint, save_training_checkpoint
+from .checkpoint_payload import GatheredState, RunRecord, TrainingPayload, read_training_checkpoint, save_training_checkpoint
 from .config import TrainConfig
 from .history import MetricHistory
 from .state import TrainerState
@@ -83,9 +83,13 @@ class Checkpointer:
         )
         return self.resume_dir
 
+    def saved_fingerprint(self) -> ArchitectureFingerprint:
+        """The fingerprint of the fetched checkpoint."""
+        return ArchitectureFingerprint.from_dict(read_manifest(self.resume_dir).fingerprint)
+
     def check_fingerprint(self, model: DyLoRAMoE) -> None:
         """Refuse a checkpoint whose architecture or base weights differ from ``model``'s."""
-        saved = ArchitectureFingerprint.from_dict(read_manifest(self.resume_dir).fingerprint)
+        saved = self.saved_fingerprint()
         requested = ArchitectureFingerprint.of(model)
         diffs = saved.differences(requested, grow_experts=self.config.grow_experts)
         if diffs:
@@ -132,14 +136,14 @@ class Checkpointer:
     # ------------------------------------------------------------------ during the run
     def save(self, model: DyLoRAMoE, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainerState,
              history: MetricHistory, run: RunRecord, wait_s: float | None = None,
-             rng_states: list[dict] | None = None) -> Path:
+             gathered: GatheredState | None = None) -> Path:
         """Write a durable checkpoint and publish it (in the background unless ``wait_s`` is given).
 
-        ``rng_states``: every rank's RNG states, in rank order (default: this process's)."""
+        ``gathered``: what the other ranks contributed (their RNG states; under FSDP the whole state)."""
         with self.writing(f"checkpoint {checkpoint_name(state.global_step)}", self.checkpoint_dir):
             rows = history.write(state)
             directory = save_training_checkpoint(self.checkpoint_dir, model, optimizer, scheduler, state, rows, run,
-                                                 rng_states)
+                                                 gathered)
         aliases = ["latest"] + (["best"] if state.best_step == state.global_step else [])
         self.publisher.submit(directory, state.global_step, aliases)
         if wait_s is not None and not self.flush(wait_s):

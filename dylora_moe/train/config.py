@@ -68,6 +68,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
     fp16: bool = _opt(False, "float16 autocast (CUDA only)")
     bf16: bool = _opt(False, "bfloat16 autocast")
+    fsdp: bool = _opt(False, "under torchrun: shard the base model and the experts over the ranks with torch FSDP "
+                      "(fully_shard), for bases that do not fit one GPU (default: DDP, each rank holds the whole base)")
     seed: int = _opt(42, "seed for data order, initialisation and dropout")
     # evaluation and early stopping
     eval_steps: int = _opt(50, "evaluate every N optimizer steps (0: only at the end)")
@@ -137,6 +139,9 @@ class TrainConfig:
             raise ConfigError(f"--warmup_ratio {self.warmup_ratio!r} is invalid: give a value in [0, 1).")
         if self.fp16 and self.bf16:
             raise ConfigError("--fp16 and --bf16 were both given: choose one precision.")
+        if self.fsdp and self.eval_benchmarks:
+            raise ConfigError(f"--eval_benchmarks {self.eval_benchmarks} cannot run with --fsdp: generating completions "
+                              "needs the whole model in one process. Score the checkpoints with dylora eval instead.")
         if self.save_total_limit < 1:
             raise ConfigError(f"--save_total_limit {self.save_total_limit!r} is invalid: keep at least 1 checkpoint.")
         given = [r for r in (self.resume, self.resume_from_checkpoint, self.wandb_checkpoint_artifact) if r]

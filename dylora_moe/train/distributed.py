@@ -178,3 +178,76 @@ def wrap_for_gradient_sync(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Mod
     with warnings.catch_warnings():  # torch 2.13 renames it; the new name still syncs at init, which is fine too
         warnings.simplefilter("ignore", FutureWarning)
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def shard_parameters(model: torch.nn.Module, ranks: Ranks) -> None:
+    """Shard the base and the experts over the ranks with FSDP (torch's ``fully_shard``), in place.
+
+    Each decoder layer (the classes the base names in ``_no_split_modules``) becomes one FSDP
+    unit, and the whole mixture the root unit: a rank holds 1/world of every parameter, frozen or
+    not, and gathers a layer only while it computes it. Gradients are reduce-scattered, so only the
+    trainable parameters' gradients travel. Checkpoints gather the trainable tensors whole
+    (:func:`whole_optimizer_state`, ``DyLoRAMoE.trainable_state_dict``): they stay trainable-only
+    and resume on any number of ranks, with or without FSDP.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    base = model.base_model
+    layer_classes = set(getattr(base, "_no_split_modules", None) or [])
+    blocks = [m for m in base.modules() if type(m).__name__ in layer_classes]
+    if not blocks:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--fsdp: the base model ({type(base).__name__}) names no decoder-layer class in "
+                          "_no_split_modules, so it cannot be sharded layer by layer; train without --fsdp.")
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    log.info("FSDP: %d decoder layers sharded over %d ranks", len(blocks), ranks.world_size)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """A context in which backward does (``enabled``) or does not yet exchange gradients: DDP's
+    ``no_sync``, FSDP's ``set_requires_gradient_sync``; nothing for one process."""
+    from contextlib import nullcontext
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        return nullcontext() if enabled else model.no_sync()
+    if is_sharded(model):
+        model.set_requires_gradient_sync(enabled)
+    return nullcontext()
+
+
+def whole_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state with every sharded tensor gathered whole, on every rank (a collective), in
+    ``optimizer.state_dict()``'s own layout: the same file a single process writes."""
+    from torch.distributed.tensor import DTensor
+
+    saved = optimizer.state_dict()
+    saved["state"] = {index: {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in entry.items()}
+                      for index, entry in saved["state"].items()}
+    return saved
+
+
+def load_whole_optimizer_state(optimizer: torch.optim.Optimizer, whole: dict[str, Any]) -> None:
+    """Load a whole optimizer state (as :func:`whole_optimizer_state` or one process writes it) into
+    an optimizer over sharded parameters: each rank keeps the slices of its own shards."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for index, entry in whole["state"].items():
+        param = params[int(index)]
+        state[index] = {
+            k: distribute_tensor(v.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+            if isinstance(param, DTensor) and torch.is_tensor(v) and v.dim() > 0 else v
+            for k, v in entry.items()}
+    optimizer.load_state_dict({**whole, "state": state})

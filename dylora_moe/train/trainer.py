@@ -22,6 +22,7 @@ accumulation recomputed to keep the global batch and the order of the examples.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
@@ -36,15 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..checkpoint.fingerprint import ArchitectureFingerprint
 from ..checkpoint.stores import CheckpointStore
 from ..errors import ConfigError
 from ..model import DyLoRAConfig, DyLoRAMoE
 from ..model.base import load_base_model, load_tokenizer
 from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow
-from .checkpoint_payload import RunRecord, TrainingPayload, apply_training_checkpoint, rng_state
+from .checkpoint_payload import GatheredState, RunRecord, TrainingPayload, restore_progress, restore_weights, rng_state
 from .checkpointing import EXIT_UNPUBLISHED, Checkpointer, UnpublishedCheckpoints
 from .config import TrainConfig
-from .distributed import Ranks, wrap_for_gradient_sync
+from .distributed import (Ranks, gradient_sync, load_whole_optimizer_state, shard_parameters, whole_optimizer_state,
+                          wrap_for_gradient_sync)
 from .example_trace import ExampleTrace
 from .history import MetricHistory
 from .metrics import MetricsSink, make_sink
@@ -57,6 +60,12 @@ from .state import TrainerState
 log = logging.getLogger(__name__)
 
 __all__ = ["EXIT_PREEMPTED", "EXIT_UNPUBLISHED", "Preempted", "Trainer", "TrainerState", "UnpublishedCheckpoints"]
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A gradient sharded by FSDP, gathered whole (every rank calls it); others as they are."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else tensor
 
 
 def seed_everything(seed: int) -> None:
@@ -83,6 +92,7 @@ class Trainer:
         self.early_stopping = EarlyStopping.for_config(config)
         self.maturity = MaturitySchedule.for_config(config)
         self.ranks = Ranks()
+        self.sharded = False  # the parameters sharded over the ranks (--fsdp under a launcher)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -121,12 +131,14 @@ class Trainer:
         if cfg.checkpoint_store == "wandb":  # the store is this run's artifact: open the run first
             self._open_sink()
 
-    def _open_store_and_fetch(self) -> None:
-        """Rank 0: check the store, fetch the checkpoint to resume from (if any)."""
+    def _open_store_and_fetch(self) -> float | None:
+        """Rank 0: check the store, fetch the checkpoint to resume from (if any); its LoRA alpha."""
         self.phase = "checking the checkpoint store"
         self.checkpointer.open_store(wandb_run=getattr(self.sink, "run", None))
         self.phase = "fetching the checkpoint to resume from"
-        self.checkpointer.fetch_resume()
+        if self.checkpointer.fetch_resume() is None:
+            return None
+        return self.checkpointer.saved_fingerprint().alpha
 
     def _check_and_read_resume(self) -> TrainingPayload | None:
         """Rank 0: compare fingerprints, read the checkpoint (shared with every rank), open the sink."""
@@ -143,7 +155,11 @@ class Trainer:
         from ..data.mixing import derive_seed
 
         cfg, ranks = self.config, self.ranks
-        ranks.on_main(self._open_store_and_fetch, "checking the checkpoint store")
+        saved_alpha = ranks.on_main(self._open_store_and_fetch, "checking the checkpoint store")
+        if saved_alpha is not None and not cfg.lora_alpha:
+            # an alpha the user did not set is the checkpoint's (derived from its experts and rank), so a
+            # resume with --grow_experts keeps the scale the experts were trained with
+            model_config = dataclasses.replace(model_config, alpha=saved_alpha)
         self.phase = "loading the base model"
         self.tokenizer = load_tokenizer(cfg.model_name)
         base = load_base_model(cfg.model_name).to(self.device)
@@ -168,22 +184,35 @@ class Trainer:
         self.sampler = LengthGroupedBatchSampler(
             self.train_data["length"], cfg.train_batch_size, seed=cfg.seed, num_replicas=ranks.world_size,
             rank=ranks.rank, step_multiple=self.micro_batches_per_step)
+        # every rank evaluates the same number of batches (FSDP needs it): a rank short of one repeats
+        # a batch and leaves it out of the sums (see evaluate)
         self.eval_sampler = LengthGroupedBatchSampler(self.eval_data["length"], cfg.eval_batch_size, shuffle=False,
-                                                      num_replicas=ranks.world_size, rank=ranks.rank, even=False)
+                                                      num_replicas=ranks.world_size, rank=ranks.rank)
         steps_per_epoch = self.sampler.global_num_batches // self.micro_batches_per_step
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
         self.steps_per_epoch = steps_per_epoch
         if ranks.rank > 0:  # the same initial weights everywhere, but each rank its own dropout
             seed_everything(derive_seed(cfg.seed, "rank", ranks.rank))
+        grown = restore_weights(payload, self.model) if payload is not None else False
+        self.fingerprint = None
+        if cfg.fsdp and ranks.enabled:  # the weights are whole until here; from here each rank holds its shards
+            self.fingerprint = ArchitectureFingerprint.of(self.model)  # of the base, which checkpoints record
+            shard_parameters(self.model, ranks)
+            self.train_model = self.model
+        else:
+            if cfg.fsdp:
+                log.warning("--fsdp has no effect in a single process (start the run with torchrun)")
+            self.train_model = wrap_for_gradient_sync(self.model, ranks)
+        self.sharded = self.fingerprint is not None
         self.optimizer = torch.optim.AdamW(
             self.model.trainable_parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )
         self.scheduler = self._make_scheduler()
         if payload is not None:
-            self.state = apply_training_checkpoint(payload, self.model, self.optimizer, self.scheduler, ranks.rank)
+            load = (lambda whole: load_whole_optimizer_state(self.optimizer, whole)) if self.sharded else None
+            self.state = restore_progress(payload, self.optimizer, self.scheduler, ranks.rank, grown, load)
             log.info("resumed at step %d (epoch %d, micro-batch %d of %d)%s", self.state.global_step, self.state.epoch,
                      self.state.batch_in_epoch, self.sampler.global_num_batches, self._world_change(payload))
-        self.train_model = wrap_for_gradient_sync(self.model, ranks)
         ranks.on_main(lambda: self.checkpointer.start_publishing(self.state.best_step), "starting the publisher")
         return self
 
@@ -298,12 +327,16 @@ class Trainer:
         loader = DataLoader(self.eval_data, batch_sampler=self.eval_sampler, collate_fn=self.collator,
                             generator=torch.Generator())  # own generator: never draw from the global RNG
         total, count = 0.0, 0
-        for batch in loader:
+        real = -(-len(self.eval_data) // self.eval_sampler.batch_size)  # batches before padding, over all ranks
+        for index, batch in enumerate(loader):
+            padding = self.ranks.rank + index * self.ranks.world_size >= real  # a repeat that keeps ranks in step
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.autocast():
                 logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
                                     prompt_mask=batch["labels"] == -100).logits  # per-example routing reads the prompt
             labels = batch["labels"][:, 1:]
+            if padding:
+                continue
             total += F.cross_entropy(
                 logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
             ).item()
@@ -327,8 +360,7 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             # with several ranks, gradients are averaged once per step: in the last micro-batch's backward
-            accumulating = self.ranks.enabled and i < n - 1
-            with self.train_model.no_sync() if accumulating else nullcontext(), self.autocast():
+            with gradient_sync(self.train_model, enabled=i == n - 1), self.autocast():
                 out = self.train_model(batch["input_ids"], attention_mask=batch["attention_mask"],
                                        labels=batch["labels"])
                 (out.loss / n).backward()
@@ -363,9 +395,9 @@ class Trainer:
         for _, layer in self.model.adapted_layers():
             E, r = layer.num_experts, layer.r
             if layer.lora_A.grad is not None:
-                squares += layer.lora_A.grad.float().unflatten(0, (E, r)).pow(2).sum((1, 2)).cpu()
+                squares += _whole(layer.lora_A.grad).float().unflatten(0, (E, r)).pow(2).sum((1, 2)).cpu()
             if layer.lora_B.grad is not None:
-                squares += layer.lora_B.grad.float().unflatten(1, (E, r)).pow(2).sum((0, 2)).cpu()
+                squares += _whole(layer.lora_B.grad).float().unflatten(1, (E, r)).pow(2).sum((0, 2)).cpu()
         return squares.sqrt()
 
     def train(self) -> dict[str, Any]:
@@ -521,11 +553,17 @@ class Trainer:
     def save_checkpoint(self, wait_s: float | None = None) -> Path:
         """Write a durable checkpoint and publish it (in the background unless ``wait_s`` is given).
 
-        Every rank calls it: rank 0 writes, with every rank's RNG states; all get its directory."""
-        rng_states = self.ranks.gather(rng_state())
+        Every rank calls it: rank 0 writes, with every rank's RNG states (under FSDP also the whole
+        weights and optimizer state, gathered from the shards); all get its directory."""
+        gathered = GatheredState(rng_states=self.ranks.gather(rng_state()))
+        if self.sharded:
+            fingerprint = dataclasses.replace(self.fingerprint, maturity=[bool(m) for m in self.model.routing.mature])
+            gathered = dataclasses.replace(gathered, weights=self.model.trainable_state_dict(),
+                                           optimizer=whole_optimizer_state(self.optimizer),
+                                           fingerprint=fingerprint.to_dict())
         return self.ranks.on_main(
             lambda: self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state, self.history,
-                                           self.run_record(), wait_s=wait_s, rng_states=rng_states),
+                                           self.run_record(), wait_s=wait_s, gathered=gathered),
             f"writing the checkpoint of step {self.state.global_step}")
 
     def run_record(self) -> RunRecord:
@@ -552,12 +590,13 @@ class Trainer:
         self.history.flush(st, self.sink)
         if not saved_after_eval:
             self.save_checkpoint()
+        weights = self.model.trainable_state_dict() if self.sharded else None  # gathered from the shards
         try:
-            return self.ranks.on_main(lambda: self._finish_on_main(final_loss), "finishing the run")
+            return self.ranks.on_main(lambda: self._finish_on_main(final_loss, weights), "finishing the run")
         finally:
             self._leave_ranks()
 
-    def _finish_on_main(self, final_loss: float) -> dict[str, Any]:
+    def _finish_on_main(self, final_loss: float, weights: dict[str, torch.Tensor] | None) -> dict[str, Any]:
         """Rank 0: publishing, the model, the reports and the summary."""
         from ..data import padding_waste
 
@@ -568,7 +607,7 @@ class Trainer:
         unpublished = self.checkpointer.unpublished()
         model_dir = self.run_dir / "final"
         with self.checkpointer.writing("the final model", model_dir):
-            self.model.save_pretrained(model_dir)
+            self.model.save_pretrained(model_dir, state=weights)
             self.tokenizer.save_pretrained(model_dir)
         self.checkpointer.publish_final_best(st.best_step)  # the seed's best-dylora-model-full
         reports = self._end_of_run_reports()
@@ -609,7 +648,12 @@ class Trainer:
         """Reports written into the run directory once the model is final; their paths go into the summary."""
         png = plot_routing(self.full_history(), self.model.num_experts, self.run_dir / "routing.png",
                            self.state.maturity_step)
-        routing = write_run_routing_report(self.model, self.eval_data, self.collator, self.run_dir,
-                                           self.config.eval_batch_size)  # several datasets: who serves whom
+        routing = None
+        if self.sharded:  # its forward passes would need every rank; the final model can be reported on
+            log.info("routing report: not written under --fsdp; run `dylora report routing --model %s`",
+                     self.run_dir / "final")
+        else:
+            routing = write_run_routing_report(self.model, self.eval_data, self.collator, self.run_dir,
+                                               self.config.eval_batch_size)  # several datasets: who serves whom
         return {"routing_png": str(png) if png else None,
                 "routing_mutual_information_bits": routing.mi_mean if routing is not None else None}

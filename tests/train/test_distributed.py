@@ -175,3 +175,46 @@ def test_a_global_batch_the_new_world_size_cannot_reproduce_is_refused_before_tr
     assert list_checkpoints(tmp_path / "odd" / "checkpoints") == saved
     for _, path in saved:
         verify_checkpoint(path)
+
+
+def test_fsdp_trains_like_ddp_and_its_checkpoints_resume_in_one_process(uninterrupted, small_model_dir, tmp_path):
+    out, _ = uninterrupted
+    log = run(2, train_argv(small_model_dir, tmp_path, "fsdp", "--fsdp"), trace=tmp_path / "trace")
+    assert "FSDP: 2 decoder layers sharded over 2 ranks" in log
+    assert read_trace(tmp_path / "trace") == read_trace(out / "trace-full")
+    ddp, fsdp = final_weights(out / "full"), final_weights(tmp_path / "fsdp")
+    assert ddp.keys() == fsdp.keys()
+    for name in ddp:  # the same training, sharded: equal up to the order of floating-point sums
+        torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-4, atol=1e-6)
+
+    # a checkpoint written from shards holds the same files and whole tensors as one written by DDP
+    step8 = Path("checkpoints") / "step-00000008"
+    for name in ("dylora_model.safetensors", "optimizer.pt"):
+        a = torch.load(out / "full" / step8 / name, weights_only=True) if name.endswith(".pt") else \
+            load_file(str(out / "full" / step8 / name))
+        b = torch.load(tmp_path / "fsdp" / step8 / name, weights_only=True) if name.endswith(".pt") else \
+            load_file(str(tmp_path / "fsdp" / step8 / name))
+        flat_a, flat_b = _flatten(a), _flatten(b)
+        assert flat_a.keys() == flat_b.keys()
+        assert all(getattr(flat_a[k], "shape", None) == getattr(flat_b[k], "shape", None) for k in flat_a)
+    assert read_manifest(tmp_path / "fsdp" / step8).fingerprint == read_manifest(out / "full" / step8).fingerprint
+
+    # ... and resumes in one process, without FSDP, with the accumulation recomputed: the same examples
+    # at steps 9-12 (dropout now draws both micro-batches from one RNG, so the weights are not bit-equal)
+    log = run(0, train_argv(small_model_dir, tmp_path, "one", "--resume", str(tmp_path / "fsdp" / step8)),
+              trace=tmp_path / "trace-one")
+    assert "saved by 2 rank(s) x 1 accumulation, continued on 1 rank(s) x 2 accumulation" in log
+    reference = read_trace(out / "trace-full")
+    assert read_trace(tmp_path / "trace-one") == {step: reference[step] for step in range(9, STEPS + 1)}
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    full = json.loads((out / "full" / "summary.json").read_text())
+    assert one["steps"] == STEPS and one["world_size"] == 1
+    assert one["eval_loss_final"] == pytest.approx(full["eval_loss_final"], rel=1e-2)
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}/").items()}
+    if isinstance(tree, (list, tuple)):
+        return {k: v for i, value in enumerate(tree) for k, v in _flatten(value, f"{prefix}{i}/").items()}
+    return {prefix: tree}
