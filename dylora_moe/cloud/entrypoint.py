@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, DyLoRAError
 from .launch import run_ranks
-from .rendezvous import Rendezvous, is_launched_rank
+from .rendezvous import Rendezvous, is_chief, is_launched_rank
 from .rendezvous import from_environment as rendezvous_from_environment
 from .secrets import parse_secret_refs, resolve_secrets
 
@@ -47,15 +46,6 @@ def expand_variables(args: list[str], environ: dict[str, str] | None = None) -> 
         return environ[name]
 
     return [_VAR_RE.sub(value, arg) for arg in args]
-
-
-def _is_chief(environ: dict[str, str]) -> bool:
-    """Vertex describes the replica in CLUSTER_SPEC; the chief is workerpool0 (or a single replica)."""
-    try:
-        task = json.loads(environ.get("CLUSTER_SPEC") or "{}").get("task") or {}
-    except json.JSONDecodeError:
-        return True
-    return task.get("type", "workerpool0") == "workerpool0"
 
 
 def upload_model(dylora_args: list[str], destination: str) -> str:
@@ -128,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         status = dylora_main(dylora_args) if rendezvous is None else run_ranks(
             rendezvous, dylora_args, run_id=os.environ.get("CLOUD_ML_JOB_ID") or "dylora-train")
         model_dir = os.environ.get("AIP_MODEL_DIR")
-        if status == 0 and dylora_args[0] == "train" and model_dir and _is_chief(os.environ):
+        if status == 0 and dylora_args[0] == "train" and model_dir and is_chief():
             log.info("trained mixture copied to %s", upload_model(dylora_args, model_dir))
     except DyLoRAError as err:
         print(f"dylora job: error: {' '.join(str(err).split())}", file=sys.stderr)

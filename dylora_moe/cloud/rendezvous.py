@@ -149,6 +149,13 @@ def is_launched_rank(environ: dict[str, str] | None = None) -> bool:
     return any(environ.get(name) for name in LAUNCHED_RANK_ENV)
 
 
+def is_chief(environ: dict[str, str] | None = None) -> bool:
+    """The chief replica (``workerpool0``), or the only machine of a job without ``CLUSTER_SPEC``."""
+    environ = os.environ if environ is None else environ
+    text = environ.get(CLUSTER_SPEC_ENV, "").strip()
+    return not text or _parse_cluster_spec(text)[2] == CHIEF_POOL
+
+
 def from_environment(environ: dict[str, str] | None = None,
                      gpu_count: Callable[[], int] | None = None) -> Rendezvous:
     """This machine's :class:`Rendezvous`, from ``CLUSTER_SPEC`` and the processes per node."""

@@ -21,7 +21,7 @@ from google.cloud import aiplatform_v1
 
 from dylora_moe.cloud.entrypoint import machine_rendezvous
 from dylora_moe.cloud.launch import describe_failures, job_exit_status
-from dylora_moe.cloud.rendezvous import Rendezvous, from_environment, is_launched_rank
+from dylora_moe.cloud.rendezvous import Rendezvous, from_environment, is_chief, is_launched_rank
 from dylora_moe.errors import ConfigError
 from tests.cloud.conftest import run_dylora
 from tests.conftest import REPO_ROOT, free_port
@@ -54,6 +54,11 @@ def test_every_replica_derives_the_same_rendezvous_and_its_own_node_rank(task_ty
     assert config.rdzv_endpoint == "cmle-training-workerpool0-4c1d6d97d0-0:2222"
     assert config.rdzv_configs == {"rank": node_rank, "timeout": 600}
     assert config.run_id == "1234567890" and config.max_restarts == 0
+
+
+def test_only_workerpool0_is_the_chief_that_copies_the_model():
+    assert is_chief(spec_for("workerpool0", 0)) and is_chief({})
+    assert not is_chief(spec_for("workerpool1", 0))
 
 
 def test_dylora_nproc_per_node_replaces_the_gpu_count():
