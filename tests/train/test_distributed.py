@@ -218,3 +218,30 @@ def _flatten(tree, prefix=""):
     if isinstance(tree, (list, tuple)):
         return {k: v for i, value in enumerate(tree) for k, v in _flatten(value, f"{prefix}{i}/").items()}
     return {prefix: tree}
+
+
+def test_the_readme_torchrun_examples_run_as_written(tmp_path):
+    """Each `torchrun` line of README.md, in order, in one directory (the second continues the first on
+    another number of ranks), with flags appended that make it a few steps on the shipped model."""
+    import re
+    import shlex
+
+    text = (REPO_ROOT / "README.md").read_text()
+    lines = [line.split("  #")[0].strip() for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
+             for line in block.splitlines() if line.startswith("torchrun ")]
+    assert len(lines) == 3 and "--fsdp" in lines[2] and "--resume auto" in lines[1]
+    for line in lines:
+        argv = shlex.split(line)
+        argv[0:1] = [sys.executable, "-m", "torch.distributed.run", "--master_addr", "127.0.0.1", "--master_port",
+                     str(free_port())]
+        steps = "4" if "--resume" in argv else "2"
+        short = ["--max_steps", steps, "--max_seq_length", "64", "--training_subset", "5", "--eval_steps", "0",
+                 "--save_steps", "2", "--progress", "false", "--report_to", "none"]
+        done = subprocess.run([*argv, *short], cwd=tmp_path, env=environment(), capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr
+    multi = json.loads((tmp_path / "runs" / "multi" / "summary.json").read_text())
+    assert multi["world_size"] == 4 and multi["steps"] == 4 and multi["global_batch"] == 4 * 8
+    sharded = json.loads((tmp_path / "runs" / "sharded" / "summary.json").read_text())
+    assert sharded["world_size"] == 2 and sharded["steps"] == 2
