@@ -134,7 +134,7 @@ def run_worker(args: argparse.Namespace) -> None:
     }
     if ranks.is_main:
         Path(args.result).write_text(json.dumps(result))
-    t._abort(exit_code=0)  # the trainer's own teardown: publisher, lock, DDP wrapper, process group
+    t.close()  # the trainer's own teardown: publisher, lock, DDP wrapper, process group
 
 
 # ---------------------------------------------------------------------- driver

@@ -262,6 +262,12 @@ class Trainer:
         return stop.as_preempted(f"while {self.phase}: nothing new was saved and {saved}. Continue with the same "
                                  f"command and --resume auto --run_id {self.run_id}.")
 
+    def close(self) -> None:
+        """Release what ``setup()`` took without running ``train()`` (library use, benchmarks): the publisher
+        gets the preemption budget for what is queued, then the metrics run, the run lock and the
+        process group are closed."""
+        self._abort(exit_code=0)
+
     def _abort(self, exit_code: int = 1) -> None:
         """Leave after an error or an early signal: what is queued gets the preemption budget to publish."""
         if self.checkpointer is not None:
