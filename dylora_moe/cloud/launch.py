@@ -79,6 +79,10 @@ def run_ranks(rendezvous: Rendezvous, args: list[str], run_id: str, program: lis
     config = rendezvous.launch_config(run_id, rendezvous_timeout_s())
     command = [sys.executable, *(program or ["-m", RANK_MODULE]), *args]
     log.info("launching %s", rendezvous.describe())
+    if rendezvous.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"  # as torchrun does: N processes must not each take every core
+        log.info("OMP_NUM_THREADS=1 for each of the %d processes on this machine (set it to override)",
+                 rendezvous.nproc_per_node)
     with tempfile.TemporaryDirectory(prefix="dylora-ranks-") as status_dir:
         os.environ[STATUS_DIR_ENV] = status_dir  # the launcher gives its environment to every rank
         try:

@@ -144,7 +144,8 @@ dist.init_process_group("gloo")
 total = torch.tensor([float(dist.get_rank() + 1)])
 dist.all_reduce(total)
 print("RANK " + json.dumps({"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": total.item(),
-      "local_rank": int(os.environ["LOCAL_RANK"]), "node": os.environ["NODE"]}), flush=True)
+      "local_rank": int(os.environ["LOCAL_RANK"]), "node": os.environ["NODE"],
+      "omp_threads": os.environ.get("OMP_NUM_THREADS")}), flush=True)
 dist.destroy_process_group()
 if os.environ.get("WAIT_FOR_SIGTERM"):
     open(os.path.join(os.environ["READY_DIR"], os.environ["RANK"]), "w").close()
@@ -161,8 +162,9 @@ DRIVER = ("import sys; from dylora_moe.cloud.launch import run_ranks; "
 
 
 def start_node(program: Path, env: dict[str, str]) -> subprocess.Popen:
+    inherited = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     return subprocess.Popen([sys.executable, "-c", DRIVER, str(program)], cwd=REPO_ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                            env={**inherited, "PYTHONUNBUFFERED": "1", **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -196,6 +198,7 @@ def test_two_nodes_meet_at_the_chief_and_form_one_world(rank_program):
     assert [(r["rank"], r["node"], r["local_rank"]) for r in seen] == [
         (0, "workerpool0", 0), (1, "workerpool0", 1), (2, "workerpool1", 0), (3, "workerpool1", 1)]
     assert {r["world"] for r in seen} == {4} and {r["sum"] for r in seen} == {10.0}
+    assert {r["omp_threads"] for r in seen} == {"1"}  # as torchrun: 2 processes per machine, 1 thread each
     assert "Traceback" not in "".join(outputs)
 
 
