@@ -82,8 +82,14 @@ def machine_rendezvous(dylora_args: list[str]) -> Rendezvous | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dylora_moe.cloud.entrypoint",
-                                     description="Start a cloud job: resolve secrets, then run `dylora ARGS`.")
+    parser = argparse.ArgumentParser(
+        prog="python -m dylora_moe.cloud.entrypoint",
+        description="Start a cloud job: resolve secrets, then run `dylora ARGS`. A `train` of a job with several "
+        "replicas (Vertex's CLUSTER_SPEC) or GPUs runs as this machine's ranks of one distributed training.",
+        epilog="environment: CLUSTER_SPEC (set by Vertex: the replicas and which one this is), DYLORA_NPROC_PER_NODE "
+        "(training processes on this machine; default one per GPU), DYLORA_RENDEZVOUS_TIMEOUT_S (how long to wait "
+        "for the other replicas; default 900), AIP_MODEL_DIR (where the chief copies the trained mixture). "
+        "See docs/cloud.md, Multi-node.")
     parser.add_argument("--secret", action="append", metavar="NAME=projects/P/secrets/S/versions/V",
                         help="fill environment variable NAME from a Secret Manager secret version")
     parser.add_argument("dylora_args", nargs=argparse.REMAINDER, help="-- then the dylora command line")

@@ -114,6 +114,16 @@ def test_the_entrypoint_reports_a_malformed_cluster_spec_in_one_line():
     assert "Traceback" not in result.stderr
 
 
+def test_the_entrypoint_help_names_the_environment_it_reads():
+    result = subprocess.run([sys.executable, "-m", "dylora_moe.cloud.entrypoint", "--help"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for name in ("CLUSTER_SPEC", "DYLORA_NPROC_PER_NODE", "DYLORA_RENDEZVOUS_TIMEOUT_S", "AIP_MODEL_DIR"):
+        assert name in text
+    assert "default one per GPU" in text and "docs/cloud.md, Multi-node" in text
+
+
 # ------------------------------------------------------------------ exit status of the ranks
 @pytest.mark.parametrize("failures, status", [
     ([], 0),
