@@ -72,14 +72,14 @@ class Rendezvous:
         """
         from torch.distributed.launcher.api import LaunchConfig
 
-        common = dict(nproc_per_node=self.nproc_per_node, max_restarts=0, monitor_interval=1.0,
-                      role="dylora-train", rdzv_configs={"timeout": timeout_s})
         if self.nnodes > 1:
-            return LaunchConfig(min_nodes=self.nnodes, max_nodes=self.nnodes, run_id=run_id, rdzv_backend="static",
-                                rdzv_endpoint=f"{self.master_addr}:{self.master_port}",
-                                **{**common, "rdzv_configs": {**common["rdzv_configs"], "rank": self.node_rank}})
-        return LaunchConfig(min_nodes=1, max_nodes=1, run_id=run_id, rdzv_backend="c10d",
-                            rdzv_endpoint="localhost:0", **common)
+            backend, endpoint = "static", f"{self.master_addr}:{self.master_port}"
+            rdzv_configs = {"rank": self.node_rank, "timeout": timeout_s}
+        else:
+            backend, endpoint, rdzv_configs = "c10d", "localhost:0", {"timeout": timeout_s}
+        return LaunchConfig(min_nodes=self.nnodes, max_nodes=self.nnodes, nproc_per_node=self.nproc_per_node,
+                            run_id=run_id, role="dylora-train", rdzv_backend=backend, rdzv_endpoint=endpoint,
+                            rdzv_configs=rdzv_configs, max_restarts=0, monitor_interval=1.0)
 
 
 def _host_port(address: Any, where: str) -> tuple[str, int]:
