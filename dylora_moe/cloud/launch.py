@@ -71,6 +71,7 @@ def _recorded_statuses(status_dir: Path, rendezvous: Rendezvous) -> list[tuple[i
 
 def run_ranks(rendezvous: Rendezvous, args: list[str], run_id: str, program: list[str] | None = None) -> int:
     """Run ``python -m dylora_moe.cloud.rank ARGS`` (or ``program ARGS``) as this machine's ranks; the exit status."""
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
@@ -94,7 +95,7 @@ def run_ranks(rendezvous: Rendezvous, args: list[str], run_id: str, program: lis
         except SignalException as err:  # this machine was told to stop; the launcher passed it on and waited
             log.warning("received %s: the ranks of this node were asked to stop", err.sigval.name)
             failures = [(rank, code) for rank, code in _recorded_statuses(Path(status_dir), rendezvous) if code]
-        except (RendezvousError, RuntimeError) as err:  # DistStoreError (a RuntimeError): the chief unreachable
+        except (RendezvousError, DistError) as err:  # DistNetworkError, DistStoreError: the chief unreachable
             raise RendezvousFailed(
                 f"node {rendezvous.node_rank} of {rendezvous.nnodes} could not meet the other nodes at "
                 f"{rendezvous.master_addr or 'localhost'}:{rendezvous.master_port or 'a local port'} within "

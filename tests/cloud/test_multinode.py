@@ -237,6 +237,19 @@ def test_sigterm_to_a_node_ends_it_with_its_ranks_status(rank_program, tmp_path,
                "training ranks failed (rank 0: exit 75, rank 1: exit 1)" in output
 
 
+@pytest.mark.slow
+def test_a_replica_whose_chief_never_comes_stops_with_a_message_naming_it(tmp_path):
+    port = free_port()
+    env = {**os.environ, **spec_for("workerpool1", 0, local_cluster(port)), "DYLORA_NPROC_PER_NODE": "1",
+           "DYLORA_RENDEZVOUS_TIMEOUT_S": "1"}
+    result = subprocess.run([sys.executable, "-m", "dylora_moe.cloud.entrypoint", "--", "train", "--max_steps", "1"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert f"dylora job: error: node 1 of 2 could not meet the other nodes at 127.0.0.1:{port} within 1 s" in result.stderr
+    assert "DYLORA_RENDEZVOUS_TIMEOUT_S sets how long to wait" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # ------------------------------------------------------------------ the job `dylora submit vertex` builds
 def test_submit_replica_count_2_accelerator_count_4_builds_a_chief_and_a_worker_pool():
     result = run_dylora(["submit", "vertex", "--project", "proj", "--region", "us-central1", "--image",
