@@ -81,6 +81,15 @@ class TrainingPayload:
         return int(self.data_state.get("world_size", 1)) * int(self.data_state.get("gradient_accumulation_steps", 1))
 
 
+def fingerprint_of(model: DyLoRAMoE, known: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fingerprint a checkpoint of ``model`` records. ``known``: one computed earlier (before FSDP
+    sharded the base, whose weights it samples); only the experts' maturity, which training changes, is
+    taken from the model now."""
+    if known is None:
+        return ArchitectureFingerprint.of(model).to_dict()
+    return {**known, "maturity": [bool(m) for m in model.routing.mature]}
+
+
 def rng_state() -> dict:
     np_state = np.random.get_state()
     return {

@@ -37,13 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..checkpoint.fingerprint import ArchitectureFingerprint
 from ..checkpoint.stores import CheckpointStore
 from ..errors import ConfigError
 from ..model import DyLoRAConfig, DyLoRAMoE
 from ..model.base import load_base_model, load_tokenizer
 from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow
-from .checkpoint_payload import GatheredState, RunRecord, TrainingPayload, restore_progress, restore_weights, rng_state
+from .checkpoint_payload import (GatheredState, RunRecord, TrainingPayload, fingerprint_of, restore_progress,
+                                 restore_weights, rng_state)
 from .checkpointing import EXIT_UNPUBLISHED, Checkpointer, UnpublishedCheckpoints
 from .config import TrainConfig
 from .distributed import (Ranks, gradient_sync, load_whole_optimizer_state, shard_parameters, whole_optimizer_state,
@@ -196,7 +196,7 @@ class Trainer:
         grown = restore_weights(payload, self.model) if payload is not None else False
         self.fingerprint = None
         if cfg.fsdp and ranks.enabled:  # the weights are whole until here; from here each rank holds its shards
-            self.fingerprint = ArchitectureFingerprint.of(self.model)  # of the base, which checkpoints record
+            self.fingerprint = fingerprint_of(self.model)  # of the base, which checkpoints record
             shard_parameters(self.model, ranks)
             self.train_model = self.model
         else:
@@ -211,8 +211,9 @@ class Trainer:
         if payload is not None:
             load = (lambda whole: load_whole_optimizer_state(self.optimizer, whole)) if self.sharded else None
             self.state = restore_progress(payload, self.optimizer, self.scheduler, ranks.rank, grown, load)
-            log.info("resumed at step %d (epoch %d, micro-batch %d of %d)%s", self.state.global_step, self.state.epoch,
-                     self.state.batch_in_epoch, self.sampler.global_num_batches, self._world_change(payload))
+            log.info("resumed from %s at step %d (epoch %d, micro-batch %d of %d)%s", self.resume_dir,
+                     self.state.global_step, self.state.epoch, self.state.batch_in_epoch,
+                     self.sampler.global_num_batches, self._world_change(payload))
         ranks.on_main(lambda: self.checkpointer.start_publishing(self.state.best_step), "starting the publisher")
         return self
 
@@ -563,10 +564,9 @@ class Trainer:
         weights and optimizer state, gathered from the shards); all get its directory."""
         gathered = GatheredState(rng_states=self.ranks.gather(rng_state()))
         if self.sharded:
-            fingerprint = dataclasses.replace(self.fingerprint, maturity=[bool(m) for m in self.model.routing.mature])
             gathered = dataclasses.replace(gathered, weights=self.model.trainable_state_dict(),
                                            optimizer=whole_optimizer_state(self.optimizer),
-                                           fingerprint=fingerprint.to_dict())
+                                           fingerprint=fingerprint_of(self.model, known=self.fingerprint))
         return self.ranks.on_main(
             lambda: self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state, self.history,
                                            self.run_record(), wait_s=wait_s, gathered=gathered),

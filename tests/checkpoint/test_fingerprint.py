@@ -15,7 +15,8 @@ NOT_COMPARED = {"maturity", "base_model"}
 
 
 def fingerprint(base=None, **config) -> ArchitectureFingerprint:
-    config = {"num_experts": 3, "r": 4, "dropout": 0.0, **config}
+    # alpha is given: derived (2 x num_experts x r), it would change with r and num_experts as well
+    config = {"num_experts": 3, "r": 4, "dropout": 0.0, "alpha": 32.0, **config}
     return ArchitectureFingerprint.of(DyLoRAMoE(base if base is not None else tiny_llama(), DyLoRAConfig(**config)))
 
 
@@ -95,7 +96,7 @@ def test_more_experts_only_with_grow_experts(saved):
 
 
 def test_maturity_is_informational(saved):
-    model = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=3, r=4, dropout=0.0))
+    model = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=3, r=4, dropout=0.0, alpha=32.0))
     model.set_maturity()
     mature = ArchitectureFingerprint.of(model)
     assert mature.maturity == [True] * 3 and saved.maturity == [False] * 3
@@ -107,5 +108,5 @@ def test_mismatch_table_names_every_field_with_both_values(saved):
     error = FingerprintMismatch("ckpt", saved.differences(requested))
     rows = [line.split() for line in error.table.splitlines()]
     assert rows[0] == ["field", "checkpoint", "requested"]
-    assert rows[1:] == [["alpha", "128.0", "8.0"], ["top_k", "1", "2"]]  # the default alpha is 128
+    assert rows[1:] == [["alpha", "32.0", "8.0"], ["top_k", "1", "2"]]
     assert error.exit_code == 2 and "2 architecture field(s) differ" in str(error)
