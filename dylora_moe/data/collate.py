@@ -2,7 +2,8 @@
 
 :class:`PaddingCollator` pads on the right to the longest example of the batch (optionally to a
 multiple of ``pad_to_multiple_of``): ``input_ids`` with the pad id, ``attention_mask`` with 0 and
-``labels`` with -100, so padding never reaches the loss. Other keys of the examples are ignored.
+``labels`` with -100, so padding never reaches the loss. Given ``sources`` (dataset names), it also
+gives ``dataset_ids``: each example's ``source`` as its index in that list. Other keys are ignored.
 
 :func:`padding_waste` is the share of padding tokens in all tokens of a batching; with
 :class:`~dylora_moe.data.sampler.LengthGroupedBatchSampler` it stays in the low percents.
@@ -27,17 +28,19 @@ def _padded_length(longest: int, multiple: int | None) -> int:
 class PaddingCollator:
     """``collate(examples) -> {input_ids, attention_mask, labels}`` as long tensors."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None,
+                 sources: Sequence[str] | None = None):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.source_ids = {name: i for i, name in enumerate(sources)} if sources else None
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Any, pad_to_multiple_of: int | None = None
-                      ) -> PaddingCollator:
+    def for_tokenizer(cls, tokenizer: Any, pad_to_multiple_of: int | None = None,
+                      sources: Sequence[str] | None = None) -> PaddingCollator:
         """Pads with the tokenizer's pad token, or its EOS when it has none (as GPT-2 needs)."""
         pad = tokenizer.pad_token_id
         pad = tokenizer.eos_token_id if pad is None else pad
-        return cls(pad, pad_to_multiple_of)
+        return cls(pad, pad_to_multiple_of, sources)
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         width = _padded_length(max(len(e["input_ids"]) for e in examples), self.pad_to_multiple_of)
@@ -49,6 +52,8 @@ class PaddingCollator:
             batch["input_ids"][row, :n] = torch.as_tensor(example["input_ids"], dtype=torch.long)
             batch["attention_mask"][row, :n] = 1
             batch["labels"][row, :n] = torch.as_tensor(example["labels"], dtype=torch.long)
+        if self.source_ids is not None:
+            batch["dataset_ids"] = torch.tensor([self.source_ids[e["source"]] for e in examples], dtype=torch.long)
         return batch
 
 

@@ -43,6 +43,15 @@ class TrainConfig:
     router_scale: float = _opt(30.0, "router logits = scale x W x, W initialised smaller by as much: "
                                "the router learns this many times faster than the experts")
     balance_coefficient: float = _opt(0.01, "weight of the load-balancing loss")
+    router_mi_coefficient: float = _opt(
+        0.0, "weight of a router loss that raises the mutual information between examples and experts in a batch "
+        "(confident gates, every expert used; no labels needed; 0: off)")
+    dataset_mi_coefficient: float = _opt(
+        0.0, "weight of a router loss that raises the mutual information between each example's dataset and its "
+        "expert in a batch (training only: the router still decides from the prompt; needs several --datasets; 0: off)")
+    gate_floor: float = _opt(
+        0.0, "dense routing: share of every gate spread evenly over the experts, so all of them keep a shared part "
+        "of every example (0: off)")
     z_loss_coefficient: float = _opt(0.0, "weight of the router z-loss (0: off)")
     maturity_fraction: float = _opt(
         1.0, "fraction of the planned optimizer steps after which all experts are marked mature "

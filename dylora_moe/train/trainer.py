@@ -178,7 +178,10 @@ class Trainer:
         if len(self.eval_data) == 0:
             raise ConfigError("the validation split is empty: raise --validation_fraction or --eval_subset.")
 
-        self.collator = PaddingCollator.for_tokenizer(self.tokenizer)
+        # the dataset-MI router loss needs each example's dataset as a number (same order on every rank)
+        sources = (sorted(set(self.train_data["source"]) | set(self.eval_data["source"]))
+                   if model_config.dataset_mi_coefficient else None)
+        self.collator = PaddingCollator.for_tokenizer(self.tokenizer, sources=sources)
         self.micro_batches_per_step = self._micro_batches_per_step(payload)
         self.accumulation = self.micro_batches_per_step // ranks.world_size
         self.sampler = LengthGroupedBatchSampler(
@@ -301,6 +304,8 @@ class Trainer:
             num_experts=cfg.num_experts, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
             target_modules=cfg.target_modules, top_k=cfg.top_k, router_temperature=cfg.router_temperature,
             balance_coefficient=cfg.balance_coefficient, z_loss_coefficient=cfg.z_loss_coefficient,
+            router_mi_coefficient=cfg.router_mi_coefficient, dataset_mi_coefficient=cfg.dataset_mi_coefficient,
+            gate_floor=cfg.gate_floor,
             routing=cfg.routing, router_scale=cfg.router_scale,
         )
 
@@ -369,7 +374,7 @@ class Trainer:
             # with several ranks, gradients are averaged once per step: in the last micro-batch's backward
             with gradient_sync(self.train_model, enabled=i == n - 1), self.autocast():
                 out = self.train_model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       labels=batch["labels"])
+                                       labels=batch["labels"], dataset_ids=batch.get("dataset_ids"))
                 (out.loss / n).backward()
             tokens += int(batch["attention_mask"].sum())
             sums["lm_loss"] += out.lm_loss.item() / n
