@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from dylora_moe.checkpoint.format import MANIFEST_NAME, Manifest, verify_checkpoint
+from dylora_moe.checkpoint.format import MANIFEST_NAME, Manifest, checkpoint_name, verify_checkpoint
 from dylora_moe.checkpoint.stores.base import (DEFAULT_ALIASES, VERSION_RE, CheckpointStore,
                                                StoreUnreachableError, VersionInfo, check_ref_name,
                                                publish_aliases, version_number)
@@ -107,7 +107,8 @@ class ObjectCheckpointStore(CheckpointStore):
         with self._errors(f"moving aliases {names} to {version}"):
             for alias in names:
                 self._move_alias(alias, version, step)
-        log.info("Published %s to %s as %s (aliases %s)", local_dir, self.url, version, names)
+        # the checkpoint's name, not local_dir: that is the publisher's snapshot of it (.tmp-publishing-...)
+        log.info("Published %s to %s as %s (aliases %s)", checkpoint_name(step), self.url, version, names)
         return version
 
     def probe(self) -> None:

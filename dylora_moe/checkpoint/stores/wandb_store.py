@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from dylora_moe.checkpoint.format import MANIFEST_NAME, hash_file, verify_checkpoint
+from dylora_moe.checkpoint.format import MANIFEST_NAME, checkpoint_name, hash_file, verify_checkpoint
 from dylora_moe.checkpoint.stores.base import (DEFAULT_ALIASES, CheckpointStore,
                                                StoreUnreachableError, VersionInfo, check_ref_name,
                                                publish_aliases, version_number)
@@ -114,7 +114,7 @@ class WandbStore(CheckpointStore):
         version = self._log(name, Path(local_dir), step, names, {
             "size": manifest.total_size, "format_version": manifest.format_version,
             "manifest_sha256": hash_file(Path(local_dir) / MANIFEST_NAME)[0]})
-        log.info("Published %s to wandb://%s/%s/%s as %s (aliases %s)", local_dir, self.entity,
+        log.info("Published %s to wandb://%s/%s/%s as %s (aliases %s)", checkpoint_name(step), self.entity,
                  self.project, name, version, names)
         return version
 
