@@ -17,7 +17,9 @@ Designs (``--designs``, comma-separated; see DESIGNS below):
     OMP_NUM_THREADS=1 python benchmarks/quality.py --seed 1 [--steps 300] [--designs a,b,...] [--json F]
     python benchmarks/quality.py --table F     # every (design, seed) saved in F, side by side
 
-Every LoRA uses alpha = 2 * rank (the mixture's alpha/r) and dropout 0.05. Prints one table.
+Every LoRA uses alpha = 2 * rank (the mixture's alpha/r) and dropout 0.05. In training, mixtures
+get each example's dataset (``dataset_ids``), which only the dataset-expert loss reads
+(``dataset_mi_coefficient``); held-out examples are routed from their prompt alone. Prints one table.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ DESIGNS: dict[str, tuple[str, dict]] = {
        for c in (0.01, 0.03, 0.1, 0.3, 1.0)},
     # + minus the mutual information dataset;expert in the batch (the dataset ids train the router only)
     **{f"moe_example_dense_a128_rs30_dmi{c:g}": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0, "dataset_mi_coefficient": c})
-       for c in (0.01, 0.03, 0.1, 0.3, 1.0)},
+       for c in (0.01, 0.03, 0.1, 0.2, 0.3, 1.0)},
     # the same without the Switch balance loss: the dataset term's H(E) keeps all experts in use, and a
     # batch where one dataset dominates is no longer pushed to spread that dataset over the experts
     **{f"moe_example_dense_a128_rs30_dmi{c:g}_bal0": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0,
@@ -89,7 +91,17 @@ DESIGNS: dict[str, tuple[str, dict]] = {
     # ... with a gate floor F: gate = F x (1/4 each) + (1 - F) x router gate; the losses read the router gate
     **{f"moe_example_dense_a128_rs30_dmi{c:g}_bal0_floor{f:g}": ("moe", {
         **EXAMPLE_DENSE_A128, "router_scale": 30.0, "dataset_mi_coefficient": c, "balance_coefficient": 0.0,
-        "gate_floor": f}) for c in (0.3, 1.0) for f in (0.25, 0.5)},
+        "gate_floor": f}) for c in (0.3, 1.0) for f in (0.25, 0.5, 0.75)},
+    # the router 30x faster through a second optimizer group instead of router_scale: the router's
+    # gradients are not scaled up by 30, so they do not dominate the global gradient-clipping norm
+    "moe_example_dense_a128_rlr30_dmi0.3_bal0": ("moe", {**EXAMPLE_DENSE_A128, "router_lr_mult": 30.0,
+                                                          "dataset_mi_coefficient": 0.3, "balance_coefficient": 0.0}),
+    # 8 experts of rank 8: the same trainable size and the same rank-64 update under a uniform gate
+    # (alpha 128); similar datasets can share one expert and keep one of their own
+    "moe_e8r8_example_dense_a128_rs30": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0, "num_experts": 8, "r": 8}),
+    **{f"moe_e8r8_example_dense_a128_rs30_dmi{c:g}_bal0": ("moe", {
+        **EXAMPLE_DENSE_A128, "router_scale": 30.0, "num_experts": 8, "r": 8, "dataset_mi_coefficient": c,
+        "balance_coefficient": 0.0}) for c in (0.1, 0.3)},
 }
 
 

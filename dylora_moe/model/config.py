@@ -36,8 +36,9 @@ class DyLoRAConfig:
     # gates that still spread over the experts as a whole; 0: off
     router_mi_coefficient: float = 0.0
     # weight of minus the mutual information between an example's dataset and its expert in the batch
-    # (router.dataset_mutual_information_loss); it applies when the forward pass gets dataset_ids
-    dataset_mi_coefficient: float = 0.0
+    # (router.dataset_mutual_information_loss); it applies when the forward pass gets dataset_ids.
+    # 0.03 measured best (benchmarks/quality.py, docs/benchmarks.md): more specialisation, same loss.
+    dataset_mi_coefficient: float = 0.03
     # "token": every token is routed on its own; "example": one gate per example, computed in each
     # adapted layer from the mean of that layer's input over the prompt tokens, and kept for
     # every generated token (works with the KV cache).
