@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import sys
 import tempfile
@@ -31,6 +32,8 @@ from ..train.config import _parse_bool as parse_bool  # the same true/false word
 from .secrets import SECRET_ENV_NAMES, parse_secret_refs
 from .vertex import (VertexError, VertexJobs, VertexSettings, build_custom_job, job_name, job_to_json,
                      parse_labels, region_of, state_name)
+
+log = logging.getLogger(__name__)
 
 JOB_ID = "$(CLOUD_ML_JOB_ID)"
 _REFERENCE_OPTIONS = ("resume", "resume_from_checkpoint", "wandb_checkpoint_artifact", "start_from")
@@ -81,9 +84,10 @@ def add_submit_parser(sub: Any, epilog: str) -> None:
         if f.name == "labels":
             group.add_argument("--labels", type=parse_labels, default=argparse.SUPPRESS, metavar="K=V,...",
                                help=f.metadata["help"])
-        elif f.type in ("bool", bool):
+        elif f.type in ("bool", "bool | None", bool):  # --flag, --flag true, --flag false
+            shown = "" if f.default is None else f" (default: {f.default})"
             group.add_argument(f"--{f.name}", nargs="?", const=True, type=parse_bool, default=argparse.SUPPRESS,
-                               metavar="BOOL", help=f"{f.metadata['help']} (default: {f.default})")
+                               metavar="BOOL", help=f"{f.metadata['help']}{shown}")
         else:
             shown = "" if f.default is None else f" (default: {f.default})"
             group.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
@@ -152,7 +156,22 @@ def _settings(args: argparse.Namespace, section: dict[str, Any], path: str | Non
                 raise ConfigError(f"{name}: {values[name]!r} is not an integer.") from e
     settings = VertexSettings(**values)
     settings.validate()
+    _explain_restart_policy(settings)
     return settings
+
+
+def _explain_restart_policy(settings: VertexSettings) -> None:
+    """One line when a multi-node job's restart policy was chosen for the user, or kept off on request."""
+    if settings.replica_count < 2:
+        return
+    if settings.restart_job_on_worker_restart is None:
+        log.info("--replica_count %d: restart_job_on_worker_restart is on, so that a restarted replica restarts "
+                 "the whole job (a worker restarted alone cannot rejoin the others); "
+                 "--restart_job_on_worker_restart false turns it off", settings.replica_count)
+    elif not settings.restart_job_on_worker_restart:
+        log.warning("--replica_count %d with --restart_job_on_worker_restart false: a worker that Vertex restarts "
+                    "alone cannot rejoin the others (they meet once, at the start), so the job stalls until a "
+                    "timeout ends it (DYLORA_RENDEZVOUS_TIMEOUT_S for the rendezvous)", settings.replica_count)
 
 
 def _train_config(args: argparse.Namespace, training: list[str]) -> tuple[Any, set[str], dict[str, Any]]:

@@ -68,7 +68,8 @@ class VertexSettings:
     replica_count: int = _opt(1, "machines; more than 1 trains on all of them at once (a chief plus workers)")
     boot_disk_gb: int = _opt(100, "boot disk size per replica in GB (pd-ssd)")
     spot: bool = _opt(False, "run on Spot VMs (cheaper, preemptible: the job continues from its latest checkpoint)")
-    restart_job_on_worker_restart: bool = _opt(False, "restart every replica when one worker restarts")
+    restart_job_on_worker_restart: bool | None = _opt(
+        None, "restart every replica when one worker restarts (default: on when --replica_count > 1, else off)")
     timeout: str | None = _opt(None, "longest run time: seconds, or with a unit: 90m, 24h, 7d")
     service_account: str | None = _opt(None, "service account the job runs as (needs Secret Manager and GCS access)")
     labels: dict[str, str] = _opt(None, "KEY=VALUE[,KEY=VALUE...] labels on the job")
@@ -122,6 +123,18 @@ class VertexSettings:
         return int(match.group(1)) * _UNIT_S[match.group(2)]
 
     @property
+    def restarts_job_on_worker_restart(self) -> bool:
+        """``restart_job_on_worker_restart`` as sent: as given, else on for a multi-node job.
+
+        The replicas of a multi-node job meet once, in a static rendezvous at the chief: a worker
+        that Vertex restarts on its own cannot rejoin the others, so the whole job restarts and
+        every replica resumes from the newest checkpoint together.
+        """
+        if self.restart_job_on_worker_restart is None:
+            return self.replica_count > 1
+        return self.restart_job_on_worker_restart
+
+    @property
     def output_dir(self) -> str:
         """The job's base output directory (validated: a gs:// URL)."""
         if self.base_output_dir:
@@ -162,7 +175,7 @@ def build_custom_job(settings: VertexSettings, container_args: list[str],
                                  disk_spec=v1.DiskSpec(boot_disk_type="pd-ssd", boot_disk_size_gb=settings.boot_disk_gb))
 
     pools = [pool(1)] + ([pool(settings.replica_count - 1)] if settings.replica_count > 1 else [])
-    scheduling = v1.Scheduling(restart_job_on_worker_restart=settings.restart_job_on_worker_restart)
+    scheduling = v1.Scheduling(restart_job_on_worker_restart=settings.restarts_job_on_worker_restart)
     if settings.spot:
         scheduling.strategy = v1.Scheduling.Strategy.SPOT
     timeout = settings.timeout_seconds()

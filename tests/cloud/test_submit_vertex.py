@@ -202,6 +202,53 @@ def test_yaml_vertex_section_and_flags_override_it(google, dylora, tmp_path):
     assert status == 2 and f"config file {str(config)!r}: num_experts: 'many' is not a valid int" in err
 
 
+RESTART_POLICY = [  # (options, restart_job_on_worker_restart sent, the one line logged or None)
+    (["--replica_count", "2"], True, "--replica_count 2: restart_job_on_worker_restart is on, so that a restarted "
+                                     "replica restarts the whole job"),
+    (["--replica_count", "3", "--restart_job_on_worker_restart", "false"], False,
+     "--replica_count 3 with --restart_job_on_worker_restart false: a worker that Vertex restarts alone cannot "
+     "rejoin the others"),
+    (["--replica_count", "2", "--restart_job_on_worker_restart"], True, None),
+    (["--replica_count", "2", "--restart_job_on_worker_restart", "true"], True, None),
+    ([], False, None),
+    (["--restart_job_on_worker_restart"], True, None),
+    (["--restart_job_on_worker_restart", "false"], False, None),
+]
+
+
+@pytest.mark.parametrize("extra, restarts, line", RESTART_POLICY, ids=[" ".join(o) or "one replica" for o, _, _ in RESTART_POLICY])
+def test_multinode_jobs_restart_together_unless_told_not_to(google, dylora, caplog, extra, restarts, line):
+    caplog.set_level("INFO", logger="dylora_moe.cloud.command")
+    status, out, err = dylora("submit", *BASE, *extra, "--dry-run")
+    assert status == 0, err
+    assert aiplatform_v1.CustomJob.from_json(out).job_spec.scheduling.restart_job_on_worker_restart is restarts
+    logged = [r for r in caplog.records if r.name == "dylora_moe.cloud.command"]
+    assert [line in r.getMessage() for r in logged] == ([True] if line else [])
+    if line:
+        assert logged[0].levelname == ("INFO" if restarts else "WARNING")
+
+
+def test_restart_policy_from_the_yaml_section_and_as_a_user_sees_it(google, tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("vertex:\n  replica_count: 2\n  restart_job_on_worker_restart: false\n")
+    result = run_dylora(["submit", *BASE, "--config", str(config), "--dry-run"], env=google.env)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert not aiplatform_v1.CustomJob.from_json(result.stdout).job_spec.scheduling.restart_job_on_worker_restart
+    assert result.stderr.startswith("WARNING dylora_moe.cloud.command: --replica_count 2 with "
+                                    "--restart_job_on_worker_restart false")
+    # The flag overrides the file.
+    result = run_dylora(["submit", *BASE, "--config", str(config), "--restart_job_on_worker_restart", "--dry-run"],
+                        env=google.env)
+    assert aiplatform_v1.CustomJob.from_json(result.stdout).job_spec.scheduling.restart_job_on_worker_restart
+    assert "restart_job_on_worker_restart" not in result.stderr
+    # The default for several replicas is on, said in one line.
+    result = run_dylora(["submit", *BASE, "--replica_count", "4", "--dry-run"], env=google.env)
+    assert aiplatform_v1.CustomJob.from_json(result.stdout).job_spec.scheduling.restart_job_on_worker_restart
+    assert result.stderr.count("restart_job_on_worker_restart is on") == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert google.requests == []
+
+
 BAD_INPUT = [
     (["--region", "r", "--image", "i", "--staging_bucket", "gs://b"], "needs --project: give them as flags"),
     (["--project", "p", "--image", "i", "--staging_bucket", "gs://b"], "needs --region"),
