@@ -1,8 +1,14 @@
 """A real GCS JSON-API server on loopback (PyPI ``gcp-storage-emulator``) for ``gcsfs``.
 
 ``gcsfs`` talks to it when ``STORAGE_EMULATOR_HOST`` is set (anonymous access).
-``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` must be in the environment before gcsfs is imported:
-otherwise gcsfs probes each bucket over gRPC and waits 60 s for that to fail against the emulator.
+
+The emulator serves the JSON API only. gcsfs imported without ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``
+in the environment makes ``gcsfs.GCSFileSystem`` its experimental zonal/HNS class, which asks for
+each bucket's type over gRPC before most calls and, with anonymous credentials, waits up to 60 s
+for that TLS handshake to fail against the emulator, on every call (a failed lookup is not cached).
+This module sets the variable for gcsfs imported later and for subprocesses, but a test session may
+have imported gcsfs already (``pytest.importorskip("gcsfs")`` in a module collected earlier), so
+the tests' own client, :func:`emulator_fs`, is always gcsfs's plain JSON-API class.
 """
 
 from __future__ import annotations
@@ -26,6 +32,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def emulator_fs():
+    """A fresh anonymous gcsfs client of the emulator at ``STORAGE_EMULATOR_HOST``: the JSON-API class,
+    whatever ``gcsfs.GCSFileSystem`` became when gcsfs was first imported."""
+    from gcsfs.core import GCSFileSystem
+
+    return GCSFileSystem(project="test", token="anon", skip_instance_cache=True)
+
+
 @contextmanager
 def gcs_emulator(*buckets: str):
     """Start the emulator (in memory) with ``buckets``; yields its URL for STORAGE_EMULATOR_HOST."""
@@ -45,9 +59,7 @@ def gcs_emulator(*buckets: str):
                 time.sleep(0.1)
         previous = os.environ.get("STORAGE_EMULATOR_HOST")
         os.environ["STORAGE_EMULATOR_HOST"] = url
-        import gcsfs
-
-        fs = gcsfs.GCSFileSystem(project="test", token="anon", skip_instance_cache=True)
+        fs = emulator_fs()
         for bucket in buckets:
             fs.mkdir(bucket)
         try:

@@ -11,6 +11,7 @@ never interrupted. A second job started from the first job's artifact continues 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from safetensors.torch import load_file
 from dylora_moe import cli
 from dylora_moe.model.dylora import WEIGHTS_NAME
 from dylora_moe.train.trainer import EXIT_PREEMPTED
-from tests.cloud.gcs_emulator import gcs_emulator
+from tests.cloud.gcs_emulator import emulator_fs, gcs_emulator
+from tests.conftest import REPO_ROOT
 
 HF_SECRET = "projects/proj/secrets/hf/versions/1"
 HF_VALUE = "hf_value_never_printed_7d1e"
@@ -82,9 +84,7 @@ def test_preempted_job_restarts_to_the_same_weights_and_a_second_job_continues(
     google.secrets = {HF_SECRET: HF_VALUE}
     command = job_command(capsys, small_model_dir, "--max_steps", str(STEPS))
     with gcs_emulator("bkt") as gcs:
-        import gcsfs
-
-        fs = gcsfs.GCSFileSystem(project="test", token="anon", skip_instance_cache=True)
+        fs = emulator_fs()
 
         # A job that is never interrupted: the reference.
         steady = Job("1001", command, google, gcs, tmp_path)
@@ -124,6 +124,20 @@ def test_preempted_job_restarts_to_the_same_weights_and_a_second_job_continues(
         out = second.run()
         assert "has no checkpoint of its own" in out and f"at step {STEPS}" in out
         assert max(_steps(fs, "gs://bkt/exp/3003/store")) == STEPS + 2
+
+
+def test_the_tests_gcs_client_is_the_json_api_one_even_when_gcsfs_was_imported_first():
+    """A session that imports gcsfs before tests/cloud/gcs_emulator.py (``importorskip("gcsfs")`` in a
+    module collected earlier) gets gcsfs's experimental class as ``gcsfs.GCSFileSystem``; against the
+    emulator its gRPC bucket-type probe waits up to 60 s on every call. Our client must not be that class."""
+    env = {k: v for k, v in os.environ.items() if k != "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"}
+    code = ("import gcsfs, gcsfs.core\n"
+            "from tests.cloud.gcs_emulator import emulator_fs\n"
+            "print(gcsfs.GCSFileSystem.__name__, type(emulator_fs()) is gcsfs.core.GCSFileSystem)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ExtendedGcsFileSystem", "True"]
 
 
 def _steps(fs, store: str) -> list[int]:
