@@ -47,7 +47,7 @@ class TrainConfig:
         0.0, "weight of a router loss that raises the mutual information between examples and experts in a batch "
         "(confident gates, every expert used; no labels needed; 0: off)")
     dataset_mi_coefficient: float = _opt(
-        0.0, "weight of a router loss that raises the mutual information between each example's dataset and its "
+        0.03, "weight of a router loss that raises the mutual information between each example's dataset and its "
         "expert in a batch (training only: the router still decides from the prompt; needs several --datasets; 0: off)")
     gate_floor: float = _opt(
         0.0, "dense routing: share of every gate spread evenly over the experts, so all of them keep a shared part "

@@ -32,7 +32,7 @@ def run(small_model_dir, tmp_path, run_id, **options):
 
 
 def test_dataset_mi_coefficient_trains_with_each_examples_dataset(small_model_dir, tmp_path):
-    plain, plain_batch, plain_losses = run(small_model_dir, tmp_path, "plain")
+    plain, plain_batch, plain_losses = run(small_model_dir, tmp_path, "plain", dataset_mi_coefficient=0.0)
     dmi, dmi_batch, dmi_losses = run(small_model_dir, tmp_path, "dmi", dataset_mi_coefficient=0.3, gate_floor=0.5)
     assert "dataset_ids" not in plain_batch
     assert set(dmi_batch["dataset_ids"].tolist()) <= {0, 1} and dmi.model.config.dataset_mi_coefficient == 0.3
