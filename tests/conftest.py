@@ -8,6 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# gcsfs's experimental zonal/HNS class probes a bucket's type over gRPC, which the GCS emulator the tests
+# start does not speak (each probe waits up to 60 s): the tests use the JSON-API class, whichever test
+# imports gcsfs first (see tests/cloud/gcs_emulator.py)
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = Path(os.environ.get("DYLORA_SHARED_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
