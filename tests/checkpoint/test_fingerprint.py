@@ -110,3 +110,9 @@ def test_mismatch_table_names_every_field_with_both_values(saved):
     assert rows[0] == ["field", "checkpoint", "requested"]
     assert rows[1:] == [["alpha", "32.0", "8.0"], ["top_k", "1", "2"]]
     assert error.exit_code == 2 and "2 architecture field(s) differ" in str(error)
+
+
+def test_a_changed_gate_floor_is_named_and_older_checkpoints_read_as_none(saved):
+    assert [d[0] for d in saved.differences(fingerprint(gate_floor=0.5))] == ["gate_floor"]
+    older = {k: v for k, v in saved.to_dict().items() if k != "gate_floor"}
+    assert ArchitectureFingerprint.from_dict(older).differences(saved) == []
