@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from . import __version__
@@ -165,17 +166,26 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train.preemption import SignalWatch, StartupInterrupted
+    from .train.launch_env import launched_world_size
+    from .train.preemption import EXIT_PREEMPTED, SIGNALS, SignalWatch, StartupInterrupted
 
     # Spot VMs are reclaimed during start-up too: from the first moment, SIGTERM/SIGINT end the command
     # with one line and status 75 (training then takes them over to checkpoint first).
     signals = SignalWatch().install()
+    status = None
     try:
-        return _run(argv, signals)
+        status = _run(argv, signals)
     except StartupInterrupted as stop:  # before the trainer existed (imports, parsing)
-        return _report(stop.as_preempted(), "train")
+        status = _report(stop.as_preempted(), "train")
     finally:
-        signals.restore()
+        if status == EXIT_PREEMPTED and launched_world_size() > 1:
+            # One rank of a launched job, stopped with its checkpoint saved: the launcher tears the other
+            # ranks down with SIGTERM as soon as one exits, and that must not turn this rank's 75 into a kill.
+            for sig in SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+        else:
+            signals.restore()
+    return status
 
 
 def _run(argv: list[str] | None, signals) -> int:
@@ -206,7 +216,9 @@ def _run(argv: list[str] | None, signals) -> int:
 def _report(err: DyLoRAError, command: str) -> int:
     paragraph = " ".join(str(err).split())  # one paragraph, whatever the underlying library wrote
     kind = "stopped" if err.exit_code == 75 else "error"
-    print(f"dylora{' ' + command if command else ''}: {kind}: {paragraph}", file=sys.stderr)
+    # one write: the ranks of a launched job share one stream, and lines written in pieces interleave
+    sys.stderr.write(f"dylora{' ' + command if command else ''}: {kind}: {paragraph}\n")
+    sys.stderr.flush()
     if getattr(err, "table", None):
         print(err.table, file=sys.stderr)
     return err.exit_code
