@@ -65,7 +65,9 @@ def build(design: str, size: str):
         loss_fn = lambda ids: model(input_ids=ids, labels=ids).loss  # noqa: E731
     elif design == "b_dylora_moe":
         model = DyLoRAMoE(base, DyLoRAConfig(num_experts=4, r=16, alpha=32, dropout=0.0))
-        loss_fn = lambda ids: model(ids, labels=ids).loss  # noqa: E731
+        # each example's dataset, as `dylora train` passes on several datasets: the default
+        # dataset-MI router term is then computed too
+        loss_fn = lambda ids: model(ids, labels=ids, dataset_ids=torch.arange(ids.shape[0]) % 2).loss  # noqa: E731
     else:
         model = TwoPass(base, num_experts=4, r=16)
         loss_fn = lambda ids: model(ids, labels=ids)  # noqa: E731
