@@ -18,8 +18,7 @@ the same global batch list, padded by repeating its first batches (or, with ``dr
 to a whole number of optimizer steps, and takes every ``num_replicas``-th batch. Optimizer step
 *k* therefore consumes global batches ``k*step_multiple .. (k+1)*step_multiple - 1`` whatever the
 world size: a run resumed on another number of ranks, with the accumulation recomputed to keep
-``step_multiple``, sees the same examples at every later step. ``even=False`` (evaluation) neither
-pads nor cuts: ranks then hold shares that differ by at most one batch.
+``step_multiple``, sees the same examples at every later step.
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
         step_multiple: int | None = None,
-        even: bool = True,
     ):
         """``lengths[i]`` is example *i*'s token count; ``shuffle=False`` gives a fixed order
         sorted by length (for evaluation). ``mega_batch_mult`` defaults, as in Hugging Face, to
@@ -67,8 +65,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.num_replicas = num_replicas
         self.rank = rank
-        self.step_multiple = step_multiple if even else 1
-        self.even = even
+        self.step_multiple = step_multiple
         self.epoch = 0
         self.start_batch = 0
 
@@ -115,11 +112,15 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return batches[self.rank:: self.num_replicas]
 
     @property
+    def unpadded_num_batches(self) -> int:
+        """Batches per epoch over every rank before padding (or cutting) to whole optimizer steps."""
+        full, rest = divmod(len(self.lengths), self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    @property
     def global_num_batches(self) -> int:
         """Batches per epoch over every rank, padding included (a whole number of optimizer steps)."""
-        full, rest = divmod(len(self.lengths), self.batch_size)
-        total = full + (1 if rest and not self.drop_last else 0)
-        multiple = self.step_multiple
+        total, multiple = self.unpadded_num_batches, self.step_multiple
         return total // multiple * multiple if self.drop_last else -(-total // multiple) * multiple
 
     @property
@@ -129,10 +130,6 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         Mega-batches are whole multiples of ``batch_size``, so only the last one can leave a
         short batch, exactly as without shuffling.
         """
-        if not self.even:
-            full, rest = divmod(len(self.lengths), self.batch_size)
-            total = full + (1 if rest and not self.drop_last else 0)
-            return len(range(self.rank, total, self.num_replicas))
         return self.global_num_batches // self.num_replicas
 
     def __iter__(self) -> Iterator[list[int]]:

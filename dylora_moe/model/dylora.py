@@ -47,8 +47,9 @@ def _is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a parameter that FSDP shards over ranks (a collective: every rank calls it)."""
+def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter (or gradient) that FSDP shards over ranks (a collective: every rank
+    calls it); any other tensor as it is."""
     full_tensor = getattr(tensor, "full_tensor", None)  # a DTensor
     return full_tensor() if full_tensor is not None else tensor
 
@@ -221,9 +222,9 @@ class DyLoRAMoE(nn.Module):
         """Experts, routers, maturity and admission: all training changes, nothing of the base."""
         state = {}
         for name, layer in self.adapted_layers():
-            state[f"{name}.lora_A"] = _whole(layer.lora_A.detach())
-            state[f"{name}.lora_B"] = _whole(layer.lora_B.detach())
-            state[f"{name}.router.weight"] = _whole(layer.router.weight.detach())
+            state[f"{name}.lora_A"] = whole_tensor(layer.lora_A.detach())
+            state[f"{name}.lora_B"] = whole_tensor(layer.lora_B.detach())
+            state[f"{name}.router.weight"] = whole_tensor(layer.router.weight.detach())
         state[MATURITY_KEY] = self.routing.mature.clone()
         state[ADMISSION_KEY] = self.routing.admission.clone()
         return state

@@ -64,7 +64,8 @@ class GatheredState:
 
 @dataclass
 class TrainingPayload:
-    """A checkpoint read into memory: what :func:`apply_training_checkpoint` puts back, on any rank."""
+    """A checkpoint read into memory: what :func:`restore_weights` and :func:`restore_progress` put back,
+    on any rank."""
 
     weights: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
@@ -74,11 +75,16 @@ class TrainingPayload:
     data_state: dict[str, Any]
 
     @property
+    def world_size(self) -> int:
+        """Ranks of the run that saved it (older checkpoints: one)."""
+        return int(self.data_state.get("world_size", 1))
+
+    @property
     def micro_batches_per_step(self) -> int:
         """Global micro-batches per optimizer step of the run that saved it (older checkpoints: one rank)."""
         if "micro_batches_per_step" in self.data_state:
             return int(self.data_state["micro_batches_per_step"])
-        return int(self.data_state.get("world_size", 1)) * int(self.data_state.get("gradient_accumulation_steps", 1))
+        return self.world_size * int(self.data_state.get("gradient_accumulation_steps", 1))
 
 
 def fingerprint_of(model: DyLoRAMoE, known: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -197,17 +203,11 @@ def restore_progress(payload: TrainingPayload, optimizer: torch.optim.Optimizer,
     return state
 
 
-def apply_training_checkpoint(payload: TrainingPayload, model: DyLoRAMoE, optimizer: torch.optim.Optimizer,
-                              scheduler: Any, rank: int = 0) -> TrainerState:
-    """Weights, optimizer, schedule and RNGs of a read checkpoint, into set-up pieces of one process."""
-    grown = restore_weights(payload, model)
-    return restore_progress(payload, optimizer, scheduler, rank, grown)
-
-
 def restore_training_checkpoint(directory: Path, model: DyLoRAMoE, optimizer: torch.optim.Optimizer,
                                 scheduler: Any) -> TrainerState:
-    """Read and apply a verified checkpoint in one process (see :func:`apply_training_checkpoint`)."""
-    return apply_training_checkpoint(read_training_checkpoint(directory), model, optimizer, scheduler)
+    """Weights, optimizer, schedule and RNGs of a verified checkpoint, into the set-up pieces of one process."""
+    payload = read_training_checkpoint(directory)
+    return restore_progress(payload, optimizer, scheduler, grown=restore_weights(payload, model))
 
 
 def load_tensors_only(path: Path):

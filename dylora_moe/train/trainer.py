@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 from ..checkpoint.stores import CheckpointStore
 from ..errors import ConfigError
 from ..model import DyLoRAConfig, DyLoRAMoE
+from ..model.dylora import whole_tensor
 from ..model.base import load_base_model, load_tokenizer
 from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow
 from .checkpoint_payload import (GatheredState, RunRecord, TrainingPayload, fingerprint_of, restore_progress,
@@ -60,12 +61,6 @@ from .state import TrainerState
 log = logging.getLogger(__name__)
 
 __all__ = ["EXIT_PREEMPTED", "EXIT_UNPUBLISHED", "Preempted", "Trainer", "TrainerState", "UnpublishedCheckpoints"]
-
-
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    """A gradient sharded by FSDP, gathered whole (every rank calls it); others as they are."""
-    full_tensor = getattr(tensor, "full_tensor", None)
-    return full_tensor() if full_tensor is not None else tensor
 
 
 def seed_everything(seed: int) -> None:
@@ -197,8 +192,9 @@ class Trainer:
         if ranks.rank > 0:  # the same initial weights everywhere, but each rank its own dropout
             seed_everything(derive_seed(cfg.seed, "rank", ranks.rank))
         grown = restore_weights(payload, self.model) if payload is not None else False
+        self.sharded = cfg.fsdp and ranks.enabled
         self.fingerprint = None
-        if cfg.fsdp and ranks.enabled:  # the weights are whole until here; from here each rank holds its shards
+        if self.sharded:  # the weights are whole until here; from here each rank holds its shards
             self.fingerprint = fingerprint_of(self.model)  # of the base, which checkpoints record
             shard_parameters(self.model, ranks)
             self.train_model = self.model
@@ -206,7 +202,6 @@ class Trainer:
             if cfg.fsdp:
                 log.warning("--fsdp has no effect in a single process (start the run with torchrun)")
             self.train_model = wrap_for_gradient_sync(self.model, ranks)
-        self.sharded = self.fingerprint is not None
         self.optimizer = torch.optim.AdamW(
             self.model.trainable_parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )
@@ -229,8 +224,7 @@ class Trainer:
         cfg, world = self.config, self.ranks.world_size
         if payload is None:
             return world * cfg.gradient_accumulation_steps
-        saved = payload.micro_batches_per_step
-        saved_world = int(payload.data_state.get("world_size", 1))
+        saved, saved_world = payload.micro_batches_per_step, payload.world_size
         if saved % world:
             raise ConfigError(
                 f"the checkpoint was trained with a global batch of {saved} micro-batches per optimizer step "
@@ -245,7 +239,7 @@ class Trainer:
         return saved
 
     def _world_change(self, payload: TrainingPayload) -> str:
-        saved_world = int(payload.data_state.get("world_size", 1))
+        saved_world = payload.world_size
         accumulation = self.micro_batches_per_step // saved_world
         if saved_world == self.ranks.world_size and accumulation == self.config.gradient_accumulation_steps:
             return ""
@@ -339,7 +333,7 @@ class Trainer:
         loader = DataLoader(self.eval_data, batch_sampler=self.eval_sampler, collate_fn=self.collator,
                             generator=torch.Generator())  # own generator: never draw from the global RNG
         total, count = 0.0, 0
-        real = -(-len(self.eval_data) // self.eval_sampler.batch_size)  # batches before padding, over all ranks
+        real = self.eval_sampler.unpadded_num_batches  # over all ranks; the rest are repeats
         for index, batch in enumerate(loader):
             padding = self.ranks.rank + index * self.ranks.world_size >= real  # a repeat that keeps ranks in step
             batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -407,9 +401,9 @@ class Trainer:
         for _, layer in self.model.adapted_layers():
             E, r = layer.num_experts, layer.r
             if layer.lora_A.grad is not None:
-                squares += _whole(layer.lora_A.grad).float().unflatten(0, (E, r)).pow(2).sum((1, 2)).cpu()
+                squares += whole_tensor(layer.lora_A.grad).float().unflatten(0, (E, r)).pow(2).sum((1, 2)).cpu()
             if layer.lora_B.grad is not None:
-                squares += _whole(layer.lora_B.grad).float().unflatten(1, (E, r)).pow(2).sum((0, 2)).cpu()
+                squares += whole_tensor(layer.lora_B.grad).float().unflatten(1, (E, r)).pow(2).sum((0, 2)).cpu()
         return squares.sqrt()
 
     def train(self) -> dict[str, Any]:
