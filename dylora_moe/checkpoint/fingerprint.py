@@ -63,6 +63,7 @@ class ArchitectureFingerprint:
     routing: str = "token"  # per token or per example; checkpoints from before it routed per token
     router_scale: float = 1.0  # logits = scale * W x; checkpoints from before it used 1
     gate_floor: float = 0.0  # share of every dense gate spread evenly; checkpoints from before it had none
+    shared_experts: int = 0  # experts with a fixed gate beside the routed ones; checkpoints from before it had none
     base_weights_sha: str = ""  # "" in checkpoints from before it existed: not compared then
 
     INFORMATIONAL = ("maturity",)
@@ -90,6 +91,7 @@ class ArchitectureFingerprint:
             routing=getattr(mc, "routing", "token"),
             router_scale=float(getattr(mc, "router_scale", 1.0)),
             gate_floor=float(getattr(mc, "gate_floor", 0.0)),
+            shared_experts=int(getattr(mc, "shared_experts", 0)),
             maturity=[bool(m) for m in model.routing.mature],
         )
 

@@ -11,20 +11,25 @@ ALL_LINEAR = "all-linear"
 ROUTING_GRANULARITIES = ("token", "example")
 
 
-def derived_alpha(num_experts: int, r: int) -> float:
-    """The LoRA alpha used when none is given: 2 x num_experts x r.
+def derived_alpha(num_experts: int, r: int, shared_experts: int = 0) -> float:
+    """The LoRA alpha used when none is given: 2 x (num_experts + shared_experts) x r.
 
-    The mixture's update is (alpha / r) x sum_e g_e B_e A_e. With a uniform gate (g_e = 1/E) that
-    is exactly one LoRA of rank E·r with alpha 2·E·r, i.e. the usual alpha = 2 x rank, whatever E
-    and r are (128 for 4 experts of rank 16).
+    The mixture's update is (alpha / r) x sum_e g_e B_e A_e over all N = E + S experts, where each
+    shared expert has the fixed gate 1/N and the routed ones share the rest, E/N. With a uniform
+    router gate every expert has g_e = 1/N, which is exactly one LoRA of rank N·r with alpha 2·N·r,
+    i.e. the usual alpha = 2 x rank, whatever E, S and r are (128 for 4 experts of rank 16).
     """
-    return 2.0 * num_experts * r
+    return 2.0 * (num_experts + shared_experts) * r
 
 
 @dataclass
 class DyLoRAConfig:
-    num_experts: int = 4
+    num_experts: int = 4  # routed experts
     r: int = 16
+    # experts every example uses with the fixed gate 1/(num_experts + shared_experts) each, beside the
+    # routed ones (DeepSeekMoE's shared experts): what all datasets have in common need not be
+    # learnt again by every routed expert, so those are free to specialise
+    shared_experts: int = 0
     alpha: float | None = None  # None or 0: derived_alpha(num_experts, r), resolved to a number at construction
     dropout: float = 0.05
     target_modules: tuple[str, ...] | str = DEFAULT_TARGET_MODULES
@@ -58,13 +63,17 @@ class DyLoRAConfig:
             self.target_modules = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
         elif isinstance(self.target_modules, list):
             self.target_modules = tuple(self.target_modules)
-        if not self.alpha and isinstance(self.num_experts, int) and isinstance(self.r, int):
-            self.alpha = derived_alpha(self.num_experts, self.r)  # a saved config keeps its number
+        if (not self.alpha and isinstance(self.num_experts, int) and isinstance(self.r, int)
+                and isinstance(self.shared_experts, int)):
+            self.alpha = derived_alpha(self.num_experts, self.r, self.shared_experts)  # a saved config keeps its number
         self.validate()
 
     def validate(self) -> None:
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ConfigError(f"num_experts={self.num_experts!r} is invalid: the mixture needs at least 1 expert.")
+        if not isinstance(self.shared_experts, int) or self.shared_experts < 0:
+            raise ConfigError(f"shared_experts={self.shared_experts!r} is invalid: give an integer >= 0 "
+                              "(0: every expert is routed).")
         if not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"lora_r={self.r!r} is invalid: the LoRA rank must be an integer >= 1.")
         if self.alpha is None or self.alpha <= 0:

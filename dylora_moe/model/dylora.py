@@ -105,7 +105,8 @@ class DyLoRAMoE(nn.Module):
         for name in self.adapted_names:
             parent_name, _, child = name.rpartition(".")
             parent = base_model.get_submodule(parent_name) if parent_name else base_model
-            layer = MoELoRALinear(getattr(parent, child), self.routing, config.r, config.alpha, config.dropout)
+            layer = MoELoRALinear(getattr(parent, child), self.routing, config.r, config.alpha, config.dropout,
+                                  shared_experts=config.shared_experts)
             setattr(parent, child, layer)
         self._sync_config()
 
@@ -225,6 +226,9 @@ class DyLoRAMoE(nn.Module):
             state[f"{name}.lora_A"] = whole_tensor(layer.lora_A.detach())
             state[f"{name}.lora_B"] = whole_tensor(layer.lora_B.detach())
             state[f"{name}.router.weight"] = whole_tensor(layer.router.weight.detach())
+            if layer.shared_experts:
+                state[f"{name}.shared_A"] = whole_tensor(layer.shared_A.detach())
+                state[f"{name}.shared_B"] = whole_tensor(layer.shared_B.detach())
         state[MATURITY_KEY] = self.routing.mature.clone()
         state[ADMISSION_KEY] = self.routing.admission.clone()
         return state
@@ -248,6 +252,8 @@ class DyLoRAMoE(nn.Module):
                 rows = n * layer.r  # the first n experts' slices of the stacked tensors
                 slots = (("lora_A", layer.lora_A[:rows]), ("lora_B", layer.lora_B[:, :rows]),
                          ("router.weight", layer.router.weight[:n]))
+                if layer.shared_experts:
+                    slots += (("shared_A", layer.shared_A), ("shared_B", layer.shared_B))
                 for key, param in slots:
                     value = state[f"{name}.{key}"]
                     if value.shape != param.shape:
@@ -293,7 +299,11 @@ class DyLoRAMoE(nn.Module):
         self.routing.forced_expert = expert
 
     def export_expert(self, expert: int, directory: str | os.PathLike) -> Path:
-        """Write expert ``expert`` as a standard PEFT LoRA adapter loadable by ``PeftModel``."""
+        """Write expert ``expert`` as a standard PEFT LoRA adapter loadable by ``PeftModel``.
+
+        With shared experts the adapter is what the mixture computes when every example is routed to
+        ``expert`` (:meth:`force_expert`): the shared experts and that expert, their fixed gates folded
+        into B, as one LoRA of rank (shared + 1) x r with the mixture's alpha / r."""
         from peft import LoraConfig
 
         if not 0 <= expert < self.num_experts:
@@ -304,9 +314,10 @@ class DyLoRAMoE(nn.Module):
         fan_in_fan_out = {layer.fan_in_fan_out for _, layer in layers}
         if len(fan_in_fan_out) > 1:
             raise ConfigError("cannot export a mixture that adapts both Linear and Conv1D layers as one PEFT adapter.")
+        ranks = (self.config.shared_experts + 1) * self.config.r
         peft_config = LoraConfig(
-            r=self.config.r,
-            lora_alpha=self.config.alpha,
+            r=ranks,
+            lora_alpha=self.config.alpha * ranks / self.config.r,  # PEFT scales by lora_alpha / r: the same scale
             lora_dropout=self.config.dropout,
             target_modules=[name for name, _ in layers],
             fan_in_fan_out=fan_in_fan_out.pop(),
@@ -317,6 +328,10 @@ class DyLoRAMoE(nn.Module):
         tensors = {}
         for name, layer in layers:
             A, B = layer.expert_weights(expert)
+            if layer.shared_experts:
+                share = layer.shared_gate
+                A = torch.cat([layer.shared_A, A])
+                B = torch.cat([layer.shared_B * share, B * (layer.routed_weight * share)], dim=1)
             tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().contiguous().cpu()
             tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().contiguous().cpu()
         save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -8,6 +8,10 @@ For a frozen linear ``W`` and E experts of rank r with stacked ``A`` (E·r x in)
 i.e. one rank-E·r LoRA whose rank-space activations are scaled by the gate of the expert they
 belong to. That is two GEMMs for all experts together: no loop over experts and no second pass
 of the base model. ``B`` starts at zero, so a fresh mixture is exactly the base.
+
+With S shared experts (``shared_A`` S·r x in, ``shared_B`` out x S·r) the stacked factors are
+``[shared_A; A]`` and ``[shared_B, B]`` and the gate is ``[1/N, ..., 1/N, (E/N) g]`` with N = E + S:
+still two GEMMs, the shared experts' rows first.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class MoELoRALinear(nn.Module):
         r: int,
         alpha: float,
         dropout: float = 0.0,
+        shared_experts: int = 0,
     ):
         super().__init__()
         self.base_layer = base_layer
@@ -55,6 +60,12 @@ class MoELoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, num_experts * r, **factory))
         for e in range(num_experts):
             self._init_A(e)
+        self.shared_experts = shared_experts
+        if shared_experts:
+            self.shared_A = nn.Parameter(torch.empty(shared_experts * r, self.in_features, **factory))
+            self.shared_B = nn.Parameter(torch.zeros(self.out_features, shared_experts * r, **factory))
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(self.shared_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router = HybridRouter(self.in_features, state).to(weight.device)
 
@@ -78,17 +89,38 @@ class MoELoRALinear(nn.Module):
         self.router.add_expert()
 
     def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_e of shape r x in, B_e of shape out x r) of one expert."""
+        """(A_e of shape r x in, B_e of shape out x r) of one routed expert."""
         rows = slice(expert * self.r, (expert + 1) * self.r)
         return self.lora_A[rows], self.lora_B[:, rows]
+
+    @property
+    def routed_weight(self) -> float:
+        """How many routed experts count: all of them, a grown one only as far as it is admitted (so
+        growing leaves the shared experts' gate, and with it the outputs, unchanged)."""
+        admission = self.state.admission
+        return float(admission.sum()) if admission is not None else float(self.num_experts)
+
+    @property
+    def shared_gate(self) -> float:
+        """The fixed gate of each shared expert, 1 / (routed + shared experts); the routed ones share
+        ``routed_weight`` times that."""
+        return 1.0 / (self.routed_weight + self.shared_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         gate = self.router(x)  # (..., E)
-        h = self.lora_dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()  # (..., E·r)
-        h = (h.unflatten(-1, (self.num_experts, self.r)) * gate.unsqueeze(-1).to(h.dtype)).flatten(-2)
-        update = (h @ self.lora_B.t()) * self.scaling
+        A, B, E = self.lora_A, self.lora_B, self.num_experts
+        if self.shared_experts:  # the shared experts' rows first, their gate fixed
+            A, B = torch.cat([self.shared_A, A]), torch.cat([self.shared_B, B], dim=1)
+            share = self.shared_gate
+            shared_gate = gate.new_full((*gate.shape[:-1], self.shared_experts), share)
+            gate = torch.cat([shared_gate, gate * (self.routed_weight * share)], -1)
+            E += self.shared_experts
+        h = self.lora_dropout(x.to(A.dtype)) @ A.t()  # (..., N·r)
+        h = (h.unflatten(-1, (E, self.r)) * gate.unsqueeze(-1).to(h.dtype)).flatten(-2)
+        update = (h @ B.t()) * self.scaling
         return result + update.to(result.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, r={self.r}"
+        shared = f", shared={self.shared_experts}" if self.shared_experts else ""
+        return f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}{shared}, r={self.r}"

@@ -28,12 +28,17 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 class TrainConfig:
     # base model and mixture
     model_name: str = _opt(DEFAULT_MODEL_NAME, "base causal LM: hub id, local directory, or the shipped 'tiny-python-lm'")
-    num_experts: int = _opt(4, "number of LoRA experts")
+    num_experts: int = _opt(4, "number of routed LoRA experts")
+    shared_experts: int = _opt(
+        0, "LoRA experts every example uses beside the routed ones, each with the fixed gate "
+        "1/(num_experts + shared_experts), the routed ones sharing the rest; they learn what all datasets have in "
+        "common, so the routed experts can specialise")
     lora_r: int = _opt(16, "LoRA rank of every expert")
     lora_alpha: float | None = _opt(
-        None, "LoRA alpha (scaling alpha/r); unset or 0: 2 x num_experts x lora_r (128 for 4 experts of rank 16), "
-        "so a uniform gate updates like one LoRA of rank num_experts x lora_r with alpha 2 x that rank",
-        shown_default="2 x num_experts x lora_r")
+        None, "LoRA alpha (scaling alpha/r); unset or 0: 2 x (num_experts + shared_experts) x lora_r (128 for 4 "
+        "experts of rank 16), so a uniform gate updates like one LoRA of rank (num_experts + shared_experts) x lora_r "
+        "with alpha 2 x that rank",
+        shown_default="2 x (num_experts + shared_experts) x lora_r")
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
     target_modules: str = _opt("q_proj,v_proj", "comma-separated module names to adapt, or 'all-linear'")
     top_k: int = _opt(1, "experts per token once all experts are mature (sparse routing)")

@@ -295,7 +295,8 @@ class Trainer:
     def model_config(self) -> DyLoRAConfig:
         cfg = self.config
         return DyLoRAConfig(
-            num_experts=cfg.num_experts, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+            num_experts=cfg.num_experts, shared_experts=cfg.shared_experts, r=cfg.lora_r, alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
             target_modules=cfg.target_modules, top_k=cfg.top_k, router_temperature=cfg.router_temperature,
             balance_coefficient=cfg.balance_coefficient, z_loss_coefficient=cfg.z_loss_coefficient,
             router_mi_coefficient=cfg.router_mi_coefficient, dataset_mi_coefficient=cfg.dataset_mi_coefficient,

@@ -116,3 +116,10 @@ def test_a_changed_gate_floor_is_named_and_older_checkpoints_read_as_none(saved)
     assert [d[0] for d in saved.differences(fingerprint(gate_floor=0.5))] == ["gate_floor"]
     older = {k: v for k, v in saved.to_dict().items() if k != "gate_floor"}
     assert ArchitectureFingerprint.from_dict(older).differences(saved) == []
+
+
+def test_a_changed_number_of_shared_experts_is_named_and_older_checkpoints_read_as_none(saved):
+    diffs = saved.differences(fingerprint(shared_experts=1))
+    assert [d[0] for d in diffs] == ["shared_experts"] and diffs[0][1:] == (0, 1)
+    older = {k: v for k, v in saved.to_dict().items() if k != "shared_experts"}
+    assert ArchitectureFingerprint.from_dict(older).differences(saved) == []
