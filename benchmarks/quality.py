@@ -47,14 +47,18 @@ DATASETS = ["stdlib_functions", "code_alpaca", "mbpp", "evol_instruct"]
 
 # name -> (kind, options). Mixture options are DyLoRAConfig fields plus "maturity_fraction" (share of
 # the steps after which routing turns top-k; 1: dense throughout) and "router_lr_mult" (router lr factor,
-# as a second optimizer group). Every mixture design spells out what it changes from the defaults this
+# as a second optimizer group) and "dmi_until" (share of the steps after which the dataset term is off). Every mixture design spells out what it changes from the defaults this
 # project had before issue 11 (OLD), so a design means the same whatever the current defaults are.
 OLD = {"routing": "token", "alpha": 32.0, "maturity_fraction": 0.5, "router_scale": 1.0}
 EXAMPLE_DENSE = {**OLD, "routing": "example", "maturity_fraction": 1.0}
 # alpha = 2 * E * r: with a uniform gate (1/E each) the mixture updates exactly like lora_r64 (alpha 128)
 EXAMPLE_DENSE_A128 = {**EXAMPLE_DENSE, "alpha": 128.0}
+MLP = "gate_proj,up_proj,down_proj"
 DESIGNS: dict[str, tuple[str, dict]] = {
     "lora_r64": ("lora", {"r": 64}),
+    # the MLP projections (where most MoE-LoRA papers put the experts) and every linear layer
+    "lora_r64_mlp": ("lora", {"r": 64, "targets": MLP}),
+    "lora_r64_all": ("lora", {"r": 64, "targets": "all-linear"}),
     "lora_r16": ("lora", {"r": 16}),
     "moe_default": ("moe", {}),  # the library's current defaults
     "moe_token_top1": ("moe", OLD),  # the defaults before issue 11
@@ -102,6 +106,30 @@ DESIGNS: dict[str, tuple[str, dict]] = {
     **{f"moe_e8r8_example_dense_a128_rs30_dmi{c:g}_bal0": ("moe", {
         **EXAMPLE_DENSE_A128, "router_scale": 30.0, "num_experts": 8, "r": 8, "dataset_mi_coefficient": c,
         "balance_coefficient": 0.0}) for c in (0.1, 0.3)},
+    # a curriculum: the dataset term (weight N) for the first share U of the steps, then off, so the
+    # router first splits the datasets and is then free to merge what the loss prefers merged
+    **{f"moe_example_dense_a128_rs30_dmi{c:g}{bal}_until{u:g}": ("moe", {
+        **EXAMPLE_DENSE_A128, "router_scale": 30.0, "dataset_mi_coefficient": c, "dmi_until": u,
+        **({"balance_coefficient": 0.0} if bal else {})})
+       for c in (0.3, 1.0) for bal in ("", "_bal0") for u in (0.3, 0.5)},
+    # 3 routed experts + 1 shared expert (fixed gate 1/4; the routed ones share 3/4), rank 16 each: the
+    # same trainable size as lora_r64 and the same alpha; the shared expert learns what all datasets
+    # have in common, so the routed ones can specialise without the similar datasets losing it
+    **{f"moe_e3s1_example_dense_a128_rs30{dmi}{bal}": ("moe", {
+        **EXAMPLE_DENSE_A128, "router_scale": 30.0, "num_experts": 3, "shared_experts": 1,
+        "dataset_mi_coefficient": float(dmi[4:]), **({"balance_coefficient": 0.0} if bal else {})})
+       for dmi in ("_dmi0.03", "_dmi0.1", "_dmi0.3", "_dmi1") for bal in ("", "_bal0")},
+    # more of the update shared: S shared experts (gate 1/N each) and E routed ones of rank r, E·r + S·r = 64
+    **{f"moe_e{e}s{sh}r{r}_example_dense_a128_rs30{dmi}": ("moe", {
+        **EXAMPLE_DENSE_A128, "router_scale": 30.0, "num_experts": e, "shared_experts": sh, "r": r,
+        "dataset_mi_coefficient": float(dmi[4:].split("_")[0]), **({"balance_coefficient": 0.0} if "bal0" in dmi else {})})
+       for e, sh, r in ((4, 4, 8), (2, 2, 16), (6, 2, 8)) for dmi in ("_dmi0.03", "_dmi0.1", "_dmi0.3", "_dmi0.3_bal0")},
+    # the experts on the MLP projections or on every linear layer (compare with lora_r64_mlp / lora_r64_all)
+    **{f"moe_{where}_example_dense_a128_rs30{dmi}": ("moe", {
+        **EXAMPLE_DENSE_A128, "router_scale": 30.0, "target_modules": targets,
+        "dataset_mi_coefficient": float(dmi[4:].split("_")[0]), **({"balance_coefficient": 0.0} if "bal0" in dmi else {})})
+       for where, targets in (("mlp", MLP), ("all", "all-linear"))
+       for dmi in ("_dmi0.03", "_dmi0.1", "_dmi0.2", "_dmi0.3", "_dmi0.1_bal0", "_dmi0.2_bal0", "_dmi0.3_bal0")},
 }
 
 
@@ -118,10 +146,12 @@ def train_and_evaluate(name: str, args, data) -> dict:
     options = dict(options)
     maturity_fraction = options.pop("maturity_fraction", TrainConfig.__dataclass_fields__["maturity_fraction"].default)
     router_lr_mult = options.pop("router_lr_mult", 1.0)
+    dmi_until = options.pop("dmi_until", 1.0)
     torch.manual_seed(args.seed)
     base = load_base_model(args.model)
     if kind == "lora":
-        model = build_lora(base, options["r"], 0.05, ["q_proj", "v_proj"])
+        targets = options.get("targets", "q_proj,v_proj")
+        model = build_lora(base, options["r"], 0.05, targets if targets == "all-linear" else targets.split(","))
     else:
         model = DyLoRAMoE(base, DyLoRAConfig(**options))
     model.train()
@@ -145,6 +175,8 @@ def train_and_evaluate(name: str, args, data) -> dict:
                 break
             if kind == "moe" and maturity_fraction < 1 and step >= maturity_fraction * args.steps and model.routing.dense:
                 model.set_maturity()
+            if kind == "moe" and step == int(dmi_until * args.steps):
+                model.config.dataset_mi_coefficient = 0.0
             examples = [train_data[i] for i in indices]
             batch = collator(examples)
             if kind == "lora":

@@ -1,7 +1,7 @@
 """Training-step time of three designs, measured side by side in one run.
 
-(a) plain PEFT LoRA, r=16, on q_proj/v_proj
-(b) this mixture (DyLoRA-MoE fused layer), E=4, r=16, same targets, one base pass
+(a) plain PEFT LoRA, r=16, on the mixture's default target modules (or --targets)
+(b) this mixture (DyLoRA-MoE fused layer, its defaults), E=4, r=16, same targets, one base pass
 (c) the original DyLoRA-MoE two-pass design: a first full forward *with gradients* produces final
     hidden states for one global router, a second forward applies the routed experts (here the
     same fused layers driven by that global gate; in the first pass the experts are gated off)
@@ -10,7 +10,7 @@ A step is forward + backward + AdamW step on a batch of 4 x 256 tokens. The desi
 interleaved rounds (a, b, c, a, b, c, ...) and the median per design is kept, so machine noise
 hits all three alike. Prints the ratios b/a (target <= 1.10) and c/b (target >= 1.8).
 
-    python benchmarks/step_time.py [--rounds 5] [--sizes small,large] [--threads N]
+    python benchmarks/step_time.py [--rounds 5] [--sizes small,large] [--threads N] [--targets mlp]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dylora_moe.model import DyLoRAConfig, DyLoRAMoE
+from dylora_moe.model.dylora import find_target_modules
 
 SIZES = {
     "small": dict(hidden_size=512, num_hidden_layers=4, intermediate_size=1376, num_attention_heads=8),
@@ -42,9 +43,10 @@ def make_base(size: str) -> LlamaForCausalLM:
 class TwoPass(nn.Module):
     """The two-pass design: global router on the final hidden states of a first full pass."""
 
-    def __init__(self, base, num_experts: int, r: int):
+    def __init__(self, base, num_experts: int, r: int, targets):
         super().__init__()
-        self.mixture = DyLoRAMoE(base, DyLoRAConfig(num_experts=num_experts, r=r, alpha=2 * r, dropout=0.0))
+        self.mixture = DyLoRAMoE(base, DyLoRAConfig(num_experts=num_experts, r=r, alpha=2 * r, dropout=0.0,
+                                                    target_modules=targets))
         self.router = nn.Linear(base.config.hidden_size, num_experts, bias=False)
 
     def forward(self, input_ids, labels):
@@ -58,18 +60,19 @@ class TwoPass(nn.Module):
             routing.external_gate = None
 
 
-def build(design: str, size: str):
+def build(design: str, size: str, targets):
     base = make_base(size).train()
     if design == "a_peft_lora":
-        model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+        names = sorted({n.rsplit(".", 1)[-1] for n in find_target_modules(base, targets)})
+        model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=names))
         loss_fn = lambda ids: model(input_ids=ids, labels=ids).loss  # noqa: E731
     elif design == "b_dylora_moe":
-        model = DyLoRAMoE(base, DyLoRAConfig(num_experts=4, r=16, alpha=32, dropout=0.0))
+        model = DyLoRAMoE(base, DyLoRAConfig(num_experts=4, r=16, alpha=32, dropout=0.0, target_modules=targets))
         # each example's dataset, as `dylora train` passes on several datasets: the default
         # dataset-MI router term is then computed too
         loss_fn = lambda ids: model(ids, labels=ids, dataset_ids=torch.arange(ids.shape[0]) % 2).loss  # noqa: E731
     else:
-        model = TwoPass(base, num_experts=4, r=16)
+        model = TwoPass(base, num_experts=4, r=16, targets=targets)
         loss_fn = lambda ids: model(ids, labels=ids)  # noqa: E731
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -85,9 +88,9 @@ def build(design: str, size: str):
     return step
 
 
-def measure(size: str, rounds: int, batch: int, seq: int) -> dict[str, float]:
+def measure(size: str, rounds: int, batch: int, seq: int, targets) -> dict[str, float]:
     designs = ["a_peft_lora", "b_dylora_moe", "c_two_pass"]
-    steps = {d: build(d, size) for d in designs}
+    steps = {d: build(d, size, targets) for d in designs}
     ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
     for d in designs:  # warm-up (allocator, first-call overheads)
         steps[d](ids)
@@ -107,12 +110,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    parser.add_argument("--targets", default=None,
+                        help="modules a and b adapt (names, 'mlp' or 'all-linear'; default: the mixture's default)")
     args = parser.parse_args()
+    targets = DyLoRAConfig(target_modules=args.targets).target_modules if args.targets else DyLoRAConfig().target_modules
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}x{args.seq}, rounds {args.rounds}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}x{args.seq}, "
+          f"rounds {args.rounds}, targets {targets}")
     for size in args.sizes.split(","):
-        t = measure(size, args.rounds, args.batch, args.seq)
+        t = measure(size, args.rounds, args.batch, args.seq, targets)
         cfg = SIZES[size]
         print(
             f"{size:5s} (hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers): "

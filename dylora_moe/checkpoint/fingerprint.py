@@ -115,6 +115,10 @@ class ArchitectureFingerprint:
                 continue
             if ours != theirs:
                 diffs.append((name, ours, theirs))
+        if any(d[0] == "target_modules" for d in diffs):
+            # the base's digests are taken over its parameter names, which name the wrapped layers
+            # ("...q_proj.base_layer.weight"): other adapted layers change them, whatever the base
+            diffs = [d for d in diffs if d[0] not in ("base_weight_shapes_sha", "base_weights_sha")]
         return diffs
 
 

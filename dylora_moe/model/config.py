@@ -6,8 +6,15 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import ConfigError
 
-DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
 ALL_LINEAR = "all-linear"
+# every linear layer inside a transformer block's feed-forward module (a module named one of MLP_MODULES):
+# gate/up/down_proj in Llama, Mistral, Qwen2 and DeepSeek-Coder, c_fc/c_proj in GPT-2 and StarCoder2
+MLP = "mlp"
+MLP_MODULES = ("mlp", "feed_forward", "ffn")
+TARGET_KEYWORDS = (ALL_LINEAR, MLP)
+# measured best (benchmarks/quality.py, docs/benchmarks.md): the mixture on the MLP beats one LoRA of its size by
+# more than on q_proj,v_proj, and its experts specialise there
+DEFAULT_TARGET_MODULES = MLP
 ROUTING_GRANULARITIES = ("token", "example")
 
 
@@ -42,8 +49,8 @@ class DyLoRAConfig:
     router_mi_coefficient: float = 0.0
     # weight of minus the mutual information between an example's dataset and its expert in the batch
     # (router.dataset_mutual_information_loss); it applies when the forward pass gets dataset_ids.
-    # 0.03 measured best (benchmarks/quality.py, docs/benchmarks.md): more specialisation, same loss.
-    dataset_mi_coefficient: float = 0.03
+    # 0.2 measured best with the experts on the MLP (benchmarks/quality.py, docs/benchmarks.md)
+    dataset_mi_coefficient: float = 0.2
     # "token": every token is routed on its own; "example": one gate per example, computed in each
     # adapted layer from the mean of that layer's input over the prompt tokens, and kept for
     # every generated token (works with the KV cache).
@@ -59,7 +66,7 @@ class DyLoRAConfig:
     mature: list[bool] = field(default_factory=list)  # filled in by the model
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+        if isinstance(self.target_modules, str) and self.target_modules not in TARGET_KEYWORDS:
             self.target_modules = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
         elif isinstance(self.target_modules, list):
             self.target_modules = tuple(self.target_modules)
@@ -101,7 +108,7 @@ class DyLoRAConfig:
             )
         if not self.target_modules:
             raise ConfigError(
-                "target_modules is empty: give module names such as 'q_proj,v_proj' or 'all-linear'."
+                "target_modules is empty: give module names such as 'q_proj,v_proj', 'mlp' or 'all-linear'."
             )
 
     def to_dict(self) -> dict:

@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError
 from .base import load_base_model
-from .config import ALL_LINEAR, DyLoRAConfig
+from .config import ALL_LINEAR, MLP, MLP_MODULES, DyLoRAConfig
 from .moe_lora import MoELoRALinear
 from .router import RouterStats, RoutingState
 
@@ -60,6 +60,15 @@ def find_target_modules(model: nn.Module, targets: Sequence[str] | str) -> list[
     output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if targets == ALL_LINEAR:
         return [n for n, m in candidates.items() if m is not output_layer]
+    if targets == MLP:
+        chosen = [n for n, m in candidates.items()
+                  if m is not output_layer and set(n.split(".")[:-1]) & set(MLP_MODULES)]
+        if not chosen:
+            raise ConfigError(
+                f"target_modules '{MLP}' found no linear layer inside a module named {' or '.join(MLP_MODULES)} in "
+                f"{type(model).__name__}: name the layers to adapt (known names: "
+                f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in candidates}))}) or use '{ALL_LINEAR}'.")
+        return chosen
     chosen, unknown = [], []
     for target in targets:
         hits = [n for n in candidates if n == target or n.endswith("." + target)]
@@ -68,7 +77,7 @@ def find_target_modules(model: nn.Module, targets: Sequence[str] | str) -> list[
         leaf_names = sorted({n.rsplit(".", 1)[-1] for n in candidates})
         raise ConfigError(
             f"target module(s) {', '.join(repr(u) for u in unknown)} not found among the linear layers "
-            f"of {type(model).__name__}. Known names: {', '.join(leaf_names)}; or use '{ALL_LINEAR}'."
+            f"of {type(model).__name__}. Known names: {', '.join(leaf_names)}; or use '{MLP}' or '{ALL_LINEAR}'."
         )
     return sorted(set(chosen), key=list(candidates).index)
 

@@ -110,16 +110,33 @@ class MoELoRALinear(nn.Module):
         result = self.base_layer(x)
         gate = self.router(x)  # (..., E)
         A, B, E = self.lora_A, self.lora_B, self.num_experts
+        if self._chosen_only(gate):  # per-example top-k: each example's k experts only, batched
+            gate, index = gate.topk(self.state.top_k, dim=-1)  # (batch, 1, k)
+            E = self.state.top_k
+            A = A.view(self.num_experts, self.r, -1)[index[:, 0]].flatten(1, 2)  # (batch, k·r, in)
+            B = B.view(B.shape[0], self.num_experts, self.r)[:, index[:, 0]].permute(1, 0, 2, 3).flatten(2)
         if self.shared_experts:  # the shared experts' rows first, their gate fixed
-            A, B = torch.cat([self.shared_A, A]), torch.cat([self.shared_B, B], dim=1)
+            shared_A, shared_B = self.shared_A, self.shared_B
+            if A.dim() == 3:
+                shared_A, shared_B = shared_A.expand(A.shape[0], -1, -1), shared_B.expand(A.shape[0], -1, -1)
+            A, B = torch.cat([shared_A, A], dim=-2), torch.cat([shared_B, B], dim=-1)
             share = self.shared_gate
             shared_gate = gate.new_full((*gate.shape[:-1], self.shared_experts), share)
             gate = torch.cat([shared_gate, gate * (self.routed_weight * share)], -1)
             E += self.shared_experts
-        h = self.lora_dropout(x.to(A.dtype)) @ A.t()  # (..., N·r)
+        h = self.lora_dropout(x.to(A.dtype)) @ A.transpose(-1, -2)  # (..., N·r)
         h = (h.unflatten(-1, (E, self.r)) * gate.unsqueeze(-1).to(h.dtype)).flatten(-2)
-        update = (h @ B.t()) * self.scaling
+        update = (h @ B.transpose(-1, -2)) * self.scaling
         return result + update.to(result.dtype)
+
+    def _chosen_only(self, gate: torch.Tensor) -> bool:
+        """Whether to compute only the chosen experts: sparse (top-k) routing with one gate per example
+        and fewer experts chosen than there are. Every other expert's gate is 0 then, so skipping its
+        products changes nothing but the work (benchmarks/topk_compute.py measures it faster there;
+        per token, where each token has its own experts, it is not, and the fused GEMMs are kept)."""
+        state = self.state
+        return (not state.dense and state.granularity == "example" and gate.dim() == 3 and gate.shape[1] == 1
+                and state.top_k < self.num_experts and state.external_gate is None)
 
     def extra_repr(self) -> str:
         shared = f", shared={self.shared_experts}" if self.shared_experts else ""

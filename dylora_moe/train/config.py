@@ -40,7 +40,10 @@ class TrainConfig:
         "with alpha 2 x that rank",
         shown_default="2 x (num_experts + shared_experts) x lora_r")
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
-    target_modules: str = _opt("q_proj,v_proj", "comma-separated module names to adapt, or 'all-linear'")
+    target_modules: str | None = _opt(
+        None, "the linear layers that get experts: comma-separated module names (e.g. 'q_proj,v_proj'), 'mlp' (every "
+        "linear layer of the feed-forward blocks: gate/up/down_proj in Llama-style models, c_fc/c_proj in GPT-2) or "
+        "'all-linear'; unset: 'mlp', and a resumed run keeps the checkpoint's", shown_default="mlp")
     top_k: int = _opt(1, "experts per token once all experts are mature (sparse routing)")
     router_temperature: float = _opt(2.0, "softmax temperature of dense routing while experts are immature")
     routing: str = _opt("example", "'example': one gate per example, from its prompt (kept while generating); "
@@ -52,7 +55,7 @@ class TrainConfig:
         0.0, "weight of a router loss that raises the mutual information between examples and experts in a batch "
         "(confident gates, every expert used; no labels needed; 0: off)")
     dataset_mi_coefficient: float = _opt(
-        0.03, "weight of a router loss that raises the mutual information between each example's dataset and its "
+        0.2, "weight of a router loss that raises the mutual information between each example's dataset and its "
         "expert in a batch (training only: the router still decides from the prompt; needs several --datasets; 0: off)")
     gate_floor: float = _opt(
         0.0, "dense routing: share of every gate spread evenly over the experts, so all of them keep a shared part "

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 from ..checkpoint.stores import CheckpointStore
 from ..errors import ConfigError
 from ..model import DyLoRAConfig, DyLoRAMoE
+from ..model.config import DEFAULT_TARGET_MODULES
 from ..model.dylora import whole_tensor
 from ..model.base import load_base_model, load_tokenizer
 from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow
@@ -126,14 +127,16 @@ class Trainer:
         if cfg.checkpoint_store == "wandb":  # the store is this run's artifact: open the run first
             self._open_sink()
 
-    def _open_store_and_fetch(self) -> float | None:
-        """Rank 0: check the store, fetch the checkpoint to resume from (if any); its LoRA alpha."""
+    def _open_store_and_fetch(self) -> tuple[float, list[str]] | None:
+        """Rank 0: check the store, fetch the checkpoint to resume from (if any); its LoRA alpha and adapted
+        layers."""
         self.phase = "checking the checkpoint store"
         self.checkpointer.open_store(wandb_run=getattr(self.sink, "run", None))
         self.phase = "fetching the checkpoint to resume from"
         if self.checkpointer.fetch_resume() is None:
             return None
-        return self.checkpointer.saved_fingerprint().alpha
+        saved = self.checkpointer.saved_fingerprint()
+        return saved.alpha, saved.target_modules
 
     def _check_and_read_resume(self) -> TrainingPayload | None:
         """Rank 0: compare fingerprints, read the checkpoint (shared with every rank), open the sink."""
@@ -150,11 +153,17 @@ class Trainer:
         from ..data.mixing import derive_seed
 
         cfg, ranks = self.config, self.ranks
-        saved_alpha = ranks.on_main(self._open_store_and_fetch, "checking the checkpoint store")
-        if saved_alpha is not None and not cfg.lora_alpha:
-            # an alpha the user did not set is the checkpoint's (derived from its experts and rank), so a
-            # resume with --grow_experts keeps the scale the experts were trained with
-            model_config = dataclasses.replace(model_config, alpha=saved_alpha)
+        saved = ranks.on_main(self._open_store_and_fetch, "checking the checkpoint store")
+        if saved is not None:
+            saved_alpha, saved_targets = saved
+            if not cfg.lora_alpha:
+                # an alpha the user did not set is the checkpoint's (derived from its experts and rank), so a
+                # resume with --grow_experts keeps the scale the experts were trained with
+                model_config = dataclasses.replace(model_config, alpha=saved_alpha)
+            if cfg.target_modules is None:
+                # layers the user did not name are the checkpoint's: a run started before the default changed
+                # resumes as it was trained
+                model_config = dataclasses.replace(model_config, target_modules=tuple(saved_targets))
         self.phase = "loading the base model"
         self.tokenizer = load_tokenizer(cfg.model_name)
         base = load_base_model(cfg.model_name).to(self.device)
@@ -297,7 +306,8 @@ class Trainer:
         return DyLoRAConfig(
             num_experts=cfg.num_experts, shared_experts=cfg.shared_experts, r=cfg.lora_r, alpha=cfg.lora_alpha,
             dropout=cfg.lora_dropout,
-            target_modules=cfg.target_modules, top_k=cfg.top_k, router_temperature=cfg.router_temperature,
+            target_modules=cfg.target_modules or DEFAULT_TARGET_MODULES, top_k=cfg.top_k,
+            router_temperature=cfg.router_temperature,
             balance_coefficient=cfg.balance_coefficient, z_loss_coefficient=cfg.z_loss_coefficient,
             router_mi_coefficient=cfg.router_mi_coefficient, dataset_mi_coefficient=cfg.dataset_mi_coefficient,
             gate_floor=cfg.gate_floor,

@@ -8,7 +8,7 @@ from tests.model.helpers import randomize_experts, tiny_gpt2, tiny_llama
 
 
 def trained_mixture(base=None, **config):
-    config = {"num_experts": 3, "r": 4, "dropout": 0.0, **config}
+    config = {"num_experts": 3, "r": 4, "dropout": 0.0, "target_modules": "q_proj,v_proj", **config}
     model = DyLoRAMoE(base if base is not None else tiny_llama(), DyLoRAConfig(**config)).eval()
     randomize_experts(model)
     return model
@@ -68,7 +68,7 @@ def test_trainable_state_holds_no_base_parameter_and_round_trips(input_ids):
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
     assert sum(t.numel() for k, t in state.items() if not k.startswith("routing.")) == n_trainable
 
-    fresh = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=3, r=4, dropout=0.0)).eval()
+    fresh = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=3, r=4, dropout=0.0, target_modules="q_proj,v_proj")).eval()
     fresh.load_trainable_state_dict(state)
     assert fresh.routing.mature.tolist() == [False, True, False]
     assert all(torch.equal(a, b) for a, b in zip(fresh.trainable_state_dict().values(), state.values()))
@@ -209,3 +209,24 @@ def test_all_linear_adapts_every_linear_but_the_output_layer():
 def test_export_rejects_out_of_range_expert(tmp_path):
     with pytest.raises(ConfigError, match="expert index 5 is out of range: the mixture has 3 experts"):
         trained_mixture().export_expert(5, tmp_path)
+
+
+def test_mlp_adapts_the_feed_forward_projections_of_llama_and_gpt2():
+    llama = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=2, r=2, target_modules="mlp"))
+    assert llama.adapted_names == [f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
+    gpt2 = DyLoRAMoE(tiny_gpt2(), DyLoRAConfig(num_experts=2, r=2, target_modules="mlp"))
+    assert gpt2.adapted_names == [f"transformer.h.{i}.mlp.{p}" for i in range(2) for p in ("c_fc", "c_proj")]
+    assert DyLoRAConfig(target_modules="mlp").to_dict()["target_modules"] == "mlp"
+
+
+def test_mlp_on_a_model_without_feed_forward_modules_is_a_clear_error():
+    import torch.nn as nn
+
+    class NoMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = tiny_llama().config
+            self.proj = nn.Linear(4, 4)
+
+    with pytest.raises(ConfigError, match=r"target_modules 'mlp' found no linear layer inside a module named mlp"):
+        DyLoRAMoE(NoMLP(), DyLoRAConfig(num_experts=2, r=2, target_modules="mlp"))

@@ -7,6 +7,7 @@ from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dylora_moe.model import DyLoRAConfig, DyLoRAMoE
+from dylora_moe.model.moe_lora import MoELoRALinear
 
 from tests.model.helpers import randomize_experts, tiny_gpt2, tiny_llama
 
@@ -28,7 +29,8 @@ def test_single_expert_equals_peft_lora(input_ids):
     for name, module in peft_model.named_modules():
         if hasattr(module, "lora_B") and "default" in getattr(module, "lora_B", {}):
             torch.nn.init.normal_(module.lora_B["default"].weight, std=0.2)
-    ours = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=1, r=4, alpha=8, dropout=0.0)).eval()
+    ours = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=1, r=4, alpha=8, dropout=0.0,
+                                                target_modules="q_proj,v_proj")).eval()
     with torch.no_grad():
         for name, layer in ours.adapted_layers():
             peft_layer = peft_model.base_model.model.get_submodule(name)
@@ -72,7 +74,7 @@ def test_topk_mode_gradients_reach_routers(llama, input_ids):
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_topk_routes_each_token_to_exactly_k_experts(llama, k):
-    model = DyLoRAMoE(llama, DyLoRAConfig(num_experts=4, r=4, top_k=k, routing="token"))
+    model = DyLoRAMoE(llama, DyLoRAConfig(num_experts=4, r=4, top_k=k, routing="token", target_modules="q_proj,v_proj"))
     randomize_experts(model)
     model.set_maturity()
     layer = dict(model.adapted_layers())["model.layers.0.self_attn.q_proj"]
@@ -128,25 +130,56 @@ MATMULS = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear")
 
 @pytest.mark.parametrize("mature", [False, True], ids=["dense", "top-k"])
 def test_layer_has_no_python_loop_over_experts_in_compute(mature):
-    """The same operations, as many of each, for 2 and for 6 experts: two GEMMs for all experts
-    together, besides the frozen linear and the router."""
+    """The same operations, as many of each, for 3 and for 6 experts: two GEMMs for all experts
+    together (top-k per example: batched over the examples' chosen experts), besides the frozen
+    linear and the router."""
     x = torch.randn(2, 5, 64)
     counts = {}
-    for experts in (2, 6):
+    for experts in (3, 6):
         model = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=experts, r=4, dropout=0.0, top_k=2))
         if mature:
             model.set_maturity()
         layer = next(iter(dict(model.adapted_layers()).values()))
         counts[experts] = count_ops(layer, x)
-    assert counts[2] == counts[6]
-    assert sum(counts[2][name] for name in MATMULS) == 4  # frozen W x, router, A x, B h
+    assert counts[3] == counts[6]
+    assert sum(counts[3][name] for name in MATMULS) == 4  # frozen W x, router, A x, B h
 
 
 def test_one_base_pass_per_forward(input_ids):
     """The mixture runs the base's matmuls once, plus three per adapted layer (router, A, B)."""
     base_ops = count_ops(tiny_llama(), input_ids)
-    model = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=4, r=4, dropout=0.0))
+    model = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=4, r=4, dropout=0.0, target_modules="q_proj,v_proj"))
     mixture_ops = count_ops(model, input_ids)
     adapted = len(model.adapted_names)
     assert adapted == 4  # q_proj and v_proj of two layers
     assert sum(mixture_ops[n] for n in MATMULS) == sum(base_ops[n] for n in MATMULS) + 3 * adapted
+
+
+@pytest.mark.parametrize("shared_experts", [0, 1])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_per_example_top_k_computes_only_the_chosen_experts_and_equals_the_fused_layer(monkeypatch, top_k,
+                                                                                         shared_experts):
+    """Sparse per-example routing gathers each example's chosen experts: the same outputs and gradients
+    as computing every expert with the others gated to 0."""
+    def run(chosen_only: bool):
+        torch.manual_seed(0)
+        model = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=4, r=4, dropout=0.0, top_k=top_k,
+                                                      shared_experts=shared_experts))
+        randomize_experts(model)
+        model.set_maturity()
+        calls = []
+        original = MoELoRALinear._chosen_only
+        monkeypatch.setattr(MoELoRALinear, "_chosen_only",
+                            lambda self, gate: calls.append(original(self, gate)) or (chosen_only and original(self, gate)))
+        ids = torch.randint(3, 128, (3, 9))
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return out.logits, grads, calls
+
+    gathered, gathered_grads, calls = run(True)
+    assert calls and all(calls)  # every adapted layer took the chosen-experts path
+    fused, fused_grads, _ = run(False)
+    torch.testing.assert_close(gathered, fused, atol=1e-5, rtol=1e-5)
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(gathered_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)

@@ -10,7 +10,7 @@ from tests.model.helpers import randomize_experts, tiny_gpt2, tiny_llama
 
 
 def shared_mixture(base=None, **config):
-    config = {"num_experts": 3, "shared_experts": 1, "r": 4, "dropout": 0.0, **config}
+    config = {"num_experts": 3, "shared_experts": 1, "r": 4, "dropout": 0.0, "target_modules": "q_proj,v_proj", **config}
     model = DyLoRAMoE(base if base is not None else tiny_llama(), DyLoRAConfig(**config)).eval()
     randomize_experts(model)
     g = torch.Generator().manual_seed(7)

@@ -1,4 +1,4 @@
-"""`dylora train --lora_alpha`: unset means 2 x num_experts x lora_r, and --help says so."""
+"""`dylora train --lora_alpha`: unset means 2 x (num_experts + shared_experts) x lora_r, and --help says so."""
 
 import subprocess
 import sys
@@ -30,5 +30,6 @@ def test_train_help_shows_how_alpha_is_derived():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     text = " ".join(done.stdout.split())  # argparse wraps lines
-    assert "--lora_alpha X LoRA alpha (scaling alpha/r); unset or 0: 2 x num_experts x lora_r" in text
-    assert "(default: 2 x num_experts x lora_r)" in text
+    assert ("--lora_alpha X LoRA alpha (scaling alpha/r); unset or 0: 2 x (num_experts + shared_experts) x lora_r"
+            in text)
+    assert "(default: 2 x (num_experts + shared_experts) x lora_r)" in text

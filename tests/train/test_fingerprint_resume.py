@@ -82,3 +82,27 @@ def test_a_base_with_another_config_but_the_same_shapes_exits_2(small_model_dir,
     err = capsys.readouterr().err
     assert "base_config_sha" in table_fields(err) and "base_weight_shapes_sha" not in table_fields(err)
     assert not (tmp_path / "base" / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def attention_checkpoint(small_model_dir, tmp_path_factory):
+    """A checkpoint whose experts sit on q_proj,v_proj: the default before it became 'mlp'."""
+    out = tmp_path_factory.mktemp("attention")
+    Trainer(TrainConfig(model_name=small_model_dir, output_dir=str(out), run_id="qv", report_to="none", progress=False,
+                        training_subset=2, max_seq_length=64, max_steps=1, eval_steps=0,
+                        target_modules="q_proj,v_proj")).setup().train()
+    return out / "qv" / "checkpoints" / "step-00000001"
+
+
+def test_unset_target_modules_resume_on_the_checkpoints_layers_and_named_ones_must_match(
+        small_model_dir, attention_checkpoint, tmp_path, capsys):
+    resumed = Trainer(TrainConfig(model_name=small_model_dir, output_dir=str(tmp_path), run_id="kept",
+                                  report_to="none", progress=False, training_subset=2, max_seq_length=64, max_steps=2,
+                                  eval_steps=0, resume=str(attention_checkpoint))).setup()
+    assert {n.rsplit(".", 1)[-1] for n in resumed.model.adapted_names} == {"q_proj", "v_proj"}
+    resumed.train()
+    assert resumed.state.global_step == 2
+    capsys.readouterr()
+    assert main([*resume_argv(small_model_dir, attention_checkpoint, tmp_path, "mlp"), "--target_modules", "mlp"]) == 2
+    assert table_fields(capsys.readouterr().err) == ["target_modules"]
+    assert not (tmp_path / "mlp" / "checkpoints").exists()
