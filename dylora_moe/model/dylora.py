@@ -171,6 +171,7 @@ class DyLoRAMoE(nn.Module):
         (then the whole input must be the prompt, as in generation). ``dataset_ids`` (batch,), each
         example's dataset, only feed the dataset-expert loss (``dataset_mi_coefficient``)."""
         token_mask = attention_mask.bool() if attention_mask is not None else None
+        self.routing.trained_terms = frozenset(name for name, weight in self._aux_weights().items() if weight)
         self.routing.start_collecting(token_mask)
         self.routing.dataset_ids = dataset_ids
         if self.routing.granularity == "example" and not self.routing.generating:
@@ -190,14 +191,17 @@ class DyLoRAMoE(nn.Module):
             result.z_loss = stats.z_loss if stats else zero
             result.mi_loss = stats.mi_loss if stats else zero
             result.dataset_mi_loss = stats.dataset_mi_loss if stats else zero
-            result.loss = (
-                out.loss
-                + self.config.balance_coefficient * result.balance_loss
-                + self.config.z_loss_coefficient * result.z_loss
-                + self.config.router_mi_coefficient * result.mi_loss
-                + self.config.dataset_mi_coefficient * result.dataset_mi_loss
-            )
+            result.loss = out.loss
+            for name, weight in self._aux_weights().items():
+                if weight:
+                    result.loss = result.loss + weight * getattr(result, name)
         return result
+
+    def _aux_weights(self) -> dict[str, float]:
+        """Each auxiliary loss (a field of :class:`DyLoRAOutput`) and its weight in the loss."""
+        config = self.config
+        return {"balance_loss": config.balance_coefficient, "z_loss": config.z_loss_coefficient,
+                "mi_loss": config.router_mi_coefficient, "dataset_mi_loss": config.dataset_mi_coefficient}
 
     @staticmethod
     def _prompt_mask(input_ids, token_mask, labels, prompt_mask) -> torch.Tensor:

@@ -126,8 +126,13 @@ class MoELoRALinear(nn.Module):
             E += self.shared_experts
         h = self.lora_dropout(x.to(A.dtype)) @ A.transpose(-1, -2)  # (..., N·r)
         h = (h.unflatten(-1, (E, self.r)) * gate.unsqueeze(-1).to(h.dtype)).flatten(-2)
-        update = (h @ B.transpose(-1, -2)) * self.scaling
-        return result + update.to(result.dtype)
+        if result.dtype != h.dtype:  # e.g. a bf16 base: the update is computed in float32, then cast
+            return result + ((h @ B.transpose(-1, -2)) * self.scaling).to(result.dtype)
+        # result + scaling x (h @ B^T) in one GEMM that adds into the frozen output (no pass to scale,
+        # none to add)
+        if B.dim() == 3:  # per-example experts: (batch, out, k·r)
+            return torch.baddbmm(result, h, B.transpose(-1, -2), alpha=self.scaling)
+        return torch.addmm(result.flatten(0, -2), h.flatten(0, -2), B.t(), alpha=self.scaling).view(result.shape)
 
     def _chosen_only(self, gate: torch.Tensor) -> bool:
         """Whether to compute only the chosen experts: sparse (top-k) routing with one gate per example

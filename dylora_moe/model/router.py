@@ -61,7 +61,10 @@ class RoutingState:
     dataset_ids: torch.Tensor | None = None  # (batch,) long: each example's dataset, for dataset_mi_loss
     generating: bool = False  # per-example routing: keep each router's prefill gate for new tokens
     collect: bool = False
+    # the auxiliary losses the loss weighs (coefficient > 0): only these are recorded with gradients
+    trained_terms: frozenset = frozenset({"balance_loss", "z_loss", "mi_loss", "dataset_mi_loss"})
     _records: list = field(default_factory=list)
+    _last_pooled: tuple | None = None  # (input, its pooled prompt) of the last per-example router
 
     @property
     def num_experts(self) -> int:
@@ -90,11 +93,12 @@ class RoutingState:
         self.collect = True
         self.token_mask = token_mask
         self._records = []
+        self._last_pooled = None
 
     def stop_collecting(self) -> RouterStats | None:
         """Average the records of all layers since ``start_collecting``; None if there were none."""
         records, self._records = self._records, []
-        self.collect, self.token_mask = False, None
+        self.collect, self.token_mask, self._last_pooled = False, None, None
         if not records:
             return None
         stacked = {k: torch.stack([r[k] for r in records]).mean(0) for k in records[0]}
@@ -204,7 +208,20 @@ class HybridRouter(nn.Module):
     _kept_gate: torch.Tensor | None = None
 
     def _pool_prompt(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, 1, in): the mean of ``x`` (batch, seq, in) over each example's prompt tokens."""
+        """(batch, 1, in): the mean of ``x`` (batch, seq, in) over each example's prompt tokens.
+
+        Layers that read the same input (gate_proj and up_proj; q, k and v_proj) pool it once per
+        forward pass: the last input pooled is kept, by identity, while the model collects."""
+        state = self.state
+        cached = state._last_pooled
+        if state.collect and cached is not None and cached[0] is x:
+            return cached[1]
+        pooled = self._pool(x)
+        if state.collect:
+            state._last_pooled = (x, pooled)
+        return pooled
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.state.prompt_mask
         if mask is None:
             return x.float().mean(-2, keepdim=True)
@@ -237,15 +254,16 @@ class HybridRouter(nn.Module):
             usage = dispatch.float().sum(0) / dispatch.float().sum()
             mean_entropy = entropy(probs).mean()
             max_prob = probs.max(-1).values.mean()
-        self.state._records.append(
-            {
-                "balance_loss": balance_loss(probs, dispatch),
-                "z_loss": torch.logsumexp(logits, dim=-1).pow(2).mean(),
-                "mi_loss": mutual_information_loss(probs),
-                "dataset_mi_loss": (dataset_mutual_information_loss(probs, groups) if groups is not None
-                                    else probs.new_zeros(())),
-                "expert_usage": usage,
-                "entropy": mean_entropy,
-                "max_prob": max_prob,
-            }
-        )
+        terms = {
+            "balance_loss": lambda: balance_loss(probs, dispatch),
+            "z_loss": lambda: torch.logsumexp(logits, dim=-1).pow(2).mean(),
+            "mi_loss": lambda: mutual_information_loss(probs),
+            "dataset_mi_loss": lambda: (dataset_mutual_information_loss(probs, groups) if groups is not None
+                                        else probs.new_zeros(())),
+        }
+        record = {}
+        for name, term in terms.items():
+            # a term the loss does not weigh is only monitored: no graph for backward to walk through
+            with torch.set_grad_enabled(torch.is_grad_enabled() and name in self.state.trained_terms):
+                record[name] = term()
+        self.state._records.append({**record, "expert_usage": usage, "entropy": mean_entropy, "max_prob": max_prob})

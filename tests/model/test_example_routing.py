@@ -141,3 +141,36 @@ def test_router_scale_gives_the_same_gates_for_correspondingly_smaller_weights()
     weight_std = torch.cat([layer.router.weight.flatten() for _, layer in fresh.adapted_layers()]).std()
     assert weight_std.item() == pytest.approx(0.02 / 30, rel=0.1)  # initial logits as small as without the scale
     assert ("router_scale", 30.0, 1.0) in ArchitectureFingerprint.of(scaled).differences(ArchitectureFingerprint.of(plain))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_layers_sharing_an_input_pool_it_once_and_every_router_reads_its_own_input(grad):
+    """gate_proj and up_proj read the same tensor: one pooled prompt for both; every other router
+    pools its own input (no stale pool across layers, with or without autograd)."""
+    model = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=3, r=4, dropout=0.0, target_modules="mlp")).eval()
+    randomize_experts(model)
+    seen, pool_calls = [], []
+    for _, layer in model.adapted_layers():
+        router = layer.router
+        router.register_forward_hook(lambda m, inputs, out: seen.append((m, inputs[0], out)))
+        original = router._pool
+        router._pool = lambda x, original=original: pool_calls.append(1) or original(x)
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.set_grad_enabled(grad):
+        model(ids, attention_mask=torch.ones_like(ids))
+    assert len(seen) == 6 and len(pool_calls) == 4  # 2 layers x (gate/up shared, down)
+    model.routing.prompt_mask = torch.ones_like(ids, dtype=torch.bool)
+    for router, x, gate in seen:
+        logits = torch.nn.functional.linear(router._pool(x), router.weight) * model.routing.scale
+        expected = torch.softmax(logits / model.routing.temperature, dim=-1)
+        torch.testing.assert_close(gate, expected)
+
+
+def test_auxiliary_losses_without_weight_are_reported_but_build_no_graph():
+    ids = torch.randint(3, 128, (2, 9))
+    model = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=3, r=4, z_loss_coefficient=0.0,
+                                                  router_mi_coefficient=0.1))
+    out = model(ids, labels=ids)
+    assert out.z_loss > 0 and out.z_loss.grad_fn is None  # monitored only
+    assert out.mi_loss.grad_fn is not None and out.balance_loss.grad_fn is not None
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.01 * out.balance_loss + 0.1 * out.mi_loss)
