@@ -146,9 +146,10 @@ def test_loads_the_shipped_base_by_name_as_the_readme_shows():
 
     from dylora_moe.model.base import resolve_model_path
 
-    model = DyLoRAMoE("tiny-python-lm", DyLoRAConfig(num_experts=4, r=16, target_modules="q_proj,v_proj")).eval()
+    model = DyLoRAMoE("tiny-python-lm", DyLoRAConfig(num_experts=4, r=16, target_modules="mlp")).eval()
     assert model.config.base_model_name_or_path == "tiny-python-lm"
-    assert model.num_experts == 4 and all(name.endswith(("q_proj", "v_proj")) for name in model.adapted_names)
+    assert model.num_experts == 4 and len(model.adapted_names) == 12  # 4 layers x gate/up/down_proj
+    assert all(name.endswith(("gate_proj", "up_proj", "down_proj")) for name in model.adapted_names)
     input_ids = torch.tensor([[1, 200, 300, 400, 500]])
     out = model(input_ids, labels=input_ids)
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-python-lm")).eval()
