@@ -153,9 +153,9 @@ signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 dist.init_process_group("gloo")
 total = torch.tensor([float(dist.get_rank() + 1)])
 dist.all_reduce(total)
-print("RANK " + json.dumps({"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": total.item(),
-      "local_rank": int(os.environ["LOCAL_RANK"]), "node": os.environ["NODE"],
-      "omp_threads": os.environ.get("OMP_NUM_THREADS")}), flush=True)
+os.write(1, ("RANK " + json.dumps({"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": total.item(),
+         "local_rank": int(os.environ["LOCAL_RANK"]), "node": os.environ["NODE"],
+         "omp_threads": os.environ.get("OMP_NUM_THREADS")}) + "\\n").encode())  # one write per line
 dist.destroy_process_group()
 if os.environ.get("WAIT_FOR_SIGTERM"):
     open(os.path.join(os.environ["READY_DIR"], os.environ["RANK"]), "w").close()
@@ -179,7 +179,8 @@ def start_node(program: Path, env: dict[str, str]) -> subprocess.Popen:
 
 
 def ranks_seen(output: str) -> list[dict]:
-    return [json.loads(line[5:]) for line in output.splitlines() if line.startswith("RANK ")]
+    # two ranks of a node share its output pipe, so one rank's line can land inside another's
+    return [json.loads(found) for found in re.findall(r"RANK (\{[^{}]*\})", output)]
 
 
 @pytest.fixture
