@@ -306,7 +306,8 @@ class Trainer:
         return DyLoRAConfig(
             num_experts=cfg.num_experts, shared_experts=cfg.shared_experts, r=cfg.lora_r, alpha=cfg.lora_alpha,
             dropout=cfg.lora_dropout,
-            target_modules=cfg.target_modules or DEFAULT_TARGET_MODULES, top_k=cfg.top_k,
+            target_modules=DEFAULT_TARGET_MODULES if cfg.target_modules is None else cfg.target_modules,
+            top_k=cfg.top_k,
             router_temperature=cfg.router_temperature,
             balance_coefficient=cfg.balance_coefficient, z_loss_coefficient=cfg.z_loss_coefficient,
             router_mi_coefficient=cfg.router_mi_coefficient, dataset_mi_coefficient=cfg.dataset_mi_coefficient,
