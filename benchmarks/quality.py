@@ -54,6 +54,15 @@ EXAMPLE_DENSE = {**OLD, "routing": "example", "maturity_fraction": 1.0}
 # alpha = 2 * E * r: with a uniform gate (1/E each) the mixture updates exactly like lora_r64 (alpha 128)
 EXAMPLE_DENSE_A128 = {**EXAMPLE_DENSE, "alpha": 128.0}
 MLP = "gate_proj,up_proj,down_proj"
+
+
+def dmi_options(suffix: str) -> dict:
+    """The options a design-name suffix ``_dmiN`` or ``_dmiN_bal0`` spells: the dataset term's weight N,
+    and no balance loss with ``_bal0``."""
+    weight, _, rest = suffix.removeprefix("_dmi").partition("_")
+    return {"dataset_mi_coefficient": float(weight), **({"balance_coefficient": 0.0} if rest == "bal0" else {})}
+
+
 DESIGNS: dict[str, tuple[str, dict]] = {
     "lora_r64": ("lora", {"r": 64}),
     # the MLP projections (where most MoE-LoRA papers put the experts) and every linear layer
@@ -116,18 +125,15 @@ DESIGNS: dict[str, tuple[str, dict]] = {
     # same trainable size as lora_r64 and the same alpha; the shared expert learns what all datasets
     # have in common, so the routed ones can specialise without the similar datasets losing it
     **{f"moe_e3s1_example_dense_a128_rs30{dmi}{bal}": ("moe", {
-        **EXAMPLE_DENSE_A128, "router_scale": 30.0, "num_experts": 3, "shared_experts": 1,
-        "dataset_mi_coefficient": float(dmi[4:]), **({"balance_coefficient": 0.0} if bal else {})})
+        **EXAMPLE_DENSE_A128, "router_scale": 30.0, "num_experts": 3, "shared_experts": 1, **dmi_options(dmi + bal)})
        for dmi in ("_dmi0.03", "_dmi0.1", "_dmi0.3", "_dmi1") for bal in ("", "_bal0")},
     # more of the update shared: S shared experts (gate 1/N each) and E routed ones of rank r, E·r + S·r = 64
     **{f"moe_e{e}s{sh}r{r}_example_dense_a128_rs30{dmi}": ("moe", {
-        **EXAMPLE_DENSE_A128, "router_scale": 30.0, "num_experts": e, "shared_experts": sh, "r": r,
-        "dataset_mi_coefficient": float(dmi[4:].split("_")[0]), **({"balance_coefficient": 0.0} if "bal0" in dmi else {})})
+        **EXAMPLE_DENSE_A128, "router_scale": 30.0, "num_experts": e, "shared_experts": sh, "r": r, **dmi_options(dmi)})
        for e, sh, r in ((4, 4, 8), (2, 2, 16), (6, 2, 8)) for dmi in ("_dmi0.03", "_dmi0.1", "_dmi0.3", "_dmi0.3_bal0")},
     # the experts on the MLP projections or on every linear layer (compare with lora_r64_mlp / lora_r64_all)
     **{f"moe_{where}_example_dense_a128_rs30{dmi}": ("moe", {
-        **EXAMPLE_DENSE_A128, "router_scale": 30.0, "target_modules": targets,
-        "dataset_mi_coefficient": float(dmi[4:].split("_")[0]), **({"balance_coefficient": 0.0} if "bal0" in dmi else {})})
+        **EXAMPLE_DENSE_A128, "router_scale": 30.0, "target_modules": targets, **dmi_options(dmi)})
        for where, targets in (("mlp", MLP), ("all", "all-linear"))
        for dmi in ("_dmi0.03", "_dmi0.1", "_dmi0.2", "_dmi0.3", "_dmi0.1_bal0", "_dmi0.2_bal0", "_dmi0.3_bal0")},
 }

@@ -171,7 +171,8 @@ class DyLoRAMoE(nn.Module):
         (then the whole input must be the prompt, as in generation). ``dataset_ids`` (batch,), each
         example's dataset, only feed the dataset-expert loss (``dataset_mi_coefficient``)."""
         token_mask = attention_mask.bool() if attention_mask is not None else None
-        self.routing.trained_terms = frozenset(name for name, weight in self._aux_weights().items() if weight)
+        weights = {name: weight for name, weight in self._aux_weights().items() if weight}
+        self.routing.trained_terms = frozenset(weights)
         self.routing.start_collecting(token_mask)
         self.routing.dataset_ids = dataset_ids
         if self.routing.granularity == "example" and not self.routing.generating:
@@ -192,9 +193,8 @@ class DyLoRAMoE(nn.Module):
             result.mi_loss = stats.mi_loss if stats else zero
             result.dataset_mi_loss = stats.dataset_mi_loss if stats else zero
             result.loss = out.loss
-            for name, weight in self._aux_weights().items():
-                if weight:
-                    result.loss = result.loss + weight * getattr(result, name)
+            for name, weight in weights.items():
+                result.loss = result.loss + weight * getattr(result, name)
         return result
 
     def _aux_weights(self) -> dict[str, float]:
@@ -342,9 +342,9 @@ class DyLoRAMoE(nn.Module):
         for name, layer in layers:
             A, B = layer.expert_weights(expert)
             if layer.shared_experts:
-                share = layer.shared_gate
+                share, routed = layer.shared_scales()
                 A = torch.cat([layer.shared_A, A])
-                B = torch.cat([layer.shared_B * share, B * (layer.routed_weight * share)], dim=1)
+                B = torch.cat([layer.shared_B * share, B * routed], dim=1)
             tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().contiguous().cpu()
             tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().contiguous().cpu()
         save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})

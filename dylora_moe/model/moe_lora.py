@@ -93,18 +93,14 @@ class MoELoRALinear(nn.Module):
         rows = slice(expert * self.r, (expert + 1) * self.r)
         return self.lora_A[rows], self.lora_B[:, rows]
 
-    @property
-    def routed_weight(self) -> float:
-        """How many routed experts count: all of them, a grown one only as far as it is admitted (so
-        growing leaves the shared experts' gate, and with it the outputs, unchanged)."""
+    def shared_scales(self) -> tuple[float, float]:
+        """(the fixed gate of each shared expert, the factor on the router's gate): 1 / (R + S) and R times
+        that, with S shared experts and R the routed ones that count: all of them, a grown one only as far
+        as it is admitted (so growing leaves the shared gate, and with it the outputs, unchanged)."""
         admission = self.state.admission
-        return float(admission.sum()) if admission is not None else float(self.num_experts)
-
-    @property
-    def shared_gate(self) -> float:
-        """The fixed gate of each shared expert, 1 / (routed + shared experts); the routed ones share
-        ``routed_weight`` times that."""
-        return 1.0 / (self.routed_weight + self.shared_experts)
+        routed = float(admission.sum()) if admission is not None else float(self.num_experts)
+        share = 1.0 / (routed + self.shared_experts)
+        return share, routed * share
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -120,9 +116,9 @@ class MoELoRALinear(nn.Module):
             if A.dim() == 3:
                 shared_A, shared_B = shared_A.expand(A.shape[0], -1, -1), shared_B.expand(A.shape[0], -1, -1)
             A, B = torch.cat([shared_A, A], dim=-2), torch.cat([shared_B, B], dim=-1)
-            share = self.shared_gate
+            share, routed = self.shared_scales()
             shared_gate = gate.new_full((*gate.shape[:-1], self.shared_experts), share)
-            gate = torch.cat([shared_gate, gate * (self.routed_weight * share)], -1)
+            gate = torch.cat([shared_gate, gate * routed], -1)
             E += self.shared_experts
         h = self.lora_dropout(x.to(A.dtype)) @ A.transpose(-1, -2)  # (..., N·r)
         h = (h.unflatten(-1, (E, self.r)) * gate.unsqueeze(-1).to(h.dtype)).flatten(-2)

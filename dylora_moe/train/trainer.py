@@ -127,16 +127,15 @@ class Trainer:
         if cfg.checkpoint_store == "wandb":  # the store is this run's artifact: open the run first
             self._open_sink()
 
-    def _open_store_and_fetch(self) -> tuple[float, list[str]] | None:
-        """Rank 0: check the store, fetch the checkpoint to resume from (if any); its LoRA alpha and adapted
-        layers."""
+    def _open_store_and_fetch(self) -> Any:
+        """Rank 0: check the store, fetch the checkpoint to resume from (if any); its fingerprint
+        (``Checkpointer.saved_fingerprint``), or None without one."""
         self.phase = "checking the checkpoint store"
         self.checkpointer.open_store(wandb_run=getattr(self.sink, "run", None))
         self.phase = "fetching the checkpoint to resume from"
         if self.checkpointer.fetch_resume() is None:
             return None
-        saved = self.checkpointer.saved_fingerprint()
-        return saved.alpha, saved.target_modules
+        return self.checkpointer.saved_fingerprint()
 
     def _check_and_read_resume(self) -> TrainingPayload | None:
         """Rank 0: compare fingerprints, read the checkpoint (shared with every rank), open the sink."""
@@ -155,15 +154,14 @@ class Trainer:
         cfg, ranks = self.config, self.ranks
         saved = ranks.on_main(self._open_store_and_fetch, "checking the checkpoint store")
         if saved is not None:
-            saved_alpha, saved_targets = saved
             if not cfg.lora_alpha:
                 # an alpha the user did not set is the checkpoint's (derived from its experts and rank), so a
                 # resume with --grow_experts keeps the scale the experts were trained with
-                model_config = dataclasses.replace(model_config, alpha=saved_alpha)
+                model_config = dataclasses.replace(model_config, alpha=saved.alpha)
             if cfg.target_modules is None:
                 # layers the user did not name are the checkpoint's: a run started before the default changed
                 # resumes as it was trained
-                model_config = dataclasses.replace(model_config, target_modules=tuple(saved_targets))
+                model_config = dataclasses.replace(model_config, target_modules=tuple(saved.target_modules))
         self.phase = "loading the base model"
         self.tokenizer = load_tokenizer(cfg.model_name)
         base = load_base_model(cfg.model_name).to(self.device)

@@ -31,3 +31,20 @@ def randomize_experts(model, seed: int = 1, scale: float = 0.1):
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * scale)
             # logits = router_scale * W x: divided by the scale, the logits are the same for any scale
             layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=g) / model.config.router_scale)
+
+
+def assert_exported_experts_give_the_forced_logits(model, make_base, directory, input_ids, experts: int):
+    """Export every expert as a PEFT adapter; each, loaded on a fresh base, gives the logits of the mixture
+    with every token forced to that expert. Returns the loaded PEFT models."""
+    from peft import PeftModel
+
+    loaded = []
+    for expert in range(experts):
+        model.export_expert(expert, directory / f"expert{expert}")
+        peft_model = PeftModel.from_pretrained(make_base(), str(directory / f"expert{expert}")).eval()
+        model.force_expert(expert)
+        expected = model(input_ids).logits
+        torch.testing.assert_close(peft_model(input_ids=input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+        loaded.append(peft_model)
+    model.force_expert(None)
+    return loaded

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from peft import PeftModel
 
 from dylora_moe.errors import ConfigError
 from dylora_moe.model import DyLoRAConfig, DyLoRAMoE
-from tests.model.helpers import randomize_experts, tiny_gpt2, tiny_llama
+from tests.model.helpers import (assert_exported_experts_give_the_forced_logits, randomize_experts, tiny_gpt2,
+                                 tiny_llama)
 
 
 def trained_mixture(base=None, **config):
@@ -106,13 +106,7 @@ def test_save_pretrained_round_trip(tmp_path, input_ids):
 def test_exported_expert_is_a_peft_adapter_with_the_same_logits(tmp_path, input_ids, make_base):
     targets = "c_attn" if make_base is tiny_gpt2 else "q_proj,v_proj"
     model = trained_mixture(base=make_base(), target_modules=targets)
-    for expert in range(3):
-        model.export_expert(expert, tmp_path / f"expert{expert}")
-        peft_model = PeftModel.from_pretrained(make_base(), str(tmp_path / f"expert{expert}")).eval()
-        model.force_expert(expert)
-        expected = model(input_ids).logits
-        torch.testing.assert_close(peft_model(input_ids=input_ids).logits, expected, atol=1e-5, rtol=1e-5)
-    model.force_expert(None)
+    assert_exported_experts_give_the_forced_logits(model, make_base, tmp_path, input_ids, experts=3)
     assert (tmp_path / "expert0" / "adapter_config.json").is_file()
 
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from peft import PeftModel
 
 from dylora_moe.errors import ConfigError
 from dylora_moe.model import DyLoRAConfig, DyLoRAMoE
-from tests.model.helpers import randomize_experts, tiny_gpt2, tiny_llama
+from tests.model.helpers import (assert_exported_experts_give_the_forced_logits, randomize_experts, tiny_gpt2,
+                                 tiny_llama)
 
 
 def shared_mixture(base=None, **config):
@@ -41,7 +41,7 @@ def test_the_fused_layer_equals_the_sum_over_shared_and_routed_experts():
     with torch.no_grad():
         expected = layer.base_layer(x) + manual_update(layer, x)
         torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
-    assert layer.shared_gate == pytest.approx(1 / 5)
+    assert layer.shared_scales() == pytest.approx((1 / 5, 3 / 5))
 
 
 def test_derived_alpha_counts_the_shared_experts_and_a_fresh_mixture_is_the_base(input_ids):
@@ -73,14 +73,8 @@ def test_shared_experts_are_trainable_state_and_round_trip(tmp_path, input_ids):
 def test_exported_expert_carries_the_shared_experts_and_gives_the_forced_logits(tmp_path, input_ids, make_base):
     targets = "c_attn" if make_base is tiny_gpt2 else "q_proj,v_proj"
     model = shared_mixture(base=make_base(), target_modules=targets)
-    for expert in range(3):
-        model.export_expert(expert, tmp_path / f"expert{expert}")
-        peft_model = PeftModel.from_pretrained(make_base(), str(tmp_path / f"expert{expert}")).eval()
-        assert peft_model.peft_config["default"].r == 8  # one shared + one routed expert of rank 4
-        model.force_expert(expert)
-        expected = model(input_ids).logits
-        torch.testing.assert_close(peft_model(input_ids=input_ids).logits, expected, atol=1e-5, rtol=1e-5)
-    model.force_expert(None)
+    loaded = assert_exported_experts_give_the_forced_logits(model, make_base, tmp_path, input_ids, experts=3)
+    assert [m.peft_config["default"].r for m in loaded] == [8] * 3  # one shared + one routed expert of rank 4
 
 
 def test_growing_keeps_the_outputs_until_the_new_expert_is_admitted(input_ids):
@@ -91,7 +85,7 @@ def test_growing_keeps_the_outputs_until_the_new_expert_is_admitted(input_ids):
     torch.testing.assert_close(model(input_ids).logits, before, atol=1e-6, rtol=0)
     model.admit_expert(3, 1.0)
     layer = next(layer for _, layer in model.adapted_layers())
-    assert layer.shared_gate == pytest.approx(1 / 5)
+    assert layer.shared_scales() == pytest.approx((1 / 5, 4 / 5))
     assert not torch.allclose(model(input_ids).logits, before, atol=1e-4)
 
 
