@@ -178,3 +178,30 @@ def test_a_step_written_again_while_it_is_being_published_reaches_the_store_whol
     stored = verify_checkpoint(store.root / "v0")  # every file matches the manifest stored with it
     assert stored.files == first.files  # and it is the checkpoint as it was when it was submitted
     assert not [p for p in parent.iterdir() if p.name.startswith(".tmp-")]  # the snapshot is gone
+
+
+def test_closing_removes_the_snapshots_of_jobs_that_never_started(ckpts, tmp_path):
+    store = HangingStore(tmp_path / "store")
+    publisher = BackgroundPublisher(store, rank=0, **FAST)
+    first, second, third = ckpts[1](10), ckpts[1](20), ckpts[1](30)
+    for step, path in ((10, first), (20, second), (30, third)):
+        publisher.submit(path, step)
+    assert store.entered.wait(10)  # step 10 is uploading, 20 and 30 wait in the queue
+    assert publisher.close(timeout_s=0.05) is False
+    snapshots = sorted(p.name for p in first.parent.iterdir() if "publishing" in p.name)
+    assert not [s for s in snapshots if "00000020" in s or "00000030" in s], snapshots
+    assert publisher.unconfirmed() == {first, second, third}  # nothing confirmed, all local copies kept
+    assert all(p.is_dir() for p in (first, second, third))
+    store.release.set()
+
+
+def test_the_closing_message_counts_the_attempts_it_made(ckpts, tmp_path, caplog):
+    store = FlakyStore(tmp_path / "store", failures=10**9)
+    publisher = BackgroundPublisher(store, rank=0, retries=5, backoff_s=0.01, max_backoff_s=0.01)
+    publisher.submit(ckpts[1](10), 10)
+    assert publisher.flush(10)
+    publisher.close()
+    warnings = [r.getMessage() for r in caplog.records if "failed (attempt" in r.getMessage()]
+    assert [w.split("(attempt ")[1].split(")")[0] for w in warnings] == [f"{i} of 6" for i in range(1, 7)]
+    (gave_up,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Gave up")]
+    assert "after 6 of 6 attempts" in gave_up

@@ -113,6 +113,10 @@ class BackgroundPublisher:
         self._closed.set()
         with self._cond:
             self._cond.notify_all()
+            never_started = list(self._queue)
+        for job in never_started:  # their uploads will not run: their snapshots go now, not at the next start
+            if job.source is not None and job.source != job.local_dir:
+                shutil.rmtree(job.source, ignore_errors=True)
         if not done:
             log.warning("Closing the publisher to %s with %d checkpoint(s) unpublished; the "
                         "local copies are kept.", self.store.url, self._pending)
@@ -137,7 +141,7 @@ class BackgroundPublisher:
                     self._cond.notify_all()
 
     def _publish_with_retries(self, job: PublishJob) -> None:
-        delay = self.backoff_s
+        delay, total = self.backoff_s, self.retries + 1
         while True:
             job.attempts += 1
             try:
@@ -148,16 +152,21 @@ class BackgroundPublisher:
                 job.error = f"{type(e).__name__}: {e}"
                 permanent = is_permanent(e)
                 log.warning("Publishing %s to %s failed (attempt %d of %d%s): %s", job.local_dir,
-                            self.store.url, job.attempts, self.retries + 1,
+                            self.store.url, job.attempts, total,
                             "; not retried: retrying cannot fix it" if permanent else "", job.error)
-                if permanent:
-                    break
-            if job.attempts > self.retries or self._closed.wait(delay):
+            if permanent:
+                why = f"after attempt {job.attempts} of {total}: retrying cannot fix the error"
+                break
+            if job.attempts >= total:
+                why = f"after {job.attempts} of {total} attempts"
+                break
+            if self._closed.wait(delay):
+                why = f"after {job.attempts} of {total} attempts: the publisher was closed before the next one"
                 break
             delay = min(delay * 2, self.max_backoff_s)
         self.failed.append(job)
-        log.error("Gave up publishing %s to %s after %d attempt(s); the local copy is kept. "
-                  "Last error: %s", job.local_dir, self.store.url, job.attempts, job.error)
+        log.error("Gave up publishing %s to %s %s; the local copy is kept. Last error: %s",
+                  job.local_dir, self.store.url, why, job.error)
 
     def _attempt_over(self, job: PublishJob, job_ended: bool = False) -> None:
         """Remove the job's snapshot once the job has ended and no attempt still reads it."""
