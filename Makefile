@@ -37,8 +37,10 @@ test: install system-packages
 test-fast: install system-packages
 	$(OFFLINE) $(PY) -m pytest -q -m "not slow" tests
 
+# A fixed run id, resumed: `make demo` again continues (or, finished, re-reports) runs/demo, and the
+# README's next steps (runs/demo/final) follow from it.
 demo: install
-	$(OFFLINE) $(VENV)/bin/dylora train
+	$(OFFLINE) $(VENV)/bin/dylora train --run_id demo --resume auto
 
 bench: install
 	$(OFFLINE) $(PY) benchmarks/step_time.py
