@@ -48,10 +48,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
-
     import tempfile
     from pathlib import Path
+
+    import torch
 
     from .checkpoint.references import fetch_model
     from .data import format_prompt
