@@ -48,12 +48,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
     import torch
 
+    from .checkpoint.references import fetch_model
     from .data import format_prompt
     from .model.dylora import load_trained_mixture
 
-    model, tokenizer = load_trained_mixture(args.model)
+    with tempfile.TemporaryDirectory(prefix="dylora-generate-") as downloads:  # a fetched checkpoint, loaded then removed
+        model, tokenizer = load_trained_mixture(fetch_model(args.model, Path(downloads)) or args.model)
     prompt = args.prompt if args.raw else format_prompt(args.prompt)
     inputs = tokenizer(prompt, return_tensors="pt")
     torch.manual_seed(args.seed)
@@ -89,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     gen = sub.add_parser("generate", help="sample from a trained mixture", epilog=EPILOG)
-    gen.add_argument("--model", required=True, help="a trained mixture directory (e.g. runs/RUN_ID/final)")
+    gen.add_argument("--model", required=True, metavar="REF", help="a trained mixture: a run's final/ directory "
+                     "(runs/RUN_ID/final) or a checkpoint reference, as for dylora ckpt (fetched and verified)")
     gen.add_argument("prompt", help="the instruction (wrapped in the training prompt template unless --raw)")
     gen.add_argument("--raw", action="store_true", help="use the prompt as is, without the template")
     gen.add_argument("--max_new_tokens", type=int, default=128)
@@ -100,9 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ckpt = sub.add_parser(
         "ckpt", help="list, show or verify checkpoints",
-        description="Inspect checkpoints. REF: a checkpoint or run directory, wandb://ENTITY/PROJECT/NAME[:ALIAS], "
-        "ENTITY/PROJECT/NAME:ALIAS, or s3:// gs:// file:// memory:// URLs (a store followed by :ALIAS, or a "
-        "checkpoint folder).", epilog=EPILOG,
+        description="Inspect checkpoints. REF, the one reference syntax of train --resume, eval/generate --model, "
+        "report routing --model and submit: a checkpoint, run or checkpoints directory; DIR:ALIAS of a local store "
+        "(runs/RUN_ID/store:latest); wandb://ENTITY/PROJECT/NAME[:ALIAS], or the seed's ENTITY/PROJECT/NAME:ALIAS "
+        "(W&B when no such local directory exists); s3:// gs:// file:// URLs of a store followed by :ALIAS "
+        "(s3://BUCKET/PATH/store:latest), or of one checkpoint folder. ALIAS: a version (v3) or an alias (latest, "
+        "best, step-120). latest (with a run directory) and auto belong to train --resume.", epilog=EPILOG,
     )
     ckpt.add_argument("action", choices=["list", "show", "verify"],
                       help="list: versions/checkpoints; show: manifest and fingerprint; verify: every checksum")
@@ -125,11 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Route the held-out split of each dataset through a trained mixture and report, per dataset, "
         "the share of top-1 choices per expert and the mean gate, the mutual information between dataset and "
         "top-1 expert (bits, per adapted layer: mean and max), and a datasets x experts heatmap. Writes "
-        "routing_report.json and routing_heatmap.png (in --output_dir, default the model directory).", epilog=EPILOG)
-    routing.add_argument("--model", required=True, metavar="DIR", help="a trained mixture: runs/RUN_ID/final or a checkpoint directory")
+        "routing_report.json and routing_heatmap.png (in --output_dir; default: a saved mixture's own directory, the "
+        "current directory for a checkpoint reference, which is never written into).", epilog=EPILOG)
+    routing.add_argument("--model", required=True, metavar="REF", help="a trained mixture: runs/RUN_ID/final or a checkpoint "
+                         "reference, as for dylora ckpt (fetched and verified)")
     routing.add_argument("--datasets", required=True, metavar="A,B,...", help="comma-separated dataset names or files, as for train")
     routing.add_argument("--data_dir", metavar="DIR", default=None, help="offline directory serving named datasets (env DYLORA_DATA_DIR)")
-    routing.add_argument("--output_dir", metavar="DIR", default=None, help="where to write the report (default: the model directory)")
+    routing.add_argument("--output_dir", metavar="DIR", default=None, help="where to write the report (default: the mixture directory; for a checkpoint reference, the current directory)")
     routing.add_argument("--max_seq_length", type=int, default=256, metavar="N", help="longest tokenised example (default: 256)")
     routing.add_argument("--validation_fraction", type=float, default=0.05, metavar="X",
                          help="held-out share of each dataset, as in training (default: 0.05)")

@@ -12,24 +12,15 @@ from .references import fetch, parse_reference
 from .stores import open_store
 
 
-def normalise(ref: str) -> tuple[str, bool]:
-    """(reference, bare_is_wandb): a local ``STORE_DIR:ALIAS`` becomes a file:// store URL, and a
-    bare ``E/P/NAME:ALIAS`` means W&B only when no such local path exists."""
-    if "://" in ref or Path(ref).exists():
-        return ref, False
-    head, sep, alias = ref.rpartition(":")
-    if sep and Path(head).is_dir():
-        return f"{Path(head).resolve().as_uri()}:{alias}", False
-    return ref, ":" in ref
-
-
 def list_refs(ref: str) -> str:
     """Versions of a store, or complete checkpoints of a local run/checkpoints directory."""
-    ref, bare = normalise(ref)
-    parsed = parse_reference(ref, bare_is_wandb=bare)
+    parsed = parse_reference(ref)
     rows = []
+    if parsed.kind in ("auto", "latest"):
+        raise CheckpointError(f"{ref!r} names the checkpoints of a training run: give its run directory or "
+                              "its store (RUN_DIR/store) instead.")
     if parsed.kind == "path":
-        path = Path(ref)
+        path = Path(parsed.location).expanduser()
         parent = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         for step, ckpt in list_checkpoints(parent):
             rows.append(f"{ckpt.name:<22} step {step:>8}  {read_manifest(ckpt).total_size:>12,} bytes")
@@ -37,8 +28,8 @@ def list_refs(ref: str) -> str:
         if store_dir.is_dir():
             rows.append(f"store {store_dir}:")
             rows += _store_rows(open_store(str(store_dir)))
-    else:
-        rows += _store_rows(open_store(parsed.location if parsed.kind in ("wandb", "url") else ref))
+    else:  # a store (its alias, if any, does not narrow the listing)
+        rows += _store_rows(open_store(parsed.location))
     if not rows:
         raise CheckpointError(f"no complete checkpoint found at {ref!r}.")
     return "\n".join(rows)
@@ -52,14 +43,9 @@ def _store_rows(store) -> list[str]:
     ]
 
 
-def _local_copy(ref: str, work: Path) -> Path:
-    ref, bare = normalise(ref)
-    return fetch(ref, work, bare_is_wandb=bare)
-
-
 def show(ref: str) -> str:
     with tempfile.TemporaryDirectory() as work:
-        directory = _local_copy(ref, Path(work))
+        directory = fetch(ref, Path(work))
         manifest = read_manifest(directory)
         lines = [
             f"checkpoint {ref}",
@@ -76,7 +62,7 @@ def show(ref: str) -> str:
 
 def verify(ref: str) -> str:
     with tempfile.TemporaryDirectory() as work:
-        directory = _local_copy(ref, Path(work))  # fetch verifies every checksum
+        directory = fetch(ref, Path(work))  # fetch verifies every checksum
         manifest = read_manifest(directory)
         return f"ok: {ref} (step {manifest.global_step}, {len(manifest.files)} files, {manifest.total_size:,} bytes verified)"
 

@@ -1,32 +1,44 @@
-"""Checkpoint references: the one syntax used by ``--resume``, ``dylora ckpt`` and ``dylora eval``.
+"""Checkpoint references: the one syntax of every command that names a checkpoint.
 
-Accepted forms (first match wins):
+``dylora train --resume`` (and ``--resume_from_checkpoint``, ``--start_from``,
+``--wandb_checkpoint_artifact``), ``dylora submit``, ``dylora ckpt list|show|verify``, and
+``--model`` of ``dylora eval``, ``dylora generate`` and ``dylora report routing`` all parse with
+:func:`parse_reference` and fetch with :func:`fetch` (or :func:`fetch_model`). Accepted forms,
+first match wins:
 
 ``auto``
-    The newest complete checkpoint of this run: locally under ``RUN_DIR/checkpoints`` first,
-    then in the configured store. The caller handles it with ``find_auto(run_dir, store)``,
-    which returns a reference of another form, or None (a fresh start).
+    The newest complete checkpoint of this run (``--resume`` only): locally under
+    ``RUN_DIR/checkpoints`` first, then in the configured store. The caller handles it with
+    ``find_auto(run_dir, store)``, which returns a reference of another form, or None (a fresh start).
 ``latest``
     The newest complete checkpoint under ``RUN_DIR/checkpoints`` (``run_dir`` must be given).
 ``wandb://ENTITY/PROJECT/NAME[:ALIAS]``
     A W&B artifact version; ALIAS is a version (``v3``) or alias (``latest``, ``best``,
     ``step-120``) and defaults to ``latest``.
-``ENTITY/PROJECT/NAME:ALIAS``
-    The seed's bare artifact form, only where the caller says so (``bare_is_wandb=True``, i.e.
-    the value came through ``--wandb_checkpoint_artifact``); otherwise it is a local path.
-``SCHEME://PATH:ALIAS`` with SCHEME one of ``s3``, ``gs``, ``file``, ``memory``
+``SCHEME://PATH:ALIAS`` with SCHEME one of :data:`URL_SCHEMES` (``s3``, ``gs``, ``file``, ...)
     A store prefix plus a version or alias, e.g. ``s3://bucket/run1/store:latest`` or
     ``file:///runs/run1/store:v3``. The suffix is recognised when the URL's last path segment
     contains ``:``.
 ``SCHEME://PATH``
     One checkpoint folder directly (it must hold ``manifest.json``).
+``DIR:ALIAS`` where DIR is a local directory, e.g. ``runs/run1/store:latest``
+    A version or alias of the local store in DIR.
+``ENTITY/PROJECT/NAME:ALIAS`` where no local directory ENTITY/PROJECT/NAME exists
+    The seed's bare W&B artifact form: the same as ``wandb://ENTITY/PROJECT/NAME:ALIAS``.
+    Through ``--wandb_checkpoint_artifact`` (``bare_is_wandb=True``) only the W&B forms are
+    accepted, and a local directory of that name does not count.
+``DIR:ALIAS`` otherwise (a path of another shape, e.g. absolute)
+    A local store that does not exist: fetching it says so.
 anything else
     A local path: a checkpoint directory (has ``manifest.json``), a run directory (its newest
     complete checkpoint under ``checkpoints/``) or a checkpoints directory itself.
 
+A local path that does not exist stays a path (fetching it says it does not exist), so
+``--model`` can tell a model name (``gpt2``, ``ORG/NAME``) from a checkpoint reference.
+
 ``fetch(ref, dest_root)`` returns a verified local checkpoint directory: local checkpoints are
-verified in place; remote ones are downloaded under ``dest_root`` (a folder named after the
-reference and version, reused when it already holds a verified copy), with retries for stores
+verified in place; stored ones are downloaded under ``dest_root`` (a folder named after the
+store and version, reused when it already holds a verified copy), with retries for stores
 that cannot be reached. A checkpoint without its manifest (its commit record) is never chosen.
 """
 
@@ -40,35 +52,49 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dylora_moe.checkpoint.format import is_complete, latest_checkpoint, verify_checkpoint
+from dylora_moe.checkpoint.format import (is_complete, latest_checkpoint, list_checkpoints,
+                                          verify_checkpoint)
 from dylora_moe.checkpoint.stores import CheckpointStore, StoreUnreachableError, open_store
 from dylora_moe.checkpoint.stores.base import ALIAS_RE, version_number
+from dylora_moe.checkpoint.stores.fsspec_store import PROTOCOLS as URL_SCHEMES
 from dylora_moe.checkpoint.stores.probe import run_with_deadline
 from dylora_moe.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-URL_SCHEMES = ("s3", "gs", "file", "memory")
 _URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 _BARE_RE = re.compile(r"^([^/\s:]+)/([^/\s:]+)/([^/\s:]+):([^/\s:]+)$")
-_SYNTAX = ("accepted forms: auto, latest, a local directory, wandb://ENTITY/PROJECT/NAME[:ALIAS], "
-           "ENTITY/PROJECT/NAME:ALIAS (with --wandb_checkpoint_artifact), "
-           "s3:// gs:// file:// memory:// URLs of a checkpoint folder, or of a store followed by "
-           ":ALIAS (e.g. s3://bucket/run1/store:latest)")
+SYNTAX = ("accepted forms: auto, latest, a local directory (checkpoint, run or checkpoints directory), "
+          "DIR:ALIAS (a local store directory, e.g. runs/RUN_ID/store:latest), "
+          "wandb://ENTITY/PROJECT/NAME[:ALIAS], ENTITY/PROJECT/NAME:ALIAS (W&B, the seed's form), "
+          + " ".join(f"{s}://" for s in URL_SCHEMES) + " URLs of a checkpoint folder, or of a store "
+          "followed by :ALIAS (e.g. s3://bucket/run1/store:latest); ALIAS is a version (v3) or an "
+          "alias (latest, best, step-120)")
 
 
 @dataclass(frozen=True)
 class Reference:
-    """A parsed reference. ``kind``: auto, latest, path, wandb or url.
+    """A parsed reference. ``kind``: auto, latest, path, store, wandb or url.
 
-    For ``wandb`` and ``url``, ``location`` is the store address (``wandb://E/P/NAME``, a store
-    prefix URL) or, for a url with ``alias`` None, the checkpoint folder URL itself.
+    ``location``: the local path (``path``), the local store directory (``store``), the store
+    address (``wandb://E/P/NAME``, a store prefix URL) or, for a ``url`` with ``alias`` None, the
+    checkpoint folder URL itself.
     """
 
     raw: str
     kind: str
     location: str = ""
     alias: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        """Whether it names something on this machine's file system (not a store URL or W&B)."""
+        return self.kind in ("latest", "path", "store")
+
+    @property
+    def canonical(self) -> str:
+        """The reference in its explicit form: ``wandb://E/P/NAME:ALIAS`` for the bare W&B form."""
+        return f"{self.location}:{self.alias}" if self.alias is not None else (self.location or self.kind)
 
 
 class MalformedReference(CheckpointError):
@@ -78,7 +104,7 @@ class MalformedReference(CheckpointError):
 
 
 def _bad(ref: str, why: str) -> CheckpointError:
-    return MalformedReference(f"Checkpoint reference {ref!r} is malformed: {why}; {_SYNTAX}.")
+    return MalformedReference(f"Checkpoint reference {ref!r} is malformed: {why}; {SYNTAX}.")
 
 
 def _check_alias(ref: str, alias: str) -> str:
@@ -88,7 +114,11 @@ def _check_alias(ref: str, alias: str) -> str:
 
 
 def parse_reference(ref: str, *, bare_is_wandb: bool = False) -> Reference:
-    """Parse ``ref`` without touching any store (see the module docstring for the syntax)."""
+    """Parse ``ref`` without touching any store (see the module docstring for the syntax).
+
+    The local file system is looked at once: ``DIR:ALIAS`` names a local store when DIR is a
+    local directory, and the seed's bare W&B artifact otherwise.
+    """
     raw = ref
     ref = (ref or "").strip()
     if not ref:
@@ -98,11 +128,7 @@ def parse_reference(ref: str, *, bare_is_wandb: bool = False) -> Reference:
     url = _URL_RE.match(ref)
     if url and url.group(1) == "wandb":
         body, colon, alias = url.group(2).partition(":")
-        parts = body.strip("/").split("/")
-        if len(parts) != 3 or not all(parts):
-            raise _bad(raw, "a W&B reference names ENTITY/PROJECT/NAME (three parts)")
-        return Reference(raw, "wandb", "wandb://" + "/".join(parts),
-                         _check_alias(raw, alias if colon else "latest"))
+        return _wandb(raw, body, alias if colon else "latest")
     if url:
         scheme, path = url.group(1).lower(), url.group(2)
         if scheme not in URL_SCHEMES:
@@ -120,10 +146,25 @@ def parse_reference(ref: str, *, bare_is_wandb: bool = False) -> Reference:
         if not bare:
             raise _bad(raw, "--wandb_checkpoint_artifact expects ENTITY/PROJECT/NAME:vN or "
                             "ENTITY/PROJECT/NAME:latest")
-        entity, project, name, alias = bare.groups()
-        return Reference(raw, "wandb", f"wandb://{entity}/{project}/{name}",
-                         _check_alias(raw, alias))
-    return Reference(raw, "path", ref)
+        return _wandb(raw, ref.rpartition(":")[0], bare.group(4))
+    head, colon, alias = ref.rpartition(":")
+    if not colon or "/" in alias or Path(ref).expanduser().exists():
+        return Reference(raw, "path", ref)  # a local path (one whose name holds ':' included)
+    if not head.strip("/"):
+        raise _bad(raw, f"nothing before ':{alias}' names a store (write DIR:{alias or 'ALIAS'}, "
+                        f"e.g. runs/RUN_ID/store:{alias or 'latest'})")
+    _check_alias(raw, alias)
+    store_dir = head.rstrip("/") or "/"
+    if not Path(store_dir).expanduser().is_dir() and _BARE_RE.match(ref):
+        return _wandb(raw, head, alias)
+    return Reference(raw, "store", store_dir, alias)
+
+
+def _wandb(raw: str, body: str, alias: str) -> Reference:
+    parts = body.strip("/").split("/")
+    if len(parts) != 3 or not all(parts):
+        raise _bad(raw, "a W&B reference names ENTITY/PROJECT/NAME (three parts)")
+    return Reference(raw, "wandb", "wandb://" + "/".join(parts), _check_alias(raw, alias))
 
 
 def find_auto(run_dir: Path | None, store: CheckpointStore | None) -> str | None:
@@ -147,15 +188,13 @@ def find_auto(run_dir: Path | None, store: CheckpointStore | None) -> str | None
 
 def _local(ref: Reference, run_dir: Path | None) -> Path:
     if ref.kind == "latest" and run_dir is None:
-        raise CheckpointError("'latest' needs a run directory; give the run directory itself or "
-                              "a checkpoint directory instead.")
+        raise CheckpointError("'latest' needs a run directory; give the run directory itself, "
+                              "a checkpoint directory, or the run's store (RUN_DIR/store:latest) instead.")
     path = Path(run_dir) if ref.kind == "latest" else Path(ref.location).expanduser()
     if is_complete(path):
         return path
     if not path.is_dir():
-        hint = (f" To use a W&B artifact, write wandb://{ref.location} or pass it with "
-                "--wandb_checkpoint_artifact." if _BARE_RE.match(ref.location) else "")
-        raise CheckpointError(f"the local directory {path} does not exist.{hint}")
+        raise CheckpointError(f"the local directory {path} does not exist.")
     for parent in (path / "checkpoints", path):
         newest = latest_checkpoint(parent)
         if newest is not None:
@@ -163,7 +202,14 @@ def _local(ref: Reference, run_dir: Path | None) -> Path:
     raise CheckpointError(
         f"{path} is neither a complete checkpoint nor a directory holding one (a checkpoint is "
         "complete when it has manifest.json; interrupted writes have none). Give a checkpoint "
-        "directory or a run directory with checkpoints/.")
+        "directory, a run directory with checkpoints/, or a store with :ALIAS (RUN_DIR/store:latest).")
+
+
+def holds_checkpoints(path: Path) -> bool:
+    """Whether a local directory is a checkpoint, a run directory (``checkpoints/``) or a
+    directory of complete checkpoints, rather than, say, a saved model."""
+    path = Path(path).expanduser()
+    return is_complete(path) or (path / "checkpoints").is_dir() or bool(list_checkpoints(path))
 
 
 def _dest_name(location: str, version: str) -> str:
@@ -174,16 +220,25 @@ def _dest_name(location: str, version: str) -> str:
 
 def _download(ref: Reference, dest_root: Path, storage_options: dict[str, Any] | None,
               wandb_api: Any, timeout_s: float | None) -> Path:
-    if ref.alias is None:  # a checkpoint folder URL
-        store = open_store(ref.location, storage_options=storage_options, timeout_s=timeout_s)
-        return store.download_folder("", Path(dest_root) / _dest_name(ref.location, "folder"))
+    if ref.kind == "store" and not Path(ref.location).expanduser().is_dir():
+        raise CheckpointError(f"the local store directory {ref.location} does not exist.")
     store = open_store(ref.location, storage_options=storage_options, wandb_api=wandb_api,
                        timeout_s=timeout_s)
+    if ref.alias is None:  # a checkpoint folder URL
+        return store.download_folder("", Path(dest_root) / _dest_name(store.url, "folder"))
     if timeout_s is None:
         version = store.resolve(ref.alias)
     else:  # a silent endpoint fails here, before any download starts; the client's own timeouts come first
         version = run_with_deadline(lambda: store.resolve(ref.alias), 2 * timeout_s + 5, f"store {store.url}")
-    return store.download(version, Path(dest_root) / _dest_name(ref.location, version))
+    return store.download(version, Path(dest_root) / _dest_name(store.url, version))
+
+
+def _read_as(ref: Reference) -> str:
+    """How a bare ``E/P/NAME:ALIAS`` was read, for error messages (it may have meant a local store)."""
+    if ref.kind != "wandb" or ref.raw.strip().startswith("wandb://"):
+        return ""
+    return (f" ({ref.raw.strip()!r} was read as the W&B artifact {ref.canonical}: no local directory "
+            f"{ref.raw.strip().rpartition(':')[0]} exists)")
 
 
 def fetch(ref: str, dest_root: Path, *, run_dir: Path | None = None, bare_is_wandb: bool = False,
@@ -209,11 +264,28 @@ def fetch(ref: str, dest_root: Path, *, run_dir: Path | None = None, bare_is_wan
         except StoreUnreachableError as e:
             if attempt == retries:
                 raise CheckpointError(f"Cannot fetch checkpoint {ref!r} after {retries + 1} "
-                                      f"attempt(s): {e}") from e
+                                      f"attempt(s): {e}{_read_as(parsed)}") from e
             log.warning("Fetching %s failed (attempt %d), retrying in %.1f s: %s", ref,
                         attempt + 1, delay, e)
             time.sleep(delay)
             delay *= 2
         except CheckpointError as e:
-            raise CheckpointError(f"Cannot fetch checkpoint {ref!r}: {e}") from e
+            raise CheckpointError(f"Cannot fetch checkpoint {ref!r}: {e}{_read_as(parsed)}") from e
     raise AssertionError("unreachable")
+
+
+def fetch_model(ref: str, dest_root: Path, *, run_dir: Path | None = None) -> Path | None:
+    """``--model REF`` (eval, generate, report routing): the verified checkpoint REF names, or None.
+
+    None means REF is a local path that names no checkpoint: a directory that is neither a
+    checkpoint, a run directory nor a directory of checkpoints (a saved model, such as a run's
+    ``final/`` or a base model), or a path that does not exist (a model name such as a hub id).
+    The caller loads those as a model. Every other reference is fetched and verified as
+    ``--resume`` does it; a malformed one raises :class:`MalformedReference`.
+    """
+    parsed = parse_reference(ref)
+    if parsed.kind == "auto":
+        raise _bad(ref, "'auto' means this training run's newest checkpoint and belongs to --resume")
+    if parsed.kind == "path" and not holds_checkpoints(Path(parsed.location)):
+        return None
+    return fetch(ref, dest_root, run_dir=run_dir)

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .references import fetch, find_auto
+from .references import fetch, find_auto, parse_reference
 from .stores import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def resolve_resume(
     """
     if not ref:
         return None
-    if ref == "auto":
+    if parse_reference(ref, bare_is_wandb=bare_is_wandb).kind == "auto":
         try:
             own = _auto(run_dir, store)
         except CheckpointError as err:

@@ -213,22 +213,15 @@ def _start_from(cfg: Any) -> str | None:
     flag = "--start_from" if cfg.start_from else "--resume"
     if not ref:
         return None
-    if ref == "latest":
+    parsed = parse_reference(ref, bare_is_wandb=bare_is_wandb)
+    if parsed.kind == "latest":
         raise ConfigError("--resume latest names a local run directory, which a new cloud job does not have: "
                           "give the store reference (gs://BUCKET/PATH/store:latest) or wandb://E/P/NAME:ALIAS.")
-    parsed = parse_reference(ref, bare_is_wandb=bare_is_wandb)
-    if parsed.kind == "path":
-        try:  # the seed's bare ENTITY/PROJECT/NAME:ALIAS means a W&B artifact in a job
-            parsed = parse_reference(ref, bare_is_wandb=True)
-        except DyLoRAError:
-            if not ref.startswith("/gcs/"):
-                raise ConfigError(f"{flag} {ref!r} is a local path, which the job's container does not have: "
-                                  "give gs://BUCKET/PATH/store:ALIAS, wandb://ENTITY/PROJECT/NAME:ALIAS, or a "
-                                  "/gcs/BUCKET/... path (Cloud Storage mounted in the container).") from None
-            return ref
-    if parsed.kind == "wandb":
-        return f"{parsed.location}:{parsed.alias}"
-    return ref
+    if parsed.is_local and not ref.startswith("/gcs/"):
+        raise ConfigError(f"{flag} {ref!r} is a local path, which the job's container does not have: "
+                          "give gs://BUCKET/PATH/store:ALIAS, wandb://ENTITY/PROJECT/NAME:ALIAS, or a "
+                          "/gcs/BUCKET/... path (Cloud Storage mounted in the container).")
+    return parsed.canonical if parsed.kind == "wandb" else ref
 
 
 def _render(value: Any) -> str:

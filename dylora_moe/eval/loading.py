@@ -2,12 +2,13 @@
 
 REF is tried as, in order:
 
-1. a saved mixture directory (a run's ``final/``: ``dylora_config.json`` and no manifest);
-2. a checkpoint reference in the syntax of ``--resume`` and ``dylora ckpt``
+1. a checkpoint reference in the syntax of ``--resume`` and ``dylora ckpt``
    (:mod:`dylora_moe.checkpoint.references`): a checkpoint or run directory, ``latest`` (with
-   ``--run_dir``), ``wandb://ENTITY/PROJECT/NAME[:ALIAS]``, ``ENTITY/PROJECT/NAME:ALIAS``,
-   ``s3:// gs:// file:// memory://`` URLs. It is fetched (downloads retried) and every checksum
-   verified against its manifest, as resume does; a checkpoint holds a loadable mixture;
+   ``--run_dir``), ``DIR:ALIAS`` of a local store, ``wandb://ENTITY/PROJECT/NAME[:ALIAS]``,
+   ``ENTITY/PROJECT/NAME:ALIAS``, ``s3:// gs:// file://`` URLs. It is fetched (downloads retried)
+   and every checksum verified against its manifest, as resume does; a checkpoint holds a
+   loadable mixture (:func:`~dylora_moe.checkpoint.references.fetch_model`);
+2. a saved mixture directory (a run's ``final/``: ``dylora_config.json``);
 3. a base model: a local model directory, a Hugging Face hub id, or ``tiny-python-lm``.
 
 A mixture names its base model; ``--baseline`` evaluates that base first and then injects the
@@ -21,14 +22,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint.format import MANIFEST_NAME
-from ..checkpoint.inspect import normalise
-from ..checkpoint.references import fetch
+from ..checkpoint.references import fetch_model
 from ..model.base import load_base_model, load_tokenizer
 from ..model.dylora import CONFIG_NAME
 
 SMALL_MODEL_PARAMETERS = 100_000_000
-_CHECKPOINT_SCHEMES = ("wandb://", "s3://", "gs://", "file://", "memory://")
 
 
 @dataclass
@@ -44,24 +42,14 @@ class ModelSource:
         return self.mixture_dir is not None
 
 
-def _is_checkpoint_ref(ref: str) -> bool:
-    path = Path(ref).expanduser()
-    if ref == "latest" or ref.startswith(_CHECKPOINT_SCHEMES):
-        return True
-    if path.is_dir():
-        return (path / MANIFEST_NAME).is_file() or (path / "checkpoints").is_dir() or not (path / "config.json").is_file()
-    return ":" in ref  # STORE_DIR:ALIAS, or the seed's bare ENTITY/PROJECT/NAME:ALIAS (no hub id has ':')
-
-
 def resolve_model(ref: str, download_root: Path, run_dir: str | None = None) -> ModelSource:
     """The verified local mixture directory or base model name for ``ref`` (module docstring)."""
-    path = Path(ref).expanduser()
-    if path.is_dir() and (path / CONFIG_NAME).is_file() and not (path / MANIFEST_NAME).is_file():
-        return ModelSource(ref, _base_of(path), path)
-    if _is_checkpoint_ref(ref):
-        normalised, bare = normalise(ref)
-        directory = fetch(normalised, download_root, run_dir=Path(run_dir) if run_dir else None, bare_is_wandb=bare)
+    directory = fetch_model(ref, download_root, run_dir=Path(run_dir) if run_dir else None)
+    if directory is not None:
         return ModelSource(ref, _base_of(directory), directory)
+    path = Path(ref).expanduser()
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        return ModelSource(ref, _base_of(path), path)
     return ModelSource(ref, ref)
 
 

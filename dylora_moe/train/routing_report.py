@@ -210,13 +210,19 @@ def write_run_routing_report(model, eval_data, collator, out_dir: Path, batch_si
 def routing_report(model_ref: str, datasets: str, *, data_dir: str | None = None, output_dir: str | None = None,
                    max_seq_length: int = 256, validation_fraction: float = 0.05, eval_subset: float = 100.0,
                    batch_size: int = 16, seed: int = 42) -> tuple[RoutingTable, Path, Path]:
-    """Load a trained mixture directory, route the datasets' held-out split, write the report."""
+    """Load a trained mixture (a saved directory or a checkpoint reference), route the datasets' held-out
+    split, write the report (by default beside a saved mixture; a checkpoint is never written into)."""
+    import tempfile
+
+    from ..checkpoint.references import fetch_model
     from ..data import PaddingCollator, build_datasets
     from ..errors import ConfigError
     from ..model.dylora import load_trained_mixture
 
-    model, tokenizer = load_trained_mixture(model_ref)
-    model_dir = Path(model_ref)
+    with tempfile.TemporaryDirectory(prefix="dylora-report-") as downloads:  # a fetched checkpoint, loaded then removed
+        checkpoint = fetch_model(model_ref, Path(downloads))
+        model, tokenizer = load_trained_mixture(checkpoint or model_ref)
+    model_dir = Path(model_ref) if checkpoint is None else Path.cwd()
     names = [n.strip() for n in datasets.split(",") if n.strip()]
     # only the held-out split is used: tokenise 1% of the training splits (the split itself is unchanged)
     _, eval_data, _ = build_datasets(names, tokenizer, max_seq_length, data_dir=data_dir, seed=seed,

@@ -27,8 +27,10 @@ from .conftest import free_port
      ("wandb", "wandb://team/proj/run1-checkpoint", "latest")),
     ("team/proj/best-dylora-model-full:v3", True,
      ("wandb", "wandb://team/proj/best-dylora-model-full", "v3")),
-    ("team/proj/best-dylora-model-full:v3", False,
-     ("path", "team/proj/best-dylora-model-full:v3", None)),
+    ("team/proj/best-dylora-model-full:v3", False,  # the seed's bare form, wherever no such directory exists
+     ("wandb", "wandb://team/proj/best-dylora-model-full", "v3")),
+    ("/no/such/run/store:latest", False, ("store", "/no/such/run/store", "latest")),
+    ("gcs://bucket/run1/store:v1", False, ("url", "gcs://bucket/run1/store", "v1")),
     ("s3://bucket/run1/store:latest", False, ("url", "s3://bucket/run1/store", "latest")),
     ("gs://bucket/run1/store:step-120", False, ("url", "gs://bucket/run1/store", "step-120")),
     ("s3://bucket:v2", False, ("url", "s3://bucket", "v2")),
@@ -49,6 +51,9 @@ def test_parse_every_form(ref, bare, expected):
     ("s3://bucket/store:", False, "'' is not a version"),
     ("team/proj", True, "expects ENTITY/PROJECT/NAME:vN or ENTITY/PROJECT/NAME:latest"),
     ("team/proj/name", True, "expects ENTITY/PROJECT/NAME:vN"),
+    ("x:", False, "'' is not a version"),
+    (":latest", False, "nothing before ':latest' names a store"),
+    ("runs/run1/store:", False, "'' is not a version"),
 ])
 def test_malformed_references(ref, bare, message):
     with pytest.raises(CheckpointError, match=message) as err:
@@ -68,6 +73,17 @@ def test_fetch_local_forms(ckpts, tmp_path):
     assert not (tmp_path / "dl").exists()  # local checkpoints are verified in place
 
 
+def test_a_local_directory_before_alias_is_a_store_and_wins_over_the_bare_wandb_form(ckpts, tmp_path, monkeypatch):
+    store = LocalStore(tmp_path / "team" / "proj" / "store")
+    store.publish(ckpts[1](10), 10)
+    monkeypatch.chdir(tmp_path)
+    assert parse_reference("team/proj/store:latest") == Reference("team/proj/store:latest", "store",
+                                                                  "team/proj/store", "latest")
+    assert verify_checkpoint(fetch("team/proj/store:latest", tmp_path / "dl")).global_step == 10
+    # --wandb_checkpoint_artifact says W&B, whatever exists locally
+    assert parse_reference("team/proj/store:latest", bare_is_wandb=True).kind == "wandb"
+
+
 def test_fetch_local_errors(ckpts, tmp_path):
     parent, make = ckpts
     (make(10) / "data_state.json").write_bytes(b"{}")
@@ -76,9 +92,10 @@ def test_fetch_local_errors(ckpts, tmp_path):
         fetch(str(parent.parent), tmp_path / "dl")
     with pytest.raises(CheckpointError, match="'latest' needs a run directory"):
         fetch("latest", tmp_path / "dl")
-    with pytest.raises(CheckpointError, match=r"does not exist\. To use a W&B artifact, write "
-                                              r"wandb://team/proj/name:v1"):
-        fetch("team/proj/name:v1", tmp_path / "dl")
+    with pytest.raises(CheckpointError, match=r"the local directory .*nowhere does not exist\."):
+        fetch(str(tmp_path / "nowhere"), tmp_path / "dl")
+    with pytest.raises(CheckpointError, match=r"the local store directory .*nowhere/store does not exist\."):
+        fetch(f"{tmp_path}/nowhere/store:latest", tmp_path / "dl")
     with pytest.raises(CheckpointError, match="is neither a complete checkpoint nor"):
         fetch(str(tmp_path), tmp_path / "dl")
     with pytest.raises(CheckpointError, match="'auto' is resolved by the caller"):
