@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .tasks import Task
+from .task import Task
 
 log = logging.getLogger(__name__)
 
