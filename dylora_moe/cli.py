@@ -51,7 +51,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from .data import format_prompt
-    from .model.dylora import load_trained_mixture
+    from .model.trained import load_trained_mixture
 
     model, tokenizer = load_trained_mixture(args.model)
     prompt = args.prompt if args.raw else format_prompt(args.prompt)

@@ -25,7 +25,7 @@ from ..checkpoint.format import MANIFEST_NAME
 from ..checkpoint.inspect import normalise
 from ..checkpoint.references import fetch
 from ..model.base import load_base_model, load_tokenizer
-from ..model.dylora import CONFIG_NAME
+from ..model.io import CONFIG_NAME
 
 SMALL_MODEL_PARAMETERS = 100_000_000
 _CHECKPOINT_SCHEMES = ("wandb://", "s3://", "gs://", "file://", "memory://")

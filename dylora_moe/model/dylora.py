@@ -7,7 +7,6 @@ or copied (tied embeddings stay tied). Only experts, routers and maturity flags 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,18 +14,17 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError
 from .base import load_base_model
 from .config import ALL_LINEAR, MLP, MLP_MODULES, DyLoRAConfig
+from .export import export_expert
+from .io import base_model_name, read_config, read_weights, write_mixture
 from .moe_lora import MoELoRALinear
 from .router import RouterStats, RoutingState
 
-CONFIG_NAME = "dylora_config.json"
-WEIGHTS_NAME = "dylora_model.safetensors"
 MATURITY_KEY = "routing.mature"
 ADMISSION_KEY = "routing.admission"
 
@@ -283,25 +281,15 @@ class DyLoRAMoE(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> None:
         """Write the config and the trainable state (``state``: one already gathered, e.g. from FSDP shards)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         self._sync_config()
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        state = {k: v.contiguous().cpu() for k, v in (state or self.trainable_state_dict()).items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_mixture(directory, self.config, state or self.trainable_state_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, base_model: PreTrainedModel | None = None, **base_kwargs):
-        directory = Path(directory)
-        if not (directory / CONFIG_NAME).is_file():
-            raise ConfigError(f"{directory} is not a saved DyLoRA-MoE model: {CONFIG_NAME} is missing.")
-        config = DyLoRAConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
-        if base_model is None:
-            if not config.base_model_name_or_path:
-                raise ConfigError(f"{directory / CONFIG_NAME} names no base model; pass base_model=.")
-            base_model = load_base_model(config.base_model_name_or_path, **base_kwargs)
-        model = cls(base_model, config)
-        model.load_trainable_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        """A mixture written by :meth:`save_pretrained`, on ``base_model`` or else the base its config names."""
+        config = read_config(directory)
+        model = cls(base_model if base_model is not None else base_model_name(config, directory), config, **base_kwargs)
+        model.load_trainable_state_dict(read_weights(directory))
         return model
 
     # ------------------------------------------------------------------ interop
@@ -312,60 +300,10 @@ class DyLoRAMoE(nn.Module):
         self.routing.forced_expert = expert
 
     def export_expert(self, expert: int, directory: str | os.PathLike) -> Path:
-        """Write expert ``expert`` as a standard PEFT LoRA adapter loadable by ``PeftModel``.
-
-        With shared experts the adapter is what the mixture computes when every example is routed to
-        ``expert`` (:meth:`force_expert`): the shared experts and that expert, their fixed gates folded
-        into B, as one LoRA of rank (shared + 1) x r with the mixture's alpha / r."""
-        from peft import LoraConfig
-
-        if not 0 <= expert < self.num_experts:
-            raise ConfigError(f"expert index {expert} is out of range: the mixture has {self.num_experts} experts.")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        layers = list(self.adapted_layers())
-        fan_in_fan_out = {layer.fan_in_fan_out for _, layer in layers}
-        if len(fan_in_fan_out) > 1:
-            raise ConfigError("cannot export a mixture that adapts both Linear and Conv1D layers as one PEFT adapter.")
-        ranks = (self.config.shared_experts + 1) * self.config.r
-        peft_config = LoraConfig(
-            r=ranks,
-            lora_alpha=self.config.alpha * ranks / self.config.r,  # PEFT scales by lora_alpha / r: the same scale
-            lora_dropout=self.config.dropout,
-            target_modules=[name for name, _ in layers],
-            fan_in_fan_out=fan_in_fan_out.pop(),
-            base_model_name_or_path=self.config.base_model_name_or_path,
-            task_type="CAUSAL_LM",
-        )
-        peft_config.save_pretrained(str(directory))
-        tensors = {}
-        for name, layer in layers:
-            A, B = layer.expert_weights(expert)
-            if layer.shared_experts:
-                share, routed = layer.shared_scales()
-                A = torch.cat([layer.shared_A, A])
-                B = torch.cat([layer.shared_B * share, B * routed], dim=1)
-            tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().contiguous().cpu()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().contiguous().cpu()
-        save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-        return directory
+        """Write expert ``expert`` as a standard PEFT LoRA adapter loadable by ``PeftModel`` (see
+        :func:`dylora_moe.model.export.export_expert`)."""
+        return export_expert(self, expert, directory)
 
 
 __all__ = ["DyLoRAMoE", "DyLoRAConfig", "DyLoRAOutput", "find_target_modules"]
 
-
-def load_trained_mixture(model_ref: str | os.PathLike, flag: str = "--model"):
-    """A trained mixture directory (a run's ``final/`` or a checkpoint) and its tokenizer, for inference.
-
-    The tokenizer saved beside the mixture is used when there is one, else the base model's.
-    """
-    from .base import load_tokenizer
-
-    model_dir = Path(model_ref)
-    if not (model_dir / CONFIG_NAME).is_file():
-        raise ConfigError(f"{flag} {str(model_ref)!r} is not a trained mixture (no {CONFIG_NAME}); give a run's "
-                          "'final' directory (runs/RUN_ID/final) or a checkpoint directory.")
-    model = DyLoRAMoE.from_pretrained(model_dir).eval()
-    saved_tokenizer = (model_dir / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(model_dir) if saved_tokenizer else model.config.base_model_name_or_path)
-    return model, tokenizer

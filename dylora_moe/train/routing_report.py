@@ -213,7 +213,7 @@ def routing_report(model_ref: str, datasets: str, *, data_dir: str | None = None
     """Load a trained mixture directory, route the datasets' held-out split, write the report."""
     from ..data import PaddingCollator, build_datasets
     from ..errors import ConfigError
-    from ..model.dylora import load_trained_mixture
+    from ..model.trained import load_trained_mixture
 
     model, tokenizer = load_trained_mixture(model_ref)
     model_dir = Path(model_ref)
