@@ -16,6 +16,8 @@ _MODULE_OF = {
     "MoELoRALinear": ".moe_lora",
     "HybridRouter": ".router",
     "RouterStats": ".router",
+    "RoutingContext": ".router",
+    "RoutingSettings": ".router",
     "RoutingState": ".router",
 }
 __all__ = list(_MODULE_OF)

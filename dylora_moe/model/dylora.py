@@ -23,7 +23,7 @@ from .config import ALL_LINEAR, MLP, MLP_MODULES, DyLoRAConfig
 from .export import export_expert
 from .io import base_model_name, read_config, read_weights, write_mixture
 from .moe_lora import MoELoRALinear
-from .router import RouterStats, RoutingState
+from .router import RouterStats, RoutingSettings, RoutingState
 
 MATURITY_KEY = "routing.mature"
 ADMISSION_KEY = "routing.admission"
@@ -102,11 +102,8 @@ class DyLoRAMoE(nn.Module):
         self.routing = RoutingState(
             mature=mature,
             admission=torch.ones(config.num_experts),
-            top_k=config.top_k,
-            temperature=config.router_temperature,
-            granularity=config.routing,
-            scale=config.router_scale,
-            floor=config.gate_floor,
+            settings=RoutingSettings(top_k=config.top_k, temperature=config.router_temperature,
+                                     granularity=config.routing, scale=config.router_scale, floor=config.gate_floor),
         )
         self.adapted_names = find_target_modules(base_model, config.target_modules)
         for name in self.adapted_names:
@@ -170,18 +167,19 @@ class DyLoRAMoE(nn.Module):
         example's dataset, only feed the dataset-expert loss (``dataset_mi_coefficient``)."""
         token_mask = attention_mask.bool() if attention_mask is not None else None
         weights = {name: weight for name, weight in self._aux_weights().items() if weight}
-        self.routing.trained_terms = frozenset(weights)
-        self.routing.start_collecting(token_mask)
-        self.routing.dataset_ids = dataset_ids
-        if self.routing.granularity == "example" and not self.routing.generating:
-            self.routing.prompt_mask = self._prompt_mask(input_ids, token_mask, labels, prompt_mask)
+        context = self.routing.context
+        context.trained_terms = frozenset(weights)
+        context.start_collecting(token_mask)
+        context.dataset_ids = dataset_ids
+        if self.routing.settings.granularity == "example" and not context.generating:
+            context.prompt_mask = self._prompt_mask(input_ids, token_mask, labels, prompt_mask)
         try:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         finally:
-            stats = self.routing.stop_collecting()
-            self.routing.dataset_ids = None
-            if not self.routing.generating:
-                self.routing.prompt_mask = None
+            stats = context.stop_collecting()
+            context.dataset_ids = None
+            if not context.generating:
+                context.prompt_mask = None
         result = DyLoRAOutput(logits=out.logits, router_stats=stats)
         if labels is not None:
             zero = out.loss.new_zeros(())
@@ -215,19 +213,16 @@ class DyLoRAMoE(nn.Module):
     def generate(self, *args, **kwargs):
         """The base model's own ``generate`` (KV cache included). Token routing routes every new
         token; per-example routing routes each example once from its prompt and keeps that gate."""
-        if self.routing.granularity != "example":
+        if self.routing.settings.granularity != "example":
             return self.base_model.generate(*args, **kwargs)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
-        self.routing.prompt_mask = (mask.bool() if mask is not None
-                                    else torch.ones_like(input_ids, dtype=torch.bool))
-        self.routing.generating = True
+        self.routing.context.start_generating(mask.bool() if mask is not None
+                                              else torch.ones_like(input_ids, dtype=torch.bool))
         try:
             return self.base_model.generate(*args, **kwargs)
         finally:
-            self.routing.generating, self.routing.prompt_mask = False, None
-            for _, layer in self.adapted_layers():
-                layer.router._kept_gate = None
+            self.routing.context.stop_generating()
 
     # ------------------------------------------------------------------ state
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
