@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dylora_moe.checkpoint.format import is_complete, latest_checkpoint, verify_checkpoint
+from dylora_moe.checkpoint.directory import latest_checkpoint
+from dylora_moe.checkpoint.format import is_complete, verify_checkpoint
 from dylora_moe.checkpoint.stores import CheckpointStore, StoreUnreachableError, open_store
 from dylora_moe.checkpoint.stores.base import ALIAS_RE, version_number
 from dylora_moe.checkpoint.stores.probe import run_with_deadline
