@@ -46,7 +46,7 @@ def gathered_per_token(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
     matmuls per expert on its own tokens."""
     result = layer.base_layer(x)
     gate = layer.router(x)  # (batch, seq, E), k non-zero entries per row
-    E, r, k = layer.num_experts, layer.r, layer.state.top_k
+    E, r, k = layer.num_experts, layer.r, layer.state.settings.top_k
     A = layer.lora_A.view(E, r, layer.in_features)
     B = layer.lora_B.view(layer.out_features, E, r).permute(1, 0, 2)  # (E, out, r)
     flat_x = layer.lora_dropout(x.to(layer.lora_A.dtype)).reshape(-1, layer.in_features)

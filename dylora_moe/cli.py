@@ -55,7 +55,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .checkpoint.references import fetch_model
     from .data import format_prompt
-    from .model.dylora import load_trained_mixture
+    from .model.trained import load_trained_mixture
 
     with tempfile.TemporaryDirectory(prefix="dylora-generate-") as downloads:  # a fetched checkpoint, loaded then removed
         model, tokenizer = load_trained_mixture(fetch_model(args.model, Path(downloads)) or args.model)

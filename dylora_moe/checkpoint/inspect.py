@@ -7,7 +7,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .format import list_checkpoints, read_manifest
+from .directory import list_checkpoints
+from .format import read_manifest
 from .references import fetch, parse_reference
 from .stores import open_store
 

@@ -52,8 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dylora_moe.checkpoint.format import (is_complete, latest_checkpoint, list_checkpoints,
-                                          verify_checkpoint)
+from dylora_moe.checkpoint.directory import latest_checkpoint, list_checkpoints
+from dylora_moe.checkpoint.format import is_complete, verify_checkpoint
 from dylora_moe.checkpoint.stores import CheckpointStore, StoreUnreachableError, open_store
 from dylora_moe.checkpoint.stores.base import ALIAS_RE, version_number
 from dylora_moe.checkpoint.stores.fsspec_store import PROTOCOLS as URL_SCHEMES

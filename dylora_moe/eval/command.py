@@ -21,7 +21,8 @@ from .report import log_to_wandb, write_results, write_summary
 from .sample_files import read_samples, write_samples
 from .sandbox import Sandbox
 from .scoring import BenchmarkScore, score_completions
-from .tasks import Task, load_tasks, select_tasks
+from .benchmarks import load_tasks, select_tasks
+from .task import Task
 
 log = logging.getLogger(__name__)
 

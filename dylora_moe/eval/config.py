@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .sandbox import ISOLATION_MODES, SandboxLimits
-from .tasks import KNOWN_BENCHMARKS, check_benchmarks
+from .benchmarks import KNOWN_BENCHMARKS, check_benchmarks
 
 REPORT_TO = ("auto", "wandb", "none")
 

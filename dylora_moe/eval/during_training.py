@@ -13,7 +13,8 @@ from .generation import SamplingSettings, generate_completions
 from .report import metrics_of
 from .sandbox import Sandbox
 from .scoring import score_completions
-from .tasks import Task, check_benchmarks, load_tasks
+from .benchmarks import check_benchmarks, load_tasks
+from .task import Task
 
 
 @lru_cache(maxsize=8)

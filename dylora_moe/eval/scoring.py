@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .passk import mean_pass_at_k, pass_at_k
 from .sandbox import OUTCOMES, Sandbox
-from .tasks import Task
+from .task import Task
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""The DyLoRA-MoE model: fused mixture-of-LoRA layer, hybrid router, wrapper.
+"""The DyLoRA-MoE model: the fused mixture-of-LoRA layer (``moe_lora``), the hybrid router
+(``router``), the wrapper (``dylora``: wrap a base, forward, generate), its files on disk (``io``),
+one expert as a PEFT adapter (``export``) and a trained mixture for inference (``trained``).
 
 The names load on first use (PEP 562), so that importing ``dylora_moe.model.base`` or
 ``dylora_moe.model.config`` (as ``dylora --help``, ``--version`` and ``dylora ckpt`` do) does not
@@ -14,6 +16,8 @@ _MODULE_OF = {
     "MoELoRALinear": ".moe_lora",
     "HybridRouter": ".router",
     "RouterStats": ".router",
+    "RoutingContext": ".router",
+    "RoutingSettings": ".router",
     "RoutingState": ".router",
 }
 __all__ = list(_MODULE_OF)

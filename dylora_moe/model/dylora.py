@@ -7,7 +7,6 @@ or copied (tied embeddings stay tied). Only experts, routers and maturity flags 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,18 +14,17 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError
 from .base import load_base_model
 from .config import ALL_LINEAR, MLP, MLP_MODULES, DyLoRAConfig
+from .export import export_expert
+from .io import base_model_name, read_config, read_weights, write_mixture
 from .moe_lora import MoELoRALinear
-from .router import RouterStats, RoutingState
+from .router import RouterStats, RoutingSettings, RoutingState
 
-CONFIG_NAME = "dylora_config.json"
-WEIGHTS_NAME = "dylora_model.safetensors"
 MATURITY_KEY = "routing.mature"
 ADMISSION_KEY = "routing.admission"
 
@@ -104,11 +102,8 @@ class DyLoRAMoE(nn.Module):
         self.routing = RoutingState(
             mature=mature,
             admission=torch.ones(config.num_experts),
-            top_k=config.top_k,
-            temperature=config.router_temperature,
-            granularity=config.routing,
-            scale=config.router_scale,
-            floor=config.gate_floor,
+            settings=RoutingSettings(top_k=config.top_k, temperature=config.router_temperature,
+                                     granularity=config.routing, scale=config.router_scale, floor=config.gate_floor),
         )
         self.adapted_names = find_target_modules(base_model, config.target_modules)
         for name in self.adapted_names:
@@ -172,18 +167,19 @@ class DyLoRAMoE(nn.Module):
         example's dataset, only feed the dataset-expert loss (``dataset_mi_coefficient``)."""
         token_mask = attention_mask.bool() if attention_mask is not None else None
         weights = {name: weight for name, weight in self._aux_weights().items() if weight}
-        self.routing.trained_terms = frozenset(weights)
-        self.routing.start_collecting(token_mask)
-        self.routing.dataset_ids = dataset_ids
-        if self.routing.granularity == "example" and not self.routing.generating:
-            self.routing.prompt_mask = self._prompt_mask(input_ids, token_mask, labels, prompt_mask)
+        context = self.routing.context
+        context.trained_terms = frozenset(weights)
+        context.start_collecting(token_mask)
+        context.dataset_ids = dataset_ids
+        if self.routing.settings.granularity == "example" and not context.generating:
+            context.prompt_mask = self._prompt_mask(input_ids, token_mask, labels, prompt_mask)
         try:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         finally:
-            stats = self.routing.stop_collecting()
-            self.routing.dataset_ids = None
-            if not self.routing.generating:
-                self.routing.prompt_mask = None
+            stats = context.stop_collecting()
+            context.dataset_ids = None
+            if not context.generating:
+                context.prompt_mask = None
         result = DyLoRAOutput(logits=out.logits, router_stats=stats)
         if labels is not None:
             zero = out.loss.new_zeros(())
@@ -217,19 +213,16 @@ class DyLoRAMoE(nn.Module):
     def generate(self, *args, **kwargs):
         """The base model's own ``generate`` (KV cache included). Token routing routes every new
         token; per-example routing routes each example once from its prompt and keeps that gate."""
-        if self.routing.granularity != "example":
+        if self.routing.settings.granularity != "example":
             return self.base_model.generate(*args, **kwargs)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
-        self.routing.prompt_mask = (mask.bool() if mask is not None
-                                    else torch.ones_like(input_ids, dtype=torch.bool))
-        self.routing.generating = True
+        self.routing.context.start_generating(mask.bool() if mask is not None
+                                              else torch.ones_like(input_ids, dtype=torch.bool))
         try:
             return self.base_model.generate(*args, **kwargs)
         finally:
-            self.routing.generating, self.routing.prompt_mask = False, None
-            for _, layer in self.adapted_layers():
-                layer.router._kept_gate = None
+            self.routing.context.stop_generating()
 
     # ------------------------------------------------------------------ state
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -283,25 +276,15 @@ class DyLoRAMoE(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> None:
         """Write the config and the trainable state (``state``: one already gathered, e.g. from FSDP shards)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         self._sync_config()
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        state = {k: v.contiguous().cpu() for k, v in (state or self.trainable_state_dict()).items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_mixture(directory, self.config, state or self.trainable_state_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, base_model: PreTrainedModel | None = None, **base_kwargs):
-        directory = Path(directory)
-        if not (directory / CONFIG_NAME).is_file():
-            raise ConfigError(f"{directory} is not a saved DyLoRA-MoE model: {CONFIG_NAME} is missing.")
-        config = DyLoRAConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
-        if base_model is None:
-            if not config.base_model_name_or_path:
-                raise ConfigError(f"{directory / CONFIG_NAME} names no base model; pass base_model=.")
-            base_model = load_base_model(config.base_model_name_or_path, **base_kwargs)
-        model = cls(base_model, config)
-        model.load_trainable_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        """A mixture written by :meth:`save_pretrained`, on ``base_model`` or else the base its config names."""
+        config = read_config(directory)
+        model = cls(base_model if base_model is not None else base_model_name(config, directory), config, **base_kwargs)
+        model.load_trainable_state_dict(read_weights(directory))
         return model
 
     # ------------------------------------------------------------------ interop
@@ -312,61 +295,9 @@ class DyLoRAMoE(nn.Module):
         self.routing.forced_expert = expert
 
     def export_expert(self, expert: int, directory: str | os.PathLike) -> Path:
-        """Write expert ``expert`` as a standard PEFT LoRA adapter loadable by ``PeftModel``.
-
-        With shared experts the adapter is what the mixture computes when every example is routed to
-        ``expert`` (:meth:`force_expert`): the shared experts and that expert, their fixed gates folded
-        into B, as one LoRA of rank (shared + 1) x r with the mixture's alpha / r."""
-        from peft import LoraConfig
-
-        if not 0 <= expert < self.num_experts:
-            raise ConfigError(f"expert index {expert} is out of range: the mixture has {self.num_experts} experts.")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        layers = list(self.adapted_layers())
-        fan_in_fan_out = {layer.fan_in_fan_out for _, layer in layers}
-        if len(fan_in_fan_out) > 1:
-            raise ConfigError("cannot export a mixture that adapts both Linear and Conv1D layers as one PEFT adapter.")
-        ranks = (self.config.shared_experts + 1) * self.config.r
-        peft_config = LoraConfig(
-            r=ranks,
-            lora_alpha=self.config.alpha * ranks / self.config.r,  # PEFT scales by lora_alpha / r: the same scale
-            lora_dropout=self.config.dropout,
-            target_modules=[name for name, _ in layers],
-            fan_in_fan_out=fan_in_fan_out.pop(),
-            base_model_name_or_path=self.config.base_model_name_or_path,
-            task_type="CAUSAL_LM",
-        )
-        peft_config.save_pretrained(str(directory))
-        tensors = {}
-        for name, layer in layers:
-            A, B = layer.expert_weights(expert)
-            if layer.shared_experts:
-                share, routed = layer.shared_scales()
-                A = torch.cat([layer.shared_A, A])
-                B = torch.cat([layer.shared_B * share, B * routed], dim=1)
-            tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().contiguous().cpu()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().contiguous().cpu()
-        save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-        return directory
+        """Write expert ``expert`` as a standard PEFT LoRA adapter loadable by ``PeftModel`` (see
+        :func:`dylora_moe.model.export.export_expert`)."""
+        return export_expert(self, expert, directory)
 
 
 __all__ = ["DyLoRAMoE", "DyLoRAConfig", "DyLoRAOutput", "find_target_modules"]
-
-
-def load_trained_mixture(model_ref: str | os.PathLike, flag: str = "--model"):
-    """A trained mixture directory (a run's ``final/`` or a fetched checkpoint) and its tokenizer, for inference.
-
-    The tokenizer saved beside the mixture is used when there is one, else the base model's.
-    """
-    from .base import load_tokenizer
-
-    model_dir = Path(model_ref)
-    if not (model_dir / CONFIG_NAME).is_file():
-        raise ConfigError(f"{flag} {str(model_ref)!r} is not a trained mixture (no {CONFIG_NAME}); give a run's "
-                          "'final' directory (runs/RUN_ID/final) or a checkpoint reference (a run or checkpoint directory, "
-                          "runs/RUN_ID/store:latest, s3://BUCKET/PATH/store:latest, wandb://E/P/NAME:ALIAS, ...).")
-    model = DyLoRAMoE.from_pretrained(model_dir).eval()
-    saved_tokenizer = (model_dir / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(model_dir) if saved_tokenizer else model.config.base_model_name_or_path)
-    return model, tokenizer

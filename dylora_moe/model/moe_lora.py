@@ -107,8 +107,8 @@ class MoELoRALinear(nn.Module):
         gate = self.router(x)  # (..., E)
         A, B, E = self.lora_A, self.lora_B, self.num_experts
         if self._chosen_only(gate):  # per-example top-k: each example's k experts only, batched
-            gate, index = gate.topk(self.state.top_k, dim=-1)  # (batch, 1, k)
-            E = self.state.top_k
+            E = self.state.settings.top_k
+            gate, index = gate.topk(E, dim=-1)  # (batch, 1, k)
             A = A.view(self.num_experts, self.r, -1)[index[:, 0]].flatten(1, 2)  # (batch, k·r, in)
             B = B.view(B.shape[0], self.num_experts, self.r)[:, index[:, 0]].permute(1, 0, 2, 3).flatten(2)
         if self.shared_experts:  # the shared experts' rows first, their gate fixed
@@ -135,9 +135,9 @@ class MoELoRALinear(nn.Module):
         and fewer experts chosen than there are. Every other expert's gate is 0 then, so skipping its
         products changes nothing but the work (benchmarks/topk_compute.py measures it faster there;
         per token, where each token has its own experts, it is not, and the fused GEMMs are kept)."""
-        state = self.state
-        return (not state.dense and state.granularity == "example" and gate.dim() == 3 and gate.shape[1] == 1
-                and state.top_k < self.num_experts and state.external_gate is None)
+        state, settings = self.state, self.state.settings
+        return (not state.dense and settings.granularity == "example" and gate.dim() == 3 and gate.shape[1] == 1
+                and settings.top_k < self.num_experts and state.external_gate is None)
 
     def extra_repr(self) -> str:
         shared = f", shared={self.shared_experts}" if self.shared_experts else ""

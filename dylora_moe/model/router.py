@@ -1,8 +1,9 @@
 """The hybrid token router and its auxiliary losses.
 
 Each adapted layer owns a router that reads the layer's input ``x`` and produces a gate over the
-E experts for every token. All routers share one :class:`RoutingState` (maturity flags, top-k,
-temperature, and a collector for the auxiliary losses of the current forward pass):
+E experts for every token. All routers share one :class:`RoutingState`: the maturity and admission
+of the experts, its :class:`RoutingSettings` (top-k, temperature, ...; fixed) and its
+:class:`RoutingContext` (the current forward pass: masks, and the records of the auxiliary losses):
 
 * any expert immature  -> dense:  ``g = softmax(W x / T)``
 * all experts mature   -> sparse: ``p = softmax(W x)``, keep the top-k of ``p``, renormalise.
@@ -15,7 +16,7 @@ the expert in.
 Gradients reach ``W`` in both modes (in the sparse case through the kept probabilities).
 
 With ``granularity == "example"`` a router gives one gate per example, shape (batch, 1, E): it
-reads the mean of its input over the example's prompt tokens (``RoutingState.prompt_mask``;
+reads the mean of its input over the example's prompt tokens (``RoutingContext.prompt_mask``;
 all non-padding tokens when none is set). While generating, the gate computed on the prompt
 (the prefill) is kept for every new token, so routing works with the KV cache and a token never
 changes its example's gate.
@@ -43,28 +44,67 @@ class RouterStats:
     max_prob: torch.Tensor  # mean probability of the most likely expert
 
 
-@dataclass
-class RoutingState:
-    """Settings and per-forward scratch space shared by all routers of one model."""
+@dataclass(frozen=True)
+class RoutingSettings:
+    """How the routers route: fixed when the mixture is built (its config)."""
 
-    mature: torch.Tensor  # (E,) bool
-    admission: torch.Tensor | None = None  # (E,) float in [0, 1]; None means all 1
     top_k: int = 1
     temperature: float = 2.0
-    forced_expert: int | None = None  # route every token to this expert (export checks, analysis)
-    external_gate: torch.Tensor | None = None  # (..., E) gate supplied by the caller (benchmarks)
-    token_mask: torch.Tensor | None = None  # (batch, seq) bool: which tokens count in aux losses
     granularity: str = "token"  # "token" or "example" (see the module docstring)
     scale: float = 1.0  # logits = scale * W x (W initialised smaller by as much): a faster-learning router
     floor: float = 0.0  # dense routing: this share of every gate is spread evenly over the admitted experts
+
+
+@dataclass
+class RoutingContext:
+    """One forward pass (or one ``generate`` call): what the routers read besides their input, the
+    records of the auxiliary losses, and each router's gate kept while generating."""
+
+    token_mask: torch.Tensor | None = None  # (batch, seq) bool: which tokens count in aux losses
     prompt_mask: torch.Tensor | None = None  # (batch, seq) bool: the prompt tokens, per-example routing
     dataset_ids: torch.Tensor | None = None  # (batch,) long: each example's dataset, for dataset_mi_loss
     generating: bool = False  # per-example routing: keep each router's prefill gate for new tokens
     collect: bool = False
     # the auxiliary losses the loss weighs (coefficient > 0): only these are recorded with gradients
     trained_terms: frozenset = frozenset({"balance_loss", "z_loss", "mi_loss", "dataset_mi_loss"})
-    _records: list = field(default_factory=list)
-    _last_pooled: tuple | None = None  # (input, its pooled prompt) of the last per-example router
+    records: list = field(default_factory=list)
+    last_pooled: tuple | None = None  # (input, its pooled prompt) of the last per-example router
+    kept_gates: dict = field(default_factory=dict)  # router -> its prefill gate, while generating
+
+    def start_collecting(self, token_mask: torch.Tensor | None) -> None:
+        self.collect = True
+        self.token_mask = token_mask
+        self.records = []
+        self.last_pooled = None
+
+    def stop_collecting(self) -> RouterStats | None:
+        """Average the records of all layers since ``start_collecting``; None if there were none."""
+        records, self.records = self.records, []
+        self.collect, self.token_mask, self.last_pooled = False, None, None
+        if not records:
+            return None
+        stacked = {k: torch.stack([r[k] for r in records]).mean(0) for k in records[0]}
+        return RouterStats(**stacked)
+
+    def start_generating(self, prompt_mask: torch.Tensor) -> None:
+        self.prompt_mask, self.generating = prompt_mask, True
+
+    def stop_generating(self) -> None:
+        self.prompt_mask, self.generating = None, False
+        self.kept_gates.clear()
+
+
+@dataclass
+class RoutingState:
+    """Shared by all routers of one model: which experts are mature and how far each is admitted (what
+    training changes and a checkpoint keeps), a caller's overrides, the settings and the context."""
+
+    mature: torch.Tensor  # (E,) bool
+    admission: torch.Tensor | None = None  # (E,) float in [0, 1]; None means all 1
+    forced_expert: int | None = None  # route every token to this expert (export checks, analysis)
+    external_gate: torch.Tensor | None = None  # (..., E) gate supplied by the caller (benchmarks)
+    settings: RoutingSettings = field(default_factory=RoutingSettings)
+    context: RoutingContext = field(default_factory=RoutingContext)
 
     @property
     def num_experts(self) -> int:
@@ -77,32 +117,18 @@ class RoutingState:
     def add_floor(self, gate: torch.Tensor) -> torch.Tensor:
         """``floor x (even share over the admitted experts) + (1 - floor) x gate``: every expert keeps
         part of every example (a shared part of the update) while the router decides the rest."""
-        if not self.floor:
+        floor = self.settings.floor
+        if not floor:
             return gate
         even = self.admission.to(gate.device) if self.admission is not None else torch.ones(gate.shape[-1])
         even = (even / even.sum()).to(device=gate.device, dtype=gate.dtype)
-        return self.floor * even + (1.0 - self.floor) * gate
+        return floor * even + (1.0 - floor) * gate
 
     def admit(self, probs: torch.Tensor) -> torch.Tensor:
         if self.admission is None or bool((self.admission == 1).all()):
             return probs
         admitted = probs * self.admission.to(probs.device)
         return admitted / admitted.sum(-1, keepdim=True)
-
-    def start_collecting(self, token_mask: torch.Tensor | None) -> None:
-        self.collect = True
-        self.token_mask = token_mask
-        self._records = []
-        self._last_pooled = None
-
-    def stop_collecting(self) -> RouterStats | None:
-        """Average the records of all layers since ``start_collecting``; None if there were none."""
-        records, self._records = self._records, []
-        self.collect, self.token_mask, self._last_pooled = False, None, None
-        if not records:
-            return None
-        stacked = {k: torch.stack([r[k] for r in records]).mean(0) for k in records[0]}
-        return RouterStats(**stacked)
 
 
 def top_k_mask(probs: torch.Tensor, k: int) -> torch.Tensor:
@@ -165,64 +191,67 @@ class HybridRouter(nn.Module):
         super().__init__()
         self.state = state
         self.weight = nn.Parameter(torch.empty(state.num_experts, in_features))
-        nn.init.normal_(self.weight, std=0.02 / state.scale)
+        nn.init.normal_(self.weight, std=0.02 / state.settings.scale)
 
     def add_expert(self) -> None:
         row = torch.empty(1, self.weight.shape[1], dtype=self.weight.dtype, device=self.weight.device)
-        nn.init.normal_(row, std=0.02 / self.state.scale)
+        nn.init.normal_(row, std=0.02 / self.state.settings.scale)
         self.weight = nn.Parameter(torch.cat([self.weight.data, row], dim=0))
+
+    @property
+    def kept_gate(self) -> torch.Tensor | None:
+        """The gate this router computed on the prompt of the current generation (per-example routing)."""
+        return self.state.context.kept_gates.get(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gate of shape (..., E) in float32 (per-example routing: (batch, 1, E)); rows sum to 1."""
-        state = self.state
+        state, settings, context = self.state, self.state.settings, self.state.context
         if state.external_gate is not None:
             return state.external_gate
-        if state.granularity == "example":
-            kept = self._kept_gate if state.generating else None
-            if (kept is not None and state.prompt_mask is not None and kept.shape[0] == x.shape[0]
-                    and x.shape[-2] < state.prompt_mask.shape[-1]):
+        if settings.granularity == "example":
+            kept = self.kept_gate if context.generating else None
+            if (kept is not None and context.prompt_mask is not None and kept.shape[0] == x.shape[0]
+                    and x.shape[-2] < context.prompt_mask.shape[-1]):
                 return kept  # a generation step after the prompt: the example keeps its gate
             x = self._pool_prompt(x)
         logits = F.linear(x.float(), self.weight.float())
-        if state.scale != 1.0:
-            logits = logits * state.scale
+        if settings.scale != 1.0:
+            logits = logits * settings.scale
         if state.forced_expert is not None:
             gate = torch.zeros_like(logits)
             gate[..., state.forced_expert] = 1.0
             return gate
         if state.dense:
-            probs = state.admit(torch.softmax(logits / state.temperature, dim=-1))
+            probs = state.admit(torch.softmax(logits / settings.temperature, dim=-1))
             gate, dispatch = state.add_floor(probs), None  # the auxiliary losses read probs, without the floor
         else:
             probs = state.admit(torch.softmax(logits, dim=-1))
-            dispatch = top_k_mask(probs, state.top_k)
+            dispatch = top_k_mask(probs, settings.top_k)
             kept = probs * dispatch
             gate = kept / kept.sum(-1, keepdim=True)
-        if state.collect:
+        if context.collect:
             # The balance loss counts the top-k choice as the dispatch, in dense mode too (Mixtral).
-            self._record(logits, probs, dispatch if dispatch is not None else top_k_mask(probs, state.top_k))
-        if state.granularity == "example":
-            self._kept_gate = gate.detach() if state.generating else None
+            self._record(logits, probs, dispatch if dispatch is not None else top_k_mask(probs, settings.top_k))
+        if settings.granularity == "example" and context.generating:
+            context.kept_gates[self] = gate.detach()
         return gate
-
-    _kept_gate: torch.Tensor | None = None
 
     def _pool_prompt(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, 1, in): the mean of ``x`` (batch, seq, in) over each example's prompt tokens.
 
         Layers that read the same input (gate_proj and up_proj; q, k and v_proj) pool it once per
         forward pass: the last input pooled is kept, by identity, while the model collects."""
-        state = self.state
-        cached = state._last_pooled
-        if state.collect and cached is not None and cached[0] is x:
+        context = self.state.context
+        cached = context.last_pooled
+        if context.collect and cached is not None and cached[0] is x:
             return cached[1]
         pooled = self._pool(x)
-        if state.collect:
-            state._last_pooled = (x, pooled)
+        if context.collect:
+            context.last_pooled = (x, pooled)
         return pooled
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.state.prompt_mask
+        mask = self.state.context.prompt_mask
         if mask is None:
             return x.float().mean(-2, keepdim=True)
         mask = mask.to(x.device)
@@ -240,10 +269,11 @@ class HybridRouter(nn.Module):
         logits = logits.reshape(-1, num_experts)
         probs = probs.reshape(-1, num_experts)
         dispatch = dispatch.reshape(-1, num_experts)
-        groups = self.state.dataset_ids
+        context = self.state.context
+        groups = context.dataset_ids
         if groups is not None:  # per example: (batch,); per token: each token takes its example's id
             groups = groups.to(probs.device).reshape(-1, 1).expand(-1, probs.shape[0] // groups.numel()).reshape(-1)
-        mask = self.state.token_mask
+        mask = context.token_mask
         if mask is not None and mask.numel() == probs.shape[0]:
             keep = mask.reshape(-1).bool()
             logits, probs, dispatch = logits[keep], probs[keep], dispatch[keep]
@@ -264,6 +294,6 @@ class HybridRouter(nn.Module):
         record = {}
         for name, term in terms.items():
             # a term the loss does not weigh is only monitored: no graph for backward to walk through
-            with torch.set_grad_enabled(torch.is_grad_enabled() and name in self.state.trained_terms):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and name in context.trained_terms):
                 record[name] = term()
-        self.state._records.append({**record, "expert_usage": usage, "entropy": mean_entropy, "max_prob": max_prob})
+        context.records.append({**record, "expert_usage": usage, "entropy": mean_entropy, "max_prob": max_prob})

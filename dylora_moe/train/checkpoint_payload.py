@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from ..checkpoint.fingerprint import ArchitectureFingerprint
-from ..checkpoint.format import checkpoint_name, write_checkpoint
+from ..checkpoint.commit import write_checkpoint
+from ..checkpoint.format import checkpoint_name
 from ..errors import CheckpointError
 from ..model import DyLoRAMoE
 from .state import TrainerState

@@ -19,8 +19,9 @@ from typing import Any, Iterator
 import torch
 
 from ..checkpoint.fingerprint import ArchitectureFingerprint, FingerprintMismatch
-from ..checkpoint.format import (apply_retention, checkpoint_name, cleanup_partial, latest_checkpoint,
-                                 list_checkpoints, read_manifest)
+from ..checkpoint.commit import cleanup_partial
+from ..checkpoint.directory import apply_retention, latest_checkpoint, list_checkpoints
+from ..checkpoint.format import checkpoint_name, read_manifest
 from ..checkpoint.resume import resolve_resume
 from ..checkpoint.stores import BackgroundPublisher, CheckpointStore, open_store
 from ..checkpoint.stores.download import free_bytes

@@ -175,7 +175,7 @@ class TrainConfig:
         if self.report_to not in ("auto", "wandb", "tensorboard", "none"):
             raise ConfigError(f"--report_to {self.report_to!r} is invalid: choose auto, wandb, tensorboard or none.")
         if self.eval_benchmarks:
-            from ..eval.tasks import check_benchmarks
+            from ..eval.benchmarks import check_benchmarks
 
             check_benchmarks(self.eval_benchmark_list, "--eval_benchmarks")
         if self.eval_max_tasks < 1:

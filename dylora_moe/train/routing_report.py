@@ -217,7 +217,7 @@ def routing_report(model_ref: str, datasets: str, *, data_dir: str | None = None
     from ..checkpoint.references import fetch_model
     from ..data import PaddingCollator, build_datasets
     from ..errors import ConfigError
-    from ..model.dylora import load_trained_mixture
+    from ..model.trained import load_trained_mixture
 
     with tempfile.TemporaryDirectory(prefix="dylora-report-") as downloads:  # a fetched checkpoint, loaded then removed
         checkpoint = fetch_model(model_ref, Path(downloads))

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dylora_moe.checkpoint.format import checkpoint_name, write_checkpoint
+from dylora_moe.checkpoint.commit import write_checkpoint
+from dylora_moe.checkpoint.format import checkpoint_name
 
 
 def payload(step: int) -> dict[str, bytes]:

@@ -138,7 +138,7 @@ def test_only_rank_zero_publishes(ckpts, tmp_path, monkeypatch):
 
 
 def test_unconfirmed_checkpoints_are_protected_from_retention(ckpts, tmp_path):
-    from dylora_moe.checkpoint.format import apply_retention, list_checkpoints
+    from dylora_moe.checkpoint.directory import apply_retention, list_checkpoints
 
     parent, make = ckpts
     store = HangingStore(tmp_path / "store")
@@ -159,7 +159,8 @@ def test_unconfirmed_checkpoints_are_protected_from_retention(ckpts, tmp_path):
 def test_a_step_written_again_while_it_is_being_published_reaches_the_store_whole(ckpts, tmp_path):
     """The final save (or a preemption) may rewrite a step whose upload is still running: the store must get
     one consistent version, never files of both writes."""
-    from dylora_moe.checkpoint.format import checkpoint_name, write_checkpoint
+    from dylora_moe.checkpoint.commit import write_checkpoint
+    from dylora_moe.checkpoint.format import checkpoint_name
 
     parent, make = ckpts
     first = verify_checkpoint(make(10))

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from dylora_moe.checkpoint import format as fmt
-from dylora_moe.checkpoint.format import (Manifest, apply_retention, checkpoint_name,
-                                          cleanup_partial, is_complete, latest_checkpoint,
-                                          list_checkpoints, verify_checkpoint, write_checkpoint)
+from dylora_moe.checkpoint import commit
+from dylora_moe.checkpoint.commit import cleanup_partial, write_checkpoint
+from dylora_moe.checkpoint.directory import apply_retention, latest_checkpoint, list_checkpoints
+from dylora_moe.checkpoint.format import Manifest, checkpoint_name, is_complete, verify_checkpoint
 from dylora_moe.errors import CheckpointError
 
 from .conftest import payload
@@ -128,7 +128,7 @@ def test_existing_checkpoint_is_refused_or_swapped(ckpts, monkeypatch, exchange)
     with pytest.raises(CheckpointError, match="already exists and is never overwritten"):
         make(5)
     if not exchange:
-        monkeypatch.setattr(fmt, "_rename_exchange", lambda a, b: False)
+        monkeypatch.setattr(commit, "_rename_exchange", lambda a, b: False)
     write_checkpoint(parent, path.name, lambda d: (d / "new.bin").write_bytes(b"new"),
                      {"global_step": 5, "epoch": 9}, overwrite=True)
     manifest = verify_checkpoint(path)
@@ -162,7 +162,7 @@ def test_retention_keeps_newest_and_best_and_ignores_partial(ckpts):
 CRASH_SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from dylora_moe.checkpoint.format import write_checkpoint
+    from dylora_moe.checkpoint.commit import write_checkpoint
     from dylora_moe.checkpoint.stores.local import LocalStore
     parent, store_root, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 

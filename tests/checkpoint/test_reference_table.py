@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from dylora_moe.checkpoint import inspect
-from dylora_moe.checkpoint.format import checkpoint_name, read_manifest, write_checkpoint
+from dylora_moe.checkpoint.commit import write_checkpoint
+from dylora_moe.checkpoint.format import checkpoint_name, read_manifest
 from dylora_moe.checkpoint.references import MalformedReference, Reference, fetch_model, parse_reference
 from dylora_moe.checkpoint.resume import resolve_resume
 from dylora_moe.checkpoint.stores import LocalStore, open_store

@@ -349,7 +349,8 @@ def test_a_two_replica_job_trains_on_both_nodes_survives_a_preempted_worker_and_
     """Spot preemption hits one VM: SIGTERM to the worker replica's entrypoint. Both replicas exit 75 after
     rank 0 published the checkpoint; Vertex restarts them on fresh VMs, they meet again, continue from it
     and finish: one model trained by two nodes, written by rank 0 on the chief only."""
-    from dylora_moe.checkpoint.format import list_checkpoints, read_manifest
+    from dylora_moe.checkpoint.directory import list_checkpoints
+    from dylora_moe.checkpoint.format import read_manifest
     from dylora_moe.checkpoint.stores import open_store
 
     steps, job = 12, "4343"

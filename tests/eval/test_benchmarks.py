@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from dylora_moe.errors import ConfigError
-from dylora_moe.eval.tasks import check_benchmarks, load_tasks, select_tasks
+from dylora_moe.eval.benchmarks import check_benchmarks, load_tasks, select_tasks
 
 SHARED_DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets"
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from dylora_moe.checkpoint.format import checkpoint_name, write_checkpoint
-from dylora_moe.eval.tasks import load_tasks
+from dylora_moe.checkpoint.commit import write_checkpoint
+from dylora_moe.checkpoint.format import checkpoint_name
+from dylora_moe.eval.benchmarks import load_tasks
 
 
 def dylora(*args, cwd=None, env=None):

@@ -4,7 +4,7 @@ its end: the end is where the answer starts."""
 import torch
 
 from dylora_moe.eval.generation import SamplingSettings, generate_completions
-from dylora_moe.eval.tasks import Task
+from dylora_moe.eval.task import Task
 
 
 def test_a_prompt_too_long_for_the_window_is_cut_at_its_start(tiny):

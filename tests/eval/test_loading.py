@@ -4,7 +4,8 @@ import shutil
 
 import pytest
 
-from dylora_moe.checkpoint.format import checkpoint_name, write_checkpoint
+from dylora_moe.checkpoint.commit import write_checkpoint
+from dylora_moe.checkpoint.format import checkpoint_name
 from dylora_moe.errors import CheckpointError
 from dylora_moe.eval.loading import resolve_model
 

@@ -5,7 +5,7 @@ import pytest
 
 from dylora_moe.eval.sandbox import Sandbox, SandboxLimits
 from dylora_moe.eval.scoring import score_completions
-from dylora_moe.eval.tasks import Task
+from dylora_moe.eval.task import Task
 
 
 def allocate(mb: int) -> str:

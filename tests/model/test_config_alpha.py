@@ -6,7 +6,7 @@ import pytest
 
 from dylora_moe.errors import ConfigError
 from dylora_moe.model import DyLoRAConfig, DyLoRAMoE
-from dylora_moe.model.dylora import CONFIG_NAME
+from dylora_moe.model.io import CONFIG_NAME
 from tests.model.helpers import tiny_llama
 
 

@@ -92,7 +92,7 @@ def test_generation_keeps_the_prompt_gate_with_and_without_cache(mature):
     labels[:, : prompt.shape[1]] = -100
     logits = model(with_cache, labels=labels).logits
     assert torch.equal(logits[:, prompt.shape[1] - 1 : -1].argmax(-1), with_cache[:, prompt.shape[1]:])
-    assert not model.routing.generating and model.routing.prompt_mask is None
+    assert not model.routing.context.generating and model.routing.context.prompt_mask is None
 
 
 def test_balance_loss_counts_examples_and_gradients_reach_routers():
@@ -159,10 +159,10 @@ def test_layers_sharing_an_input_pool_it_once_and_every_router_reads_its_own_inp
     with torch.set_grad_enabled(grad):
         model(ids, attention_mask=torch.ones_like(ids))
     assert len(seen) == 6 and len(pool_calls) == 4  # 2 layers x (gate/up shared, down)
-    model.routing.prompt_mask = torch.ones_like(ids, dtype=torch.bool)
+    model.routing.context.prompt_mask = torch.ones_like(ids, dtype=torch.bool)
     for router, x, gate in seen:
-        logits = torch.nn.functional.linear(router._pool(x), router.weight) * model.routing.scale
-        expected = torch.softmax(logits / model.routing.temperature, dim=-1)
+        logits = torch.nn.functional.linear(router._pool(x), router.weight) * model.routing.settings.scale
+        expected = torch.softmax(logits / model.routing.settings.temperature, dim=-1)
         torch.testing.assert_close(gate, expected)
 
 

@@ -30,7 +30,7 @@ def test_dataset_term_reaches_the_loss_only_with_dataset_ids(routing):
     without = model(ids, attention_mask=mask, labels=labels)
     assert without.dataset_mi_loss == 0
     torch.testing.assert_close(without.loss, with_ids.loss - 0.5 * with_ids.dataset_mi_loss)
-    assert model.routing.dataset_ids is None  # nothing left behind for the next pass
+    assert model.routing.context.dataset_ids is None  # nothing left behind for the next pass
 
 
 def test_training_the_dataset_term_routes_unseen_prompts_of_each_dataset_to_an_expert_of_its_own():

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dylora_moe.checkpoint.format import list_checkpoints, verify_checkpoint
+from dylora_moe.checkpoint.directory import list_checkpoints
+from dylora_moe.checkpoint.format import verify_checkpoint
 from dylora_moe.cli import main
 from tests.conftest import REPO_ROOT, SHARED_DATASETS
 

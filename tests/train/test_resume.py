@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from dylora_moe.checkpoint.format import list_checkpoints, verify_checkpoint
+from dylora_moe.checkpoint.directory import list_checkpoints
+from dylora_moe.checkpoint.format import verify_checkpoint
 from dylora_moe.cli import main
 from dylora_moe.train.config import TrainConfig
 from dylora_moe.train.trainer import EXIT_PREEMPTED, Preempted, Trainer

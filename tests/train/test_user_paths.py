@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dylora_moe.checkpoint.format import latest_checkpoint, read_manifest, verify_checkpoint
+from dylora_moe.checkpoint.directory import latest_checkpoint
+from dylora_moe.checkpoint.format import read_manifest, verify_checkpoint
 from dylora_moe.checkpoint.stores import FsspecStore
 from dylora_moe.cli import main
 from dylora_moe.train.config import TrainConfig

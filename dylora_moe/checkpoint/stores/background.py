@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from dylora_moe.checkpoint.format import TMP_PREFIX
+from dylora_moe.checkpoint.commit import TMP_PREFIX
 from dylora_moe.checkpoint.stores.base import DEFAULT_ALIASES, CheckpointStore
 from dylora_moe.checkpoint.stores.probe import is_permanent
 from dylora_moe.errors import CheckpointError

@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from dylora_moe.checkpoint.format import (MANIFEST_NAME, Manifest, commit_staged, hash_file,
-                                          is_complete, make_staging_dir, read_manifest,
+from dylora_moe.checkpoint.commit import commit_staged, make_staging_dir
+from dylora_moe.checkpoint.format import (MANIFEST_NAME, Manifest, hash_file, is_complete, read_manifest,
                                           verify_checkpoint)
 from dylora_moe.checkpoint.stores.base import StoreUnreachableError
 from dylora_moe.errors import CheckpointError

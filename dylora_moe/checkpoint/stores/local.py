@@ -13,7 +13,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from dylora_moe.checkpoint.format import fsync_path
+from dylora_moe.checkpoint.commit import fsync_path
 from dylora_moe.checkpoint.stores.object_store import ObjectCheckpointStore
 
 
