@@ -17,7 +17,17 @@ Designs (``--designs``, comma-separated; see DESIGNS below):
     OMP_NUM_THREADS=1 python benchmarks/quality.py --seed 1 [--steps 300] [--designs a,b,...] [--json F]
     python benchmarks/quality.py --table F     # every (design, seed) saved in F, side by side
 
-Every LoRA uses alpha = 2 * rank (the mixture's alpha/r) and dropout 0.05. In training, mixtures
+    python benchmarks/quality.py --tune --device auto --workers 16 [--lrs ...] [--scales ...] --json F
+
+--tune is the fair comparison: every arm (--arms; default the mixture's defaults, one LoRA of its
+trainable size and one of one expert's size, all on the MLP) over the same grid of peak learning
+rate (--lrs) x alpha/r (--scales; r is one expert's rank in a mixture), the same steps, chosen by the
+loss on a validation split carved from the training data (--val_fraction, seed --tune_seed); then
+each arm's best re-run with --seeds and reported best against best on the held-out split (mean and
+min-max over seeds, per dataset, paired differences, MI). --resume_json F skips runs already in F
+(to widen a grid). Results and the command used: docs/benchmarks.md.
+
+Outside --tune every LoRA uses alpha = 2 * rank and dropout 0.05. In training, mixtures
 get each example's dataset (``dataset_ids``), which only the dataset-expert loss reads
 (``dataset_mi_coefficient``); held-out examples are routed from their prompt alone. Prints one table.
 """
