@@ -12,19 +12,17 @@ import signal
 import sys
 
 from . import __version__
-from .errors import DyLoRAError
+from .errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_STATUS_HELP, DyLoRAError
+from .runtime.launcher import is_main_process, launched_rank, launched_world_size
+from .runtime.signals import SIGNALS, SignalWatch, StartupInterrupted
 
-EPILOG = """exit status: 0 success, 1 error, 2 bad input (configuration, data, checkpoint reference,
-fingerprint mismatch), 3 training finished but some checkpoints were not published to the store
-(local copies kept; rerun with --resume auto to publish them), 75 stopped by SIGTERM/SIGINT (after a
-durable checkpoint once training has started; continue with --resume auto)."""
+EPILOG = EXIT_STATUS_HELP
 
 
 def _train(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .train.config import config_from_args
-    from .train.launch_env import is_main_process
 
     config = config_from_args(args)
     main_process = is_main_process()  # under torchrun: rank 0 alone checks the store, writes and reports
@@ -166,9 +164,6 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train.launch_env import launched_world_size
-    from .train.preemption import EXIT_PREEMPTED, SIGNALS, SignalWatch, StartupInterrupted
-
     # Spot VMs are reclaimed during start-up too: from the first moment, SIGTERM/SIGINT end the command
     # with one line and status 75 (training then takes them over to checkpoint first).
     signals = SignalWatch().install()
@@ -194,8 +189,6 @@ def _run(argv: list[str] | None, signals) -> int:
     args.signals = signals
     if args.command != "train":
         signals.restore()  # only training has a checkpoint to protect and a 75 to promise
-    from .train.launch_env import is_main_process, launched_rank
-
     # under a launcher, ranks other than 0 say only what goes wrong (and which rank they are)
     rank = "" if is_main_process() else f"[rank {launched_rank()}] "
     level = logging.DEBUG if args.verbose else logging.INFO if not rank else logging.WARNING
@@ -206,7 +199,7 @@ def _run(argv: list[str] | None, signals) -> int:
         _quiet_libraries()
     if args.command is None:
         parser.print_help()
-        return 2
+        return EXIT_BAD_INPUT
     try:
         return args.func(args)
     except DyLoRAError as err:
@@ -215,7 +208,7 @@ def _run(argv: list[str] | None, signals) -> int:
 
 def _report(err: DyLoRAError, command: str) -> int:
     paragraph = " ".join(str(err).split())  # one paragraph, whatever the underlying library wrote
-    kind = "stopped" if err.exit_code == 75 else "error"
+    kind = "stopped" if err.exit_code == EXIT_PREEMPTED else "error"
     # one write: the ranks of a launched job share one stream, and lines written in pieces interleave
     sys.stderr.write(f"dylora{' ' + command if command else ''}: {kind}: {paragraph}\n")
     sys.stderr.flush()

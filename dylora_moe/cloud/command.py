@@ -28,7 +28,8 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, DyLoRAError
-from ..train.config import _parse_bool as parse_bool  # the same true/false words as `dylora train`
+from ..runtime.flags import parse_bool  # the same true/false words as `dylora train`
+from ..runtime.signals import StartupInterrupted
 from .secrets import SECRET_ENV_NAMES, parse_secret_refs
 from .vertex import (VertexError, VertexJobs, VertexSettings, build_custom_job, job_name, job_to_json,
                      parse_labels, region_of, state_name)
@@ -314,8 +315,6 @@ def _describe(job: Any) -> str:
 
 
 def _follow(jobs: VertexJobs, name: str, poll_interval_s: float) -> int:
-    from ..train.preemption import StartupInterrupted
-
     try:
         job = jobs.wait(name, poll_interval_s, on_state=lambda j: print(f"{name}: {state_name(j)}", flush=True))
     except (KeyboardInterrupt, StartupInterrupted):  # Ctrl-C stops the watching, not the job

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if not dylora_args:
         parser.error("no dylora command given after --")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ..train.preemption import SignalWatch, StartupInterrupted
+    from ..runtime.signals import SignalWatch, StartupInterrupted
 
     signals = SignalWatch().install()  # a spot VM may be reclaimed while secrets are being read
     try:

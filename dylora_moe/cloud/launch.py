@@ -22,8 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import DyLoRAError
-from ..train.preemption import EXIT_PREEMPTED
+from ..errors import EXIT_PREEMPTED, DyLoRAError
 from .rendezvous import Rendezvous, rendezvous_timeout_s
 
 log = logging.getLogger("dylora_moe.cloud.launch")

@@ -45,7 +45,7 @@ def _selected_tasks(cfg: EvalConfig) -> dict[str, list[Task]]:
 
 
 def _wandb_wanted(cfg: EvalConfig) -> bool:
-    from ..train.metrics import wandb_configured
+    from ..runtime.tracking import wandb_configured
 
     return cfg.report_to == "wandb" or (cfg.report_to == "auto" and wandb_configured())
 

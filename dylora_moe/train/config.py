@@ -18,6 +18,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..model.base import DEFAULT_MODEL_NAME
+from ..runtime.flags import parse_bool
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -251,15 +252,6 @@ def _flag_type(f) -> Any:
     return str
 
 
-def _parse_bool(value: str) -> bool:
-    lowered = value.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean: use true/false")
-
-
 # --help groups: the first field of each section of TrainConfig, and its title.
 _SECTIONS = {
     "model_name": "base model and mixture",
@@ -283,7 +275,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"{f.metadata['help']} (default: {f.metadata.get('shown_default', default)})"
         if kind == "bool":
             # `--bf16` alone means true; `--bf16 false` is accepted too (seed scripts pass values).
-            group.add_argument(f"--{f.name}", nargs="?", const=True, type=_parse_bool, metavar=_METAVARS[kind],
+            group.add_argument(f"--{f.name}", nargs="?", const=True, type=parse_bool, metavar=_METAVARS[kind],
                                default=argparse.SUPPRESS, help=help_text)
         else:
             group.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS, metavar=_METAVARS[kind],
@@ -318,7 +310,7 @@ def _coerce(f, value: Any, path: Path) -> Any:
     kind = _flag_type(f)
     try:
         if kind == "bool":
-            return value if isinstance(value, bool) else _parse_bool(str(value))
+            return value if isinstance(value, bool) else parse_bool(str(value))
         if kind is str and isinstance(value, list):
             return ",".join(str(v) for v in value)
         return kind(value)

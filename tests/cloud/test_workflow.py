@@ -23,8 +23,8 @@ from google.cloud import aiplatform_v1
 from safetensors.torch import load_file
 
 from dylora_moe import cli
+from dylora_moe.errors import EXIT_PREEMPTED
 from dylora_moe.model.dylora import WEIGHTS_NAME
-from dylora_moe.train.trainer import EXIT_PREEMPTED
 from tests.cloud.gcs_emulator import emulator_fs, gcs_emulator
 from tests.conftest import REPO_ROOT
 
