@@ -7,7 +7,7 @@ sent. The job always runs::
     dylora train --run_id $(CLOUD_ML_JOB_ID) --resume auto [--start_from REF]
                  --checkpoint_store BASE_OUTPUT_DIR/$(CLOUD_ML_JOB_ID)/store <training options>
 
-through the container's entrypoint (``dylora_moe.cloud.entrypoint``), which fills in
+through the container's entrypoint (``dylora_moe.job.entrypoint``), which fills in
 ``$(CLOUD_ML_JOB_ID)`` (set by Vertex: the job's own id, unknown at submit time) and resolves
 ``--secret`` references. A restarted job therefore continues from its own newest checkpoint, and
 ``--resume REF`` / ``--start_from REF`` only chooses where its *first* start begins.

@@ -44,7 +44,7 @@ def job_command(capsys, small_model_dir: str, *extra: str) -> list[str]:
     assert status == 0
     container = aiplatform_v1.CustomJob.from_json(out).job_spec.worker_pool_specs[0].container_spec
     command = list(container.command) + list(container.args)
-    assert command[:3] == ["python", "-m", "dylora_moe.cloud.entrypoint"]
+    assert command[:3] == ["python", "-m", "dylora_moe.job.entrypoint"]
     return [sys.executable, *command[1:]]
 
 
