@@ -29,6 +29,21 @@ class ConfigError(DyLoRAError, ValueError):
     exit_code = EXIT_BAD_INPUT
 
 
+class InvalidOption(ConfigError):
+    """A bad value of one named option. Its message spells the option as a keyword (``lora_r=0``);
+    :meth:`as_flag` spells it as the command line does (``--lora_r 0``), with the same reason."""
+
+    def __init__(self, option: str, value: object, reason: str):
+        self.option, self.value, self.reason = option, value, reason
+        super().__init__(f"{option}={value!r} is invalid: {reason}")
+
+    def __reduce__(self):  # pickled whole (a rank's error reaches the others)
+        return type(self), (self.option, self.value, self.reason)
+
+    def as_flag(self) -> ConfigError:
+        return ConfigError(f"--{self.option} {self.value!r} is invalid: {self.reason}")
+
+
 class DataError(DyLoRAError, ValueError):
     """A dataset that cannot be found, parsed or used."""
 

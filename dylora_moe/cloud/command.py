@@ -1,8 +1,9 @@
 """``dylora submit vertex | status | cancel``: flags, the YAML ``vertex:`` section, and the job's command.
 
-Training options are those of ``dylora train`` (after ``--`` or in the ``--config`` file) and are
-validated by the same code (``add_train_arguments`` / ``config_from_args``) before anything is
-sent. The job always runs::
+Training options are those of ``dylora train`` (after ``--`` or in the ``--config`` file, whose
+``vertex:`` section ``dylora train`` leaves to this command) and are validated by the same code
+(``add_train_arguments`` / ``config_from_args``) before anything is sent; the job gets the ones the
+user gave as ``TrainConfig.to_argv`` writes them. The job always runs::
 
     dylora train --run_id $(CLOUD_ML_JOB_ID) --resume auto [--start_from REF]
                  --checkpoint_store BASE_OUTPUT_DIR/$(CLOUD_ML_JOB_ID)/store <training options>
@@ -20,7 +21,6 @@ import copy
 import logging
 import os
 import sys
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -121,22 +121,20 @@ def add_submit_parser(sub: Any, epilog: str) -> None:
 
 
 # ------------------------------------------------------------------ configuration
-def _split_config(path: str | None) -> tuple[dict[str, Any], str | None, str | None]:
-    """(the ``vertex:`` section, a YAML file with only the training options, its temp copy or None)."""
+def _vertex_section(path: str | None) -> dict[str, Any]:
+    """The config file's ``vertex:`` section ({} without one); its training options are ``dylora train``'s to read."""
     if not path or not Path(path).is_file():
-        return {}, path, None  # config_from_args reports a missing file
+        return {}  # config_from_args reports a missing file
     try:
         data = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError:
-        return {}, path, None  # ... and invalid YAML, in its own words
-    if not isinstance(data, dict) or "vertex" not in data:
-        return {}, path, None
-    section = data.pop("vertex") or {}
+        return {}  # ... and invalid YAML, in its own words
+    if not isinstance(data, dict):
+        return {}
+    section = data.get("vertex") or {}
     if not isinstance(section, dict):
         raise ConfigError(f"config file {path!r}: the `vertex:` section must be a mapping of option: value.")
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as tmp:
-        yaml.safe_dump(data, tmp)
-    return section, tmp.name, tmp.name
+    return section
 
 
 def _settings(args: argparse.Namespace, section: dict[str, Any], path: str | None) -> VertexSettings:
@@ -177,7 +175,7 @@ def _explain_restart_policy(settings: VertexSettings) -> None:
 
 def _train_config(args: argparse.Namespace, training: list[str]) -> tuple[Any, set[str], dict[str, Any]]:
     """(validated TrainConfig, the option names the user gave, the config file's `vertex:` section)."""
-    from ..train.config import config_from_args
+    from ..train.config import config_from_args, load_yaml
 
     if training[:1] == ["--"]:
         training = training[1:]
@@ -185,20 +183,10 @@ def _train_config(args: argparse.Namespace, training: list[str]) -> tuple[Any, s
     if ns.__dict__.get("config") and args.config and ns.config != args.config:
         raise ConfigError("--config is given twice (before and after `--`): give one file.")
     path = args.config or ns.__dict__.get("config")
-    section, train_yaml, temp = _split_config(path)
-    ns.config = train_yaml
-    try:
-        cfg = config_from_args(ns)
-        given = set(vars(ns)) - {"config"}
-        if train_yaml:
-            given |= set(yaml.safe_load(Path(train_yaml).read_text()) or {})
-    except ConfigError as err:
-        if temp:  # name the user's file, not our copy of its training part
-            raise ConfigError(str(err).replace(temp, str(path))) from err
-        raise
-    finally:
-        if temp:
-            os.unlink(temp)
+    section = _vertex_section(path)
+    ns.config = path  # dylora train reads the same file and leaves its `vertex:` section to us
+    cfg = config_from_args(ns)
+    given = (set(vars(ns)) - {"config"}) | (set(load_yaml(path)) if path else set())
     return cfg, given, section
 
 
@@ -232,16 +220,8 @@ def _start_from(cfg: Any) -> str | None:
     return ref
 
 
-def _render(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 def job_train_args(cfg: Any, given: set[str], settings: VertexSettings) -> list[str]:
     """``dylora`` arguments of the job: ``train --run_id $(CLOUD_ML_JOB_ID) --resume auto ...``."""
-    from ..train.config import TrainConfig
-
     if "run_id" in given:
         raise ConfigError(f"--run_id {cfg.run_id!r} cannot be set for a cloud job: its run id is the Vertex job "
                           "id, so that a restarted job finds its own checkpoints.")
@@ -253,10 +233,7 @@ def job_train_args(cfg: Any, given: set[str], settings: VertexSettings) -> list[
         args += ["--checkpoint_store", f"{settings.output_dir}/{JOB_ID}/store"]
     if "progress" not in given:
         args += ["--progress", "false"]  # a progress bar in job logs is one line per redraw
-    for f in fields(TrainConfig):
-        if f.name in given and f.name not in _OWN_OPTIONS and getattr(cfg, f.name) is not None:
-            args += [f"--{f.name}", _render(getattr(cfg, f.name))]
-    return args
+    return args + cfg.to_argv(given - set(_OWN_OPTIONS))  # what the user gave, as `dylora train` reads it
 
 
 def _check_job_command(train_args: list[str]) -> None:
