@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError, DyLoRAError
+from ..errors import EXIT_BAD_INPUT, EXIT_STATUS_HELP, ConfigError, DyLoRAError
 from ..runtime.flags import parse_bool  # the same true/false words as `dylora train`
 from ..runtime.signals import StartupInterrupted
 from .secrets import SECRET_ENV_NAMES, parse_secret_refs
@@ -59,13 +59,14 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------ parser
-def add_submit_parser(sub: Any, epilog: str) -> None:
-    """Register ``dylora submit`` and its actions on the top-level subparsers."""
-    submit = sub.add_parser(
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``dylora submit`` and its actions; the cloud clients load only when a job is sent."""
+    epilog = EXIT_STATUS_HELP
+    submit = subparsers.add_parser(
         "submit", help="run training as a Vertex AI job; follow or cancel it",
         description="Run `dylora train` as a Vertex AI CustomJob (spot capacity welcome: a preempted "
         "or restarted job continues from its own latest checkpoint). See docs/cloud.md.", epilog=epilog)
-    submit.set_defaults(func=lambda args: (submit.print_help(), 2)[1])
+    submit.set_defaults(print_submit_help=submit.print_help)
     actions = submit.add_subparsers(dest="submit_action", metavar="ACTION")
 
     vertex = actions.add_parser(
@@ -100,24 +101,31 @@ def add_submit_parser(sub: Any, epilog: str) -> None:
     secrets.add_argument("--pass_env_secrets", action="store_true",
                          help=f"opt-in: copy {', '.join(SECRET_ENV_NAMES)} from this shell into the job's "
                          "environment (they are visible to anyone who can read the job; prefer --secret)")
-    run = vertex.add_argument_group("submission")
-    run.add_argument("--dry_run", "--dry-run", action="store_true",
-                     help="print the CustomJob as JSON on stdout and send nothing")
-    run.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 0 only if it succeeded")
-    run.add_argument("--poll_interval", type=float, default=30.0, metavar="S",
-                     help="seconds between state checks with --wait (default: 30)")
+    submission = vertex.add_argument_group("submission")
+    submission.add_argument("--dry_run", "--dry-run", action="store_true",
+                            help="print the CustomJob as JSON on stdout and send nothing")
+    submission.add_argument("--wait", action="store_true",
+                            help="follow the job until it ends; exit 0 only if it succeeded")
+    submission.add_argument("--poll_interval", type=float, default=30.0, metavar="S",
+                            help="seconds between state checks with --wait (default: 30)")
     vertex.add_argument("training", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    vertex.set_defaults(func=run_vertex)
 
-    for action, help_text, func in (("status", "show a job's state", run_status),
-                                    ("cancel", "cancel a job", run_cancel)):
+    for action, help_text in (("status", "show a job's state"), ("cancel", "cancel a job")):
         p = actions.add_parser(action, help=help_text, description=f"{help_text.capitalize()}. JOB: "
                                "projects/P/locations/REGION/customJobs/ID, or the numeric ID with --project "
                                "and --region.", epilog=epilog)
         p.add_argument("job", help="job resource name or numeric id")
         p.add_argument("--project", help="project (when JOB is a bare id)")
         p.add_argument("--region", help="region (when JOB is a bare id)")
-        p.set_defaults(func=func)
+    return submit
+
+
+def run(args: argparse.Namespace) -> int:
+    action = {"vertex": run_vertex, "status": run_status, "cancel": run_cancel}.get(args.submit_action)
+    if action is None:  # `dylora submit` alone
+        args.print_submit_help()
+        return EXIT_BAD_INPUT
+    return action(args)
 
 
 # ------------------------------------------------------------------ configuration
