@@ -1,5 +1,5 @@
-"""Running training in the cloud: Vertex AI CustomJobs (``vertex``), secrets resolved in the
-container (``secrets``), the container's entrypoint (``entrypoint``), the ranks of a multi-node or
-multi-GPU job (``rendezvous`` from Vertex's CLUSTER_SPEC, ``launch`` with torch's launcher, ``rank``
-for each process) and the ``dylora submit`` command (``command``). Needs the ``cloud`` extra:
+"""The submitting side of cloud training: the ``dylora submit vertex | status | cancel`` command
+(``command``), Vertex AI CustomJobs (``vertex``), Secret Manager references (``secrets``, whose values
+the container resolves) and Google API error messages (``api_errors``). What runs inside the
+container is ``dylora_moe.job``; nothing here imports it or the CLI. Needs the ``cloud`` extra:
 ``pip install 'dylora-moe[cloud]'``."""

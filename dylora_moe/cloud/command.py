@@ -1,13 +1,14 @@
 """``dylora submit vertex | status | cancel``: flags, the YAML ``vertex:`` section, and the job's command.
 
-Training options are those of ``dylora train`` (after ``--`` or in the ``--config`` file) and are
-validated by the same code (``add_train_arguments`` / ``config_from_args``) before anything is
-sent. The job always runs::
+Training options are those of ``dylora train`` (after ``--`` or in the ``--config`` file, whose
+``vertex:`` section ``dylora train`` leaves to this command) and are validated by the same code
+(``add_train_arguments`` / ``config_from_args``) before anything is sent; the job gets the ones the
+user gave as ``TrainConfig.to_argv`` writes them. The job always runs::
 
     dylora train --run_id $(CLOUD_ML_JOB_ID) --resume auto [--start_from REF]
                  --checkpoint_store BASE_OUTPUT_DIR/$(CLOUD_ML_JOB_ID)/store <training options>
 
-through the container's entrypoint (``dylora_moe.cloud.entrypoint``), which fills in
+through the container's entrypoint (``dylora_moe.job.entrypoint``), which fills in
 ``$(CLOUD_ML_JOB_ID)`` (set by Vertex: the job's own id, unknown at submit time) and resolves
 ``--secret`` references. A restarted job therefore continues from its own newest checkpoint, and
 ``--resume REF`` / ``--start_from REF`` only chooses where its *first* start begins.
@@ -20,15 +21,15 @@ import copy
 import logging
 import os
 import sys
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..errors import ConfigError, DyLoRAError
-from ..train.config import _parse_bool as parse_bool  # the same true/false words as `dylora train`
+from ..errors import EXIT_BAD_INPUT, EXIT_STATUS_HELP, ConfigError, DyLoRAError
+from ..runtime.flags import parse_bool  # the same true/false words as `dylora train`
+from ..runtime.signals import StartupInterrupted
 from .secrets import SECRET_ENV_NAMES, parse_secret_refs
 from .vertex import (VertexError, VertexJobs, VertexSettings, build_custom_job, job_name, job_to_json,
                      parse_labels, region_of, state_name)
@@ -58,13 +59,14 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------ parser
-def add_submit_parser(sub: Any, epilog: str) -> None:
-    """Register ``dylora submit`` and its actions on the top-level subparsers."""
-    submit = sub.add_parser(
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``dylora submit`` and its actions; the cloud clients load only when a job is sent."""
+    epilog = EXIT_STATUS_HELP
+    submit = subparsers.add_parser(
         "submit", help="run training as a Vertex AI job; follow or cancel it",
         description="Run `dylora train` as a Vertex AI CustomJob (spot capacity welcome: a preempted "
         "or restarted job continues from its own latest checkpoint). See docs/cloud.md.", epilog=epilog)
-    submit.set_defaults(func=lambda args: (submit.print_help(), 2)[1])
+    submit.set_defaults(print_submit_help=submit.print_help)
     actions = submit.add_subparsers(dest="submit_action", metavar="ACTION")
 
     vertex = actions.add_parser(
@@ -99,43 +101,48 @@ def add_submit_parser(sub: Any, epilog: str) -> None:
     secrets.add_argument("--pass_env_secrets", action="store_true",
                          help=f"opt-in: copy {', '.join(SECRET_ENV_NAMES)} from this shell into the job's "
                          "environment (they are visible to anyone who can read the job; prefer --secret)")
-    run = vertex.add_argument_group("submission")
-    run.add_argument("--dry_run", "--dry-run", action="store_true",
-                     help="print the CustomJob as JSON on stdout and send nothing")
-    run.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 0 only if it succeeded")
-    run.add_argument("--poll_interval", type=float, default=30.0, metavar="S",
-                     help="seconds between state checks with --wait (default: 30)")
+    submission = vertex.add_argument_group("submission")
+    submission.add_argument("--dry_run", "--dry-run", action="store_true",
+                            help="print the CustomJob as JSON on stdout and send nothing")
+    submission.add_argument("--wait", action="store_true",
+                            help="follow the job until it ends; exit 0 only if it succeeded")
+    submission.add_argument("--poll_interval", type=float, default=30.0, metavar="S",
+                            help="seconds between state checks with --wait (default: 30)")
     vertex.add_argument("training", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    vertex.set_defaults(func=run_vertex)
 
-    for action, help_text, func in (("status", "show a job's state", run_status),
-                                    ("cancel", "cancel a job", run_cancel)):
+    for action, help_text in (("status", "show a job's state"), ("cancel", "cancel a job")):
         p = actions.add_parser(action, help=help_text, description=f"{help_text.capitalize()}. JOB: "
                                "projects/P/locations/REGION/customJobs/ID, or the numeric ID with --project "
                                "and --region.", epilog=epilog)
         p.add_argument("job", help="job resource name or numeric id")
         p.add_argument("--project", help="project (when JOB is a bare id)")
         p.add_argument("--region", help="region (when JOB is a bare id)")
-        p.set_defaults(func=func)
+    return submit
+
+
+def run(args: argparse.Namespace) -> int:
+    action = {"vertex": run_vertex, "status": run_status, "cancel": run_cancel}.get(args.submit_action)
+    if action is None:  # `dylora submit` alone
+        args.print_submit_help()
+        return EXIT_BAD_INPUT
+    return action(args)
 
 
 # ------------------------------------------------------------------ configuration
-def _split_config(path: str | None) -> tuple[dict[str, Any], str | None, str | None]:
-    """(the ``vertex:`` section, a YAML file with only the training options, its temp copy or None)."""
+def _vertex_section(path: str | None) -> dict[str, Any]:
+    """The config file's ``vertex:`` section ({} without one); its training options are ``dylora train``'s to read."""
     if not path or not Path(path).is_file():
-        return {}, path, None  # config_from_args reports a missing file
+        return {}  # config_from_args reports a missing file
     try:
         data = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError:
-        return {}, path, None  # ... and invalid YAML, in its own words
-    if not isinstance(data, dict) or "vertex" not in data:
-        return {}, path, None
-    section = data.pop("vertex") or {}
+        return {}  # ... and invalid YAML, in its own words
+    if not isinstance(data, dict):
+        return {}
+    section = data.get("vertex") or {}
     if not isinstance(section, dict):
         raise ConfigError(f"config file {path!r}: the `vertex:` section must be a mapping of option: value.")
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as tmp:
-        yaml.safe_dump(data, tmp)
-    return section, tmp.name, tmp.name
+    return section
 
 
 def _settings(args: argparse.Namespace, section: dict[str, Any], path: str | None) -> VertexSettings:
@@ -176,7 +183,7 @@ def _explain_restart_policy(settings: VertexSettings) -> None:
 
 def _train_config(args: argparse.Namespace, training: list[str]) -> tuple[Any, set[str], dict[str, Any]]:
     """(validated TrainConfig, the option names the user gave, the config file's `vertex:` section)."""
-    from ..train.config import config_from_args
+    from ..train.config import config_from_args, load_yaml
 
     if training[:1] == ["--"]:
         training = training[1:]
@@ -184,20 +191,10 @@ def _train_config(args: argparse.Namespace, training: list[str]) -> tuple[Any, s
     if ns.__dict__.get("config") and args.config and ns.config != args.config:
         raise ConfigError("--config is given twice (before and after `--`): give one file.")
     path = args.config or ns.__dict__.get("config")
-    section, train_yaml, temp = _split_config(path)
-    ns.config = train_yaml
-    try:
-        cfg = config_from_args(ns)
-        given = set(vars(ns)) - {"config"}
-        if train_yaml:
-            given |= set(yaml.safe_load(Path(train_yaml).read_text()) or {})
-    except ConfigError as err:
-        if temp:  # name the user's file, not our copy of its training part
-            raise ConfigError(str(err).replace(temp, str(path))) from err
-        raise
-    finally:
-        if temp:
-            os.unlink(temp)
+    section = _vertex_section(path)
+    ns.config = path  # dylora train reads the same file and leaves its `vertex:` section to us
+    cfg = config_from_args(ns)
+    given = (set(vars(ns)) - {"config"}) | (set(load_yaml(path)) if path else set())
     return cfg, given, section
 
 
@@ -224,16 +221,8 @@ def _start_from(cfg: Any) -> str | None:
     return parsed.canonical if parsed.kind == "wandb" else ref
 
 
-def _render(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 def job_train_args(cfg: Any, given: set[str], settings: VertexSettings) -> list[str]:
     """``dylora`` arguments of the job: ``train --run_id $(CLOUD_ML_JOB_ID) --resume auto ...``."""
-    from ..train.config import TrainConfig
-
     if "run_id" in given:
         raise ConfigError(f"--run_id {cfg.run_id!r} cannot be set for a cloud job: its run id is the Vertex job "
                           "id, so that a restarted job finds its own checkpoints.")
@@ -245,10 +234,7 @@ def job_train_args(cfg: Any, given: set[str], settings: VertexSettings) -> list[
         args += ["--checkpoint_store", f"{settings.output_dir}/{JOB_ID}/store"]
     if "progress" not in given:
         args += ["--progress", "false"]  # a progress bar in job logs is one line per redraw
-    for f in fields(TrainConfig):
-        if f.name in given and f.name not in _OWN_OPTIONS and getattr(cfg, f.name) is not None:
-            args += [f"--{f.name}", _render(getattr(cfg, f.name))]
-    return args
+    return args + cfg.to_argv(given - set(_OWN_OPTIONS))  # what the user gave, as `dylora train` reads it
 
 
 def _check_job_command(train_args: list[str]) -> None:
@@ -307,8 +293,6 @@ def _describe(job: Any) -> str:
 
 
 def _follow(jobs: VertexJobs, name: str, poll_interval_s: float) -> int:
-    from ..train.preemption import StartupInterrupted
-
     try:
         job = jobs.wait(name, poll_interval_s, on_state=lambda j: print(f"{name}: {state_name(j)}", flush=True))
     except (KeyboardInterrupt, StartupInterrupted):  # Ctrl-C stops the watching, not the job

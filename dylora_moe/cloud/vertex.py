@@ -22,8 +22,9 @@ from ..errors import ConfigError, DyLoRAError
 from .api_errors import server_message
 
 ENDPOINT_ENV = "DYLORA_VERTEX_ENDPOINT"
-# How the container is started: our entrypoint, which resolves secrets then runs `dylora ARGS`.
-ENTRYPOINT_COMMAND = ["python", "-m", "dylora_moe.cloud.entrypoint"]
+# How the container is started: the job side's entrypoint (dylora_moe/job/, in an image built from this
+# version: scripts/build_and_push.sh), which resolves secrets then runs `dylora ARGS`.
+ENTRYPOINT_COMMAND = ["python", "-m", "dylora_moe.job.entrypoint"]
 ENDED_STATES = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED")
 
 _LABEL_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")

@@ -2,6 +2,7 @@
 
 ``task`` (one problem), ``benchmarks`` (the registry of ``humaneval`` and ``mbpp``),
 ``generation`` (batched completions), ``sandbox`` + ``sandbox_worker`` (isolated execution),
-``passk`` (the unbiased estimator), ``scoring``, ``report``, ``command`` (``dylora eval``) and
-``during_training`` (pass@k at the trainer's evaluation points).
+``passk`` (the unbiased estimator), ``scoring``, ``report``, ``config`` (``EvalConfig``), ``evaluate``
+(everything ``dylora eval`` does), ``command`` (its flags and handler) and ``during_training`` (pass@k
+at the trainer's evaluation points).
 """

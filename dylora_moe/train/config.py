@@ -2,7 +2,10 @@
 
 Precedence: dataclass defaults < ``--config FILE.yaml`` < flags given on the command line.
 Flag names are the field names (``--num_epochs``, ``--lora_r``, ...), which are the seed's names;
-``help`` metadata on each field is what ``dylora train --help`` prints.
+``help`` metadata on each field is what ``dylora train --help`` prints. The mixture's options
+(``--num_experts``, ``--lora_r``, ...) belong to :class:`~dylora_moe.model.config.DyLoRAConfig`:
+their defaults are its fields' and their check is its ``validate``; ``model_config()`` builds it.
+``to_argv()`` goes the other way: the flags that give a configuration back.
 """
 
 from __future__ import annotations
@@ -12,55 +15,69 @@ import os
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InvalidOption
 from ..model.base import DEFAULT_MODEL_NAME
+from ..model.config import DEFAULT_TARGET_MODULES, DyLoRAConfig
+from ..runtime.flags import parse_bool
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+_MIXTURE_DEFAULTS = {f.name: f.default for f in fields(DyLoRAConfig)}
+
+
+def _mixture(name: str, help: str, **extra: Any) -> Any:
+    """An option of the mixture: ``DyLoRAConfig.<name>`` gives its default and checks its value."""
+    return _opt(_MIXTURE_DEFAULTS[name], help, mixture=name, **extra)
+
+
 @dataclass
 class TrainConfig:
     # base model and mixture
     model_name: str = _opt(DEFAULT_MODEL_NAME, "base causal LM: hub id, local directory, or the shipped 'tiny-python-lm'")
-    num_experts: int = _opt(4, "number of routed LoRA experts")
-    shared_experts: int = _opt(
-        0, "LoRA experts every example uses beside the routed ones, each with the fixed gate "
+    num_experts: int = _mixture("num_experts", "number of routed LoRA experts")
+    shared_experts: int = _mixture(
+        "shared_experts", "LoRA experts every example uses beside the routed ones, each with the fixed gate "
         "1/(num_experts + shared_experts), the routed ones sharing the rest; they learn what all datasets have in "
         "common, so the routed experts can specialise")
-    lora_r: int = _opt(16, "LoRA rank of every expert")
-    lora_alpha: float | None = _opt(
-        None, "LoRA alpha (scaling alpha/r); unset or 0: 2 x (num_experts + shared_experts) x lora_r (128 for 4 "
+    lora_r: int = _mixture("r", "LoRA rank of every expert")
+    lora_alpha: float | None = _mixture(
+        "alpha", "LoRA alpha (scaling alpha/r); unset or 0: 2 x (num_experts + shared_experts) x lora_r (128 for 4 "
         "experts of rank 16), so a uniform gate updates like one LoRA of rank (num_experts + shared_experts) x lora_r "
         "with alpha 2 x that rank",
         shown_default="2 x (num_experts + shared_experts) x lora_r")
-    lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
+    lora_dropout: float = _mixture("dropout", "dropout on the LoRA input")
+    # unset (None) is not the mixture's default: a resumed run keeps its checkpoint's
     target_modules: str | None = _opt(
         None, "the linear layers that get experts: comma-separated module names (e.g. 'q_proj,v_proj'), 'mlp' (every "
         "linear layer of the feed-forward blocks: gate/up/down_proj in Llama-style models, c_fc/c_proj in GPT-2) or "
-        "'all-linear'; unset: 'mlp', and a resumed run keeps the checkpoint's", shown_default="mlp")
-    top_k: int = _opt(1, "experts per token once all experts are mature (sparse routing)")
-    router_temperature: float = _opt(2.0, "softmax temperature of dense routing while experts are immature")
-    routing: str = _opt("example", "'example': one gate per example, from its prompt (kept while generating); "
-                        "'token': every token routed on its own")
-    router_scale: float = _opt(30.0, "router logits = scale x W x, W initialised smaller by as much: "
-                               "the router learns this many times faster than the experts")
-    balance_coefficient: float = _opt(0.01, "weight of the load-balancing loss")
-    router_mi_coefficient: float = _opt(
-        0.0, "weight of a router loss that raises the mutual information between examples and experts in a batch "
-        "(confident gates, every expert used; no labels needed; 0: off)")
-    dataset_mi_coefficient: float = _opt(
-        0.2, "weight of a router loss that raises the mutual information between each example's dataset and its "
-        "expert in a batch (training only: the router still decides from the prompt; needs several --datasets; 0: off)")
-    gate_floor: float = _opt(
-        0.0, "dense routing: share of every gate spread evenly over the experts, so all of them keep a shared part "
-        "of every example (0: off)")
-    z_loss_coefficient: float = _opt(0.0, "weight of the router z-loss (0: off)")
+        "'all-linear'; unset: 'mlp', and a resumed run keeps the checkpoint's",
+        mixture="target_modules", shown_default=DEFAULT_TARGET_MODULES)
+    top_k: int = _mixture("top_k", "experts per token once all experts are mature (sparse routing)")
+    router_temperature: float = _mixture("router_temperature", "softmax temperature of dense routing while experts are "
+                                         "immature")
+    routing: str = _mixture("routing", "'example': one gate per example, from its prompt (kept while generating); "
+                            "'token': every token routed on its own")
+    router_scale: float = _mixture("router_scale", "router logits = scale x W x, W initialised smaller by as much: "
+                                   "the router learns this many times faster than the experts")
+    balance_coefficient: float = _mixture("balance_coefficient", "weight of the load-balancing loss")
+    router_mi_coefficient: float = _mixture(
+        "router_mi_coefficient", "weight of a router loss that raises the mutual information between examples and "
+        "experts in a batch (confident gates, every expert used; no labels needed; 0: off)")
+    dataset_mi_coefficient: float = _mixture(
+        "dataset_mi_coefficient", "weight of a router loss that raises the mutual information between each example's "
+        "dataset and its expert in a batch (training only: the router still decides from the prompt; needs several "
+        "--datasets; 0: off)")
+    gate_floor: float = _mixture(
+        "gate_floor", "dense routing: share of every gate spread evenly over the experts, so all of them keep a shared "
+        "part of every example (0: off)")
+    z_loss_coefficient: float = _mixture("z_loss_coefficient", "weight of the router z-loss (0: off)")
     maturity_fraction: float = _opt(
         1.0, "fraction of the planned optimizer steps after which all experts are marked mature "
         "(routing switches from dense to top-k); 1 keeps routing dense, 0 starts sparse")
@@ -137,7 +154,11 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        positive = ("num_experts", "lora_r", "train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_seq_length")
+        try:
+            self.model_config()  # the mixture's options are checked where they are owned
+        except InvalidOption as err:
+            raise err.as_flag() from None
+        positive = ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_seq_length")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -206,6 +227,23 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def model_config(self) -> DyLoRAConfig:
+        """The mixture these options describe; an unset option takes DyLoRAConfig's default (alpha derived from
+        the experts and the rank, target_modules 'mlp')."""
+        values = {f.metadata["mixture"]: getattr(self, f.name) for f in fields(self) if "mixture" in f.metadata}
+        return DyLoRAConfig(**{name: value for name, value in values.items() if value is not None})
+
+    def to_argv(self, options: Iterable[str] | None = None) -> list[str]:
+        """The ``dylora train`` flags that give this configuration: one per option that differs from its default,
+        or one per option in ``options`` (those a user gave), in the order of ``--help``. Unset options are left out."""
+        argv: list[str] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            wanted = f.name in options if options is not None else value != f.default
+            if wanted and value is not None:
+                argv += [f"--{f.name}", _render(value)]
+        return argv
+
     @property
     def eval_benchmark_list(self) -> list[str]:
         return [b.strip() for b in self.eval_benchmarks.split(",") if b.strip()]
@@ -240,6 +278,13 @@ def check_run_id(run_id: str, source: str) -> str:
     return run_id
 
 
+def _render(value: Any) -> str:
+    """A value as its flag reads it back (``parse_bool`` for booleans, the type's constructor otherwise)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def _flag_type(f) -> Any:
     text = str(f.type)
     if "bool" in text:
@@ -249,15 +294,6 @@ def _flag_type(f) -> Any:
     if "float" in text:
         return float
     return str
-
-
-def _parse_bool(value: str) -> bool:
-    lowered = value.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean: use true/false")
 
 
 # --help groups: the first field of each section of TrainConfig, and its title.
@@ -283,7 +319,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"{f.metadata['help']} (default: {f.metadata.get('shown_default', default)})"
         if kind == "bool":
             # `--bf16` alone means true; `--bf16 false` is accepted too (seed scripts pass values).
-            group.add_argument(f"--{f.name}", nargs="?", const=True, type=_parse_bool, metavar=_METAVARS[kind],
+            group.add_argument(f"--{f.name}", nargs="?", const=True, type=parse_bool, metavar=_METAVARS[kind],
                                default=argparse.SUPPRESS, help=help_text)
         else:
             group.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS, metavar=_METAVARS[kind],
@@ -318,7 +354,7 @@ def _coerce(f, value: Any, path: Path) -> Any:
     kind = _flag_type(f)
     try:
         if kind == "bool":
-            return value if isinstance(value, bool) else _parse_bool(str(value))
+            return value if isinstance(value, bool) else parse_bool(str(value))
         if kind is str and isinstance(value, list):
             return ",".join(str(v) for v in value)
         return kind(value)

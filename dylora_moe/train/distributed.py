@@ -29,9 +29,9 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from ..errors import DyLoRAError
-from .launch_env import launched_world_size
-from .preemption import EXIT_PREEMPTED, StartupInterrupted
+from ..errors import EXIT_PREEMPTED, DyLoRAError
+from ..runtime.launcher import launched_world_size
+from ..runtime.signals import StartupInterrupted
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .metrics import MetricsSink
+from ..runtime.tracking import MetricsSink
 from .state import TrainerState
 
 HISTORY_NAME = "history.jsonl"

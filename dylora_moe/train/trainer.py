@@ -38,22 +38,22 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..checkpoint.stores import CheckpointStore
-from ..errors import ConfigError
+from ..errors import EXIT_PREEMPTED, EXIT_UNPUBLISHED, ConfigError, Preempted
 from ..model import DyLoRAConfig, DyLoRAMoE
 from ..model.config import DEFAULT_TARGET_MODULES
 from ..model.dylora import whole_tensor
 from ..model.base import load_base_model, load_tokenizer
+from ..runtime.signals import SignalWatch, StartupInterrupted, signal_name
+from ..runtime.tracking import MetricsSink, make_sink
 from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow
 from .checkpoint_payload import (GatheredState, RunRecord, TrainingPayload, fingerprint_of, restore_progress,
                                  restore_weights, rng_state)
-from .checkpointing import EXIT_UNPUBLISHED, Checkpointer, UnpublishedCheckpoints
+from .checkpointing import Checkpointer, UnpublishedCheckpoints
 from .config import TrainConfig
 from .distributed import (Ranks, gradient_sync, load_whole_optimizer_state, shard_parameters, whole_optimizer_state,
                           wrap_for_gradient_sync)
 from .example_trace import ExampleTrace
 from .history import MetricHistory
-from .metrics import MetricsSink, make_sink
-from .preemption import EXIT_PREEMPTED, Preempted, SignalWatch, StartupInterrupted, signal_name
 from .report import plot_routing, write_summary
 from .routing_report import write_run_routing_report
 from .run_lock import RunDirLock

@@ -151,7 +151,7 @@ def test_the_images_pip_steps_give_a_working_dylora_in_a_clean_virtualenv(tmp_pa
     dylora = str(venv / "bin" / "dylora")
     version = subprocess.run([dylora, "--version"], capture_output=True, text=True, env=env, cwd=outside)
     assert version.returncode == 0 and version.stdout.startswith("dylora-moe "), version.stderr
-    for argv in ([dylora, "submit", "vertex", "--help"], [python, "-m", "dylora_moe.cloud.entrypoint", "--help"]):
+    for argv in ([dylora, "submit", "vertex", "--help"], [python, "-m", "dylora_moe.job.entrypoint", "--help"]):
         result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=outside)
         assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
     clients = subprocess.run([python, "-c", "import gcsfs, wandb, s3fs; from google.cloud import aiplatform_v1, "

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from google.cloud import aiplatform_v1
 
-from dylora_moe.cloud.entrypoint import machine_rendezvous
-from dylora_moe.cloud.launch import describe_failures, job_exit_status
-from dylora_moe.cloud.rendezvous import Rendezvous, from_environment, is_chief, is_launched_rank
+from dylora_moe.job.entrypoint import machine_rendezvous
+from dylora_moe.job.launch import describe_failures, job_exit_status
+from dylora_moe.job.rendezvous import Rendezvous, from_environment, is_chief, is_launched_rank
 from dylora_moe.errors import ConfigError
 from tests.cloud.conftest import run_dylora
 from tests.conftest import REPO_ROOT, free_port
@@ -85,7 +85,7 @@ def test_the_entrypoint_launches_train_only_and_never_inside_a_launched_rank(mon
         monkeypatch.delenv(name, raising=False)
     assert machine_rendezvous(["train", "--max_steps", "1"]).node_rank == 1
     assert machine_rendezvous(["eval", "--model", "x"]) is None
-    monkeypatch.setenv("LOCAL_RANK", "0")  # torchrun ... -m dylora_moe.cloud.entrypoint: already a rank
+    monkeypatch.setenv("LOCAL_RANK", "0")  # torchrun ... -m dylora_moe.job.entrypoint: already a rank
     assert is_launched_rank() and machine_rendezvous(["train"]) is None
 
 
@@ -107,7 +107,7 @@ def test_a_malformed_environment_is_a_config_error_naming_it(env, message):
 
 def test_the_entrypoint_reports_a_malformed_cluster_spec_in_one_line():
     env = {**os.environ, "CLUSTER_SPEC": json.dumps({**VERTEX_SPEC, "task": {"type": "workerpool3", "index": 0}})}
-    result = subprocess.run([sys.executable, "-m", "dylora_moe.cloud.entrypoint", "--", "train", "--max_steps", "1"],
+    result = subprocess.run([sys.executable, "-m", "dylora_moe.job.entrypoint", "--", "train", "--max_steps", "1"],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "dylora job: error: CLUSTER_SPEC: this replica is in 'workerpool3'" in result.stderr
@@ -115,7 +115,7 @@ def test_the_entrypoint_reports_a_malformed_cluster_spec_in_one_line():
 
 
 def test_the_entrypoint_help_names_the_environment_it_reads():
-    result = subprocess.run([sys.executable, "-m", "dylora_moe.cloud.entrypoint", "--help"], cwd=REPO_ROOT,
+    result = subprocess.run([sys.executable, "-m", "dylora_moe.job.entrypoint", "--help"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
@@ -146,7 +146,7 @@ def test_failures_are_described_per_rank():
 RANK_PROGRAM = """
 import json, os, signal, sys, time
 import torch, torch.distributed as dist
-from dylora_moe.cloud.rank import record_status
+from dylora_moe.job.rank import record_status
 
 stop = []
 signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
@@ -162,12 +162,12 @@ if os.environ.get("WAIT_FOR_SIGTERM"):
     while not stop:
         time.sleep(0.05)
 code = int(os.environ.get("EXIT_" + os.environ["RANK"], "0"))
-record_status(code)  # as dylora_moe.cloud.rank does for `dylora ARGS`
+record_status(code)  # as dylora_moe.job.rank does for `dylora ARGS`
 sys.exit(code)
 """
 
-DRIVER = ("import sys; from dylora_moe.cloud.launch import run_ranks; "
-          "from dylora_moe.cloud.rendezvous import from_environment; "
+DRIVER = ("import sys; from dylora_moe.job.launch import run_ranks; "
+          "from dylora_moe.job.rendezvous import from_environment; "
           "sys.exit(run_ranks(from_environment(), [], 'test-job', program=[sys.argv[1]]))")
 
 
@@ -243,7 +243,7 @@ def test_a_replica_whose_chief_never_comes_stops_with_a_message_naming_it(tmp_pa
     port = free_port()
     env = {**os.environ, **spec_for("workerpool1", 0, local_cluster(port)), "DYLORA_NPROC_PER_NODE": "1",
            "DYLORA_RENDEZVOUS_TIMEOUT_S": "1"}
-    result = subprocess.run([sys.executable, "-m", "dylora_moe.cloud.entrypoint", "--", "train", "--max_steps", "1"],
+    result = subprocess.run([sys.executable, "-m", "dylora_moe.job.entrypoint", "--", "train", "--max_steps", "1"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
     assert f"dylora job: error: node 1 of 2 could not meet the other nodes at 127.0.0.1:{port} within 1 s" in result.stderr
@@ -266,7 +266,7 @@ def test_submit_replica_count_2_accelerator_count_4_builds_a_chief_and_a_worker_
         machine = pool["machineSpec"]
         assert (machine["machineType"], machine["acceleratorType"], machine["acceleratorCount"]) == (
             "g2-standard-48", "NVIDIA_L4", 4)
-        assert pool["containerSpec"]["command"] == ["python", "-m", "dylora_moe.cloud.entrypoint"]
+        assert pool["containerSpec"]["command"] == ["python", "-m", "dylora_moe.job.entrypoint"]
     assert pools[0]["containerSpec"]["args"] == pools[1]["containerSpec"]["args"]  # every replica, one command
     assert aiplatform_v1.CustomJob.from_json(result.stdout).job_spec.worker_pool_specs[1].replica_count == 1
 
@@ -291,7 +291,7 @@ def test_sigterm_while_waiting_at_the_rendezvous_ends_the_replica_at_once(tmp_pa
     so the replica ends by the signal itself (status 143 in a shell), as docs/cloud.md says."""
     env = {**os.environ, **spec_for("workerpool1", 0, local_cluster(free_port())), "DYLORA_NPROC_PER_NODE": "1",
            "PYTHONUNBUFFERED": "1"}
-    node = subprocess.Popen([sys.executable, "-m", "dylora_moe.cloud.entrypoint", "--", "train", "--max_steps", "1"],
+    node = subprocess.Popen([sys.executable, "-m", "dylora_moe.job.entrypoint", "--", "train", "--max_steps", "1"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in node.stdout:  # the chief never comes: this replica waits at the rendezvous

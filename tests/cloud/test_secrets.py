@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dylora_moe.cloud.entrypoint import expand_variables
+from dylora_moe.job.entrypoint import expand_variables
 from dylora_moe.cloud.secrets import SecretError, parse_secret_refs, resolve_secrets
 from dylora_moe.errors import ConfigError
 from tests.conftest import REPO_ROOT
@@ -56,7 +56,7 @@ def test_entrypoint_with_a_missing_secret_stops_before_training(secret_manager, 
     missing = "projects/proj/secrets/nope/versions/latest"
     env = {**secret_manager.env, "CLOUD_ML_JOB_ID": "4242"}
     result = subprocess.run(
-        [sys.executable, "-m", "dylora_moe.cloud.entrypoint", "--secret", f"HF_TOKEN={HF}",
+        [sys.executable, "-m", "dylora_moe.job.entrypoint", "--secret", f"HF_TOKEN={HF}",
          "--secret", f"WANDB_API_KEY={missing}", "--", "train", "--run_id", "$(CLOUD_ML_JOB_ID)",
          "--output_dir", str(tmp_path / "runs")],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)

@@ -70,7 +70,7 @@ def test_submit_sends_the_job_and_never_a_secret(google):
         assert pool.machine_spec.accelerator_type == aiplatform_v1.AcceleratorType.NVIDIA_TESLA_A100
         assert pool.machine_spec.accelerator_count == 1
         assert pool.container_spec.image_uri == "us-docker.pkg.dev/proj/dylora/dylora:abc1234"
-        assert list(pool.container_spec.command) == ["python", "-m", "dylora_moe.cloud.entrypoint"]
+        assert list(pool.container_spec.command) == ["python", "-m", "dylora_moe.job.entrypoint"]
         assert list(pool.container_spec.env) == []
     assert args_of(job)[:5] == ["--secret", "WANDB_API_KEY=projects/proj/secrets/wandb/versions/latest",
                                 "--secret", "HF_TOKEN=projects/proj/secrets/hf/versions/3", "--"]

@@ -23,8 +23,8 @@ from google.cloud import aiplatform_v1
 from safetensors.torch import load_file
 
 from dylora_moe import cli
+from dylora_moe.errors import EXIT_PREEMPTED
 from dylora_moe.model.io import WEIGHTS_NAME
-from dylora_moe.train.trainer import EXIT_PREEMPTED
 from tests.cloud.gcs_emulator import emulator_fs, gcs_emulator
 from tests.conftest import REPO_ROOT
 
@@ -44,7 +44,7 @@ def job_command(capsys, small_model_dir: str, *extra: str) -> list[str]:
     assert status == 0
     container = aiplatform_v1.CustomJob.from_json(out).job_spec.worker_pool_specs[0].container_spec
     command = list(container.command) + list(container.args)
-    assert command[:3] == ["python", "-m", "dylora_moe.cloud.entrypoint"]
+    assert command[:3] == ["python", "-m", "dylora_moe.job.entrypoint"]
     return [sys.executable, *command[1:]]
 
 

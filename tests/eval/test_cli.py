@@ -137,7 +137,7 @@ def test_readme_evaluation_examples_run_as_written(mixture_dir, tmp_path):
     commands = [line.split() for line in block.strip().splitlines()]
     assert len(commands) == 2 and all(c[:2] == ["dylora", "eval"] for c in commands)
     # `dylora eval --help` shows the same examples, so this test runs those as written too.
-    from dylora_moe.eval.config import EVAL_EXAMPLES
+    from dylora_moe.eval.command import EVAL_EXAMPLES
 
     assert [line.split() for line in EVAL_EXAMPLES.splitlines()[1:] if line.strip()] == commands
     # What the examples assume: a run trained with --run_id demo, and a samples file.

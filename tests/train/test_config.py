@@ -4,6 +4,7 @@ import pytest
 
 from dylora_moe.cli import build_parser, main
 from dylora_moe.errors import ConfigError
+from dylora_moe.model.config import DyLoRAConfig
 from dylora_moe.train.config import TrainConfig, config_from_args
 
 SEED_FLAGS = [
@@ -84,3 +85,57 @@ def test_yaml_vertex_section_is_left_to_submit(tmp_path):
     path.write_text("lora_r: 8\nvertex:\n  project: p\n  region: us-central1\n")
     config = config_from_args(argparse.Namespace(config=str(path)))
     assert config.lora_r == 8
+
+
+def test_the_mixture_options_take_the_mixtures_defaults_and_build_it():
+    assert TrainConfig().model_config() == DyLoRAConfig()  # one owner of every default
+    cfg = TrainConfig(num_experts=6, shared_experts=1, lora_r=4, lora_alpha=10.0, lora_dropout=0.0,
+                      target_modules="q_proj,v_proj", top_k=2, router_temperature=1.5, routing="token",
+                      router_scale=10.0, balance_coefficient=0.02, router_mi_coefficient=0.1,
+                      dataset_mi_coefficient=0.0, gate_floor=0.1, z_loss_coefficient=0.001)
+    assert cfg.model_config() == DyLoRAConfig(
+        num_experts=6, shared_experts=1, r=4, alpha=10.0, dropout=0.0, target_modules=("q_proj", "v_proj"), top_k=2,
+        router_temperature=1.5, routing="token", router_scale=10.0, balance_coefficient=0.02,
+        router_mi_coefficient=0.1, dataset_mi_coefficient=0.0, gate_floor=0.1, z_loss_coefficient=0.001)
+    assert TrainConfig(num_experts=2, lora_r=8).model_config().alpha == 32.0  # unset alpha: derived
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(num_experts=0), "--num_experts 0 is invalid: it must be an integer >= 1."),
+    (dict(lora_r=0), "--lora_r 0 is invalid: it must be an integer >= 1."),
+    (dict(lora_dropout=1.0), "--lora_dropout 1.0 is invalid: it must be in [0, 1)."),
+    (dict(routing="sentence"), "--routing 'sentence' is invalid: choose 'token'"),
+])
+def test_the_mixtures_check_names_the_flag(values, message):
+    with pytest.raises(ConfigError) as error:
+        TrainConfig(**values)
+    assert str(error.value).startswith(message)
+
+
+CUSTOMISED = dict(
+    model_name="some/model", num_experts=6, shared_experts=1, lora_r=8, lora_alpha=16.0, lora_dropout=0.1,
+    target_modules="q_proj,v_proj", top_k=2, router_temperature=1.5, routing="token", router_scale=12.5,
+    balance_coefficient=0.02, router_mi_coefficient=0.1, dataset_mi_coefficient=0.0, gate_floor=0.25,
+    z_loss_coefficient=0.001, maturity_fraction=0.5, datasets="code_alpaca:2,mbpp:1", data_dir="/data",
+    interleaved_sampling=True, max_seq_length=256, validation_fraction=0.1, training_subset=50.0, eval_subset=20.0,
+    num_epochs=2.5, max_steps=1000, learning_rate=2e-4, weight_decay=0.01, warmup_ratio=0.1, cosine_restarts=2,
+    max_grad_norm=0.5, train_batch_size=4, eval_batch_size=8, gradient_accumulation_steps=2, bf16=True, seed=7,
+    eval_steps=25, early_stopping_patience=5, disable_early_stopping=True, eval_benchmarks="humaneval,mbpp",
+    eval_every=100, eval_max_tasks=5, output_dir="out", run_id="exp-1", logging_steps=5, save_steps=50,
+    report_to="none", wandb_project="proj", wandb_entity="team", resume="auto",
+    start_from="gs://bucket/runs/old/store:latest", allow_fresh_start=True, grow_experts=True, save_total_limit=2,
+    checkpoint_store="s3://bucket/store", store_timeout_s=30.0, publish_timeout_s=60.0, preemption_budget_s=20.0,
+    progress=False)
+
+
+@pytest.mark.parametrize("config", [TrainConfig(), TrainConfig(**CUSTOMISED)], ids=["default", "customised"])
+def test_to_argv_gives_the_configuration_back(config, monkeypatch):
+    monkeypatch.delenv("DYLORA_DATA_DIR", raising=False)
+    assert parse(config.to_argv()) == config
+
+
+def test_to_argv_names_only_what_differs_or_what_was_asked_for():
+    assert TrainConfig().to_argv() == []
+    cfg = TrainConfig(num_experts=2, bf16=True, progress=False)
+    assert cfg.to_argv() == ["--num_experts", "2", "--bf16", "true", "--progress", "false"]
+    assert cfg.to_argv({"lora_r", "bf16", "run_id"}) == ["--lora_r", "16", "--bf16", "true"]  # unset: left out

@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 from dylora_moe.checkpoint.directory import list_checkpoints
 from dylora_moe.checkpoint.format import read_manifest, verify_checkpoint
 from dylora_moe.checkpoint.stores import open_store
+from dylora_moe.errors import EXIT_PREEMPTED
 from dylora_moe.train.example_trace import read_trace
-from dylora_moe.train.preemption import EXIT_PREEMPTED
 from tests.conftest import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.slow

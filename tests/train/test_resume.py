@@ -13,8 +13,9 @@ import torch
 from dylora_moe.checkpoint.directory import list_checkpoints
 from dylora_moe.checkpoint.format import verify_checkpoint
 from dylora_moe.cli import main
+from dylora_moe.errors import EXIT_PREEMPTED, Preempted
 from dylora_moe.train.config import TrainConfig
-from dylora_moe.train.trainer import EXIT_PREEMPTED, Preempted, Trainer
+from dylora_moe.train.trainer import Trainer
 from tests.conftest import REPO_ROOT
 
 

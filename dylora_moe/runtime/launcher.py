@@ -1,7 +1,8 @@
 """What a launcher (``torchrun``, ``accelerate launch``) tells a process through its environment.
 
 Read before torch is imported (the CLI decides what to print and check from it), so this module
-imports nothing heavy. Joining the process group is ``distributed.py``'s.
+imports nothing heavy. Joining the process group is ``train/distributed.py``'s; starting ranks in a
+cloud job is ``job/launch.py``'s.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The container's entrypoint in a cloud job: ``python -m dylora_moe.cloud.entrypoint [--secret ...] -- ARGS``.
+"""The container's entrypoint in a cloud job: ``python -m dylora_moe.job.entrypoint [--secret ...] -- ARGS``.
 
 1. Resolves every ``--secret NAME=projects/P/secrets/S/versions/V`` through Secret Manager into
    this process's environment (names are logged, values never).
@@ -23,13 +23,14 @@ import re
 import sys
 from pathlib import Path
 
+from ..cloud.secrets import parse_secret_refs, resolve_secrets
 from ..errors import ConfigError, DyLoRAError
+from ..runtime.signals import SignalWatch, StartupInterrupted
 from .launch import run_ranks
 from .rendezvous import Rendezvous, is_chief, is_launched_rank
 from .rendezvous import from_environment as rendezvous_from_environment
-from .secrets import parse_secret_refs, resolve_secrets
 
-log = logging.getLogger("dylora_moe.cloud.entrypoint")
+log = logging.getLogger("dylora_moe.job.entrypoint")
 _VAR_RE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
@@ -83,7 +84,7 @@ def machine_rendezvous(dylora_args: list[str]) -> Rendezvous | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dylora_moe.cloud.entrypoint",
+        prog="python -m dylora_moe.job.entrypoint",
         description="Start a cloud job: resolve secrets, then run `dylora ARGS`. A `train` of a job with several "
         "replicas (Vertex's CLUSTER_SPEC) or GPUs runs as this machine's ranks of one distributed training.",
         epilog="environment: CLUSTER_SPEC (set by Vertex: the replicas and which one this is), DYLORA_NPROC_PER_NODE "
@@ -98,8 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     if not dylora_args:
         parser.error("no dylora command given after --")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ..train.preemption import SignalWatch, StartupInterrupted
-
     signals = SignalWatch().install()  # a spot VM may be reclaimed while secrets are being read
     try:
         names = resolve_secrets(parse_secret_refs(args.secret))

@@ -1,4 +1,4 @@
-"""SIGTERM and SIGINT, from the moment ``dylora train`` starts until it exits.
+"""SIGTERM and SIGINT, from the moment a ``dylora`` process starts until it exits.
 
 Spot VMs are reclaimed at any time, start-up included. ``SignalWatch`` has two modes:
 
@@ -9,8 +9,9 @@ Spot VMs are reclaimed at any time, start-up included. ``SignalWatch`` has two m
   stops at the next optimizer-step boundary, writes a checkpoint and publishes it within the
   preemption budget.
 
-Both end with exit status 75 (:data:`EXIT_PREEMPTED`). This module imports nothing heavy, so the
-CLI can install the watch before it imports torch.
+Both end with exit status 75 (:data:`~dylora_moe.errors.EXIT_PREEMPTED`, raised as
+:class:`~dylora_moe.errors.Preempted`). This module imports nothing heavy, so the CLI (and a cloud
+job's entrypoint) can install the watch before it imports torch.
 """
 
 from __future__ import annotations
@@ -18,18 +19,11 @@ from __future__ import annotations
 import logging
 import signal
 
-from ..errors import DyLoRAError
+from ..errors import Preempted
 
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT; continue with --resume auto
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class Preempted(DyLoRAError):
-    """Stopped by a signal; whatever could be saved was. The CLI exits with EXIT_PREEMPTED."""
-
-    exit_code = EXIT_PREEMPTED
 
 
 class StartupInterrupted(BaseException):

@@ -1,4 +1,4 @@
-"""One training rank started by the entrypoint's launcher: ``python -m dylora_moe.cloud.rank ARGS``.
+"""One training rank started by the entrypoint's launcher: ``python -m dylora_moe.job.rank ARGS``.
 
 Runs ``dylora ARGS`` in this process (the launcher set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT``), then records its exit status in ``$DYLORA_RANK_STATUS_DIR/

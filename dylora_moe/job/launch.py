@@ -1,10 +1,10 @@
 """Start this machine's training ranks with torch's own launcher, and turn their ends into one exit status.
 
-``run_ranks`` hands a :class:`~dylora_moe.cloud.rendezvous.Rendezvous` to
+``run_ranks`` hands a :class:`~dylora_moe.job.rendezvous.Rendezvous` to
 ``torch.distributed.launcher.api.elastic_launch`` (what ``torchrun`` runs): it meets the other
 nodes, starts ``nproc_per_node`` processes with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT`` set, forwards SIGTERM to them (a spot VM's notice goes to the
-container's first process only) and waits. Each process runs ``python -m dylora_moe.cloud.rank
+container's first process only) and waits. Each process runs ``python -m dylora_moe.job.rank
 ARGS``, which records its exit status for :func:`job_exit_status`.
 
 The exit status of the machine is that of its ranks: 0 when every rank succeeded; 75 when every rank
@@ -22,14 +22,13 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import DyLoRAError
-from ..train.preemption import EXIT_PREEMPTED
+from ..errors import EXIT_PREEMPTED, DyLoRAError
 from .rendezvous import Rendezvous, rendezvous_timeout_s
 
-log = logging.getLogger("dylora_moe.cloud.launch")
+log = logging.getLogger("dylora_moe.job.launch")
 
 STATUS_DIR_ENV = "DYLORA_RANK_STATUS_DIR"  # where each launched rank records its exit status
-RANK_MODULE = "dylora_moe.cloud.rank"
+RANK_MODULE = "dylora_moe.job.rank"
 
 
 class RendezvousFailed(DyLoRAError):
@@ -70,7 +69,7 @@ def _recorded_statuses(status_dir: Path, rendezvous: Rendezvous) -> list[tuple[i
 
 
 def run_ranks(rendezvous: Rendezvous, args: list[str], run_id: str, program: list[str] | None = None) -> int:
-    """Run ``python -m dylora_moe.cloud.rank ARGS`` (or ``program ARGS``) as this machine's ranks; the exit status."""
+    """Run ``python -m dylora_moe.job.rank ARGS`` (or ``program ARGS``) as this machine's ranks; the exit status."""
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

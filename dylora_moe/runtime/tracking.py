@@ -1,4 +1,8 @@
-"""Where metrics go: Weights & Biases when configured, TensorBoard otherwise (or nowhere)."""
+"""Where metrics go: Weights & Biases when configured, TensorBoard otherwise (or nowhere).
+
+``wandb_configured`` is what every command asks (``dylora train``'s ``--report_to auto``, ``dylora eval``'s);
+the sinks are the trainer's. wandb and tensorboard are imported only when a sink is made.
+"""
 
 from __future__ import annotations
 
