@@ -38,7 +38,7 @@ LAYERS = [
     {ROOT, "errors"},
     {"runtime"},
     {"model", "data", "checkpoint"},
-    {"eval"},
+    {"eval", "generate"},
     {"train"},
     {"serve", "cloud"},
     {"cli"},
@@ -187,6 +187,15 @@ def test_the_graph_sees_function_local_relative_and_lazily_exported_imports():
 
 def test_every_room_has_a_place_in_the_layers():
     assert sorted({room(m) for m in GRAPH} - set(RANK)) == []
+
+
+def test_docs_layout_states_these_layers():
+    """docs/layout.md's table (level | room | what it owns) is the same layering as LAYERS, room for room."""
+    import re
+
+    table = (PACKAGE.parent / "docs" / "layout.md").read_text()
+    documented = {room: int(level) for level, room in re.findall(r"^\| (\d+) \| `([\w.]+?)(?:\.py|/)` \|", table, re.M)}
+    assert documented == {room: RANK[room] for room in RANK if room != ROOT}
 
 
 def test_no_import_cycle_between_modules():
