@@ -61,14 +61,14 @@ def load_tokenizer_for(source: ModelSource):
     """The mixture's own saved tokenizer when it has one, else its base model's."""
     if source.mixture_dir is not None and (source.mixture_dir / "tokenizer_config.json").is_file():
         return load_tokenizer(str(source.mixture_dir))
-    return load_tokenizer(source.base_name)
+    return load_tokenizer(source.base_name, flag="--model" if source.mixture_dir is None else "--model_name")
 
 
 def load_base(source: ModelSource):
     """The base model in eval mode, on the GPU when there is one."""
     import torch
 
-    model = load_base_model(source.base_name).eval()
+    model = load_base_model(source.base_name, flag="--model" if not source.is_mixture else "--model_name").eval()
     return model.to("cuda") if torch.cuda.is_available() else model
 
 

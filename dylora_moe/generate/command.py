@@ -13,31 +13,82 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(runs/RUN_ID/final) or a checkpoint reference, as for dylora ckpt (fetched and verified)")
     parser.add_argument("prompt", help="the instruction (wrapped in the training prompt template unless --raw)")
     parser.add_argument("--raw", action="store_true", help="use the prompt as is, without the template")
-    parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
-    parser.add_argument("--top_p", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max_new_tokens", type=int, default=128, metavar="N",
+                        help="most tokens to generate (default: 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                        help="sampling temperature; 0 decodes greedily (default: 0)")
+    parser.add_argument("--top_p", type=float, default=0.95, metavar="P",
+                        help="nucleus sampling mass, in (0, 1], used when --temperature > 0 (default: 0.95)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
     return parser
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad values before anything loads, each named with what would be accepted."""
+    from ..errors import ConfigError
+
+    if not args.prompt.strip():
+        raise ConfigError("the prompt is empty: give the instruction to complete, e.g. "
+                          "dylora generate --model runs/demo/final \"Write a function that reverses a string.\"")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max_new_tokens {args.max_new_tokens} is invalid: give a number of tokens >= 1.")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature {args.temperature:g} is invalid: give 0 (greedy) or a value > 0.")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top_p {args.top_p:g} is invalid: give a probability mass in (0, 1].")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
+    import sys
     import tempfile
     from pathlib import Path
 
     import torch
+    from transformers import TextStreamer
 
-    from ..checkpoint.references import fetch_model
     from ..data import format_prompt
-    from ..model.trained import load_trained_mixture
 
     with tempfile.TemporaryDirectory(prefix="dylora-generate-") as downloads:  # a fetched checkpoint, loaded then removed
-        model, tokenizer = load_trained_mixture(fetch_model(args.model, Path(downloads)) or args.model)
+        model, tokenizer, what = _load(args.model, Path(downloads))
     prompt = args.prompt if args.raw else format_prompt(args.prompt)
     inputs = tokenizer(prompt, return_tensors="pt")
     torch.manual_seed(args.seed)
     sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else dict(do_sample=False)
+    # what was asked of which model goes to stderr; the completion alone to stdout, token by token
+    print(f"{what}\nprompt: {args.prompt}\ncompletion:", file=sys.stderr, flush=True)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id, **sampling)
-    print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        model.generate(**inputs, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, streamer=streamer, **sampling)
     return 0
+
+
+def _load(ref: str, downloads):
+    """(model, tokenizer, a line saying what was loaded) for ``--model REF``: a run directory (its
+    ``final/``), a saved mixture, a checkpoint reference (fetched and verified), or a base model."""
+    from pathlib import Path
+
+    from ..checkpoint.references import fetch_model
+    from ..model.base import DEFAULT_MODEL_NAME, load_base_model, load_tokenizer
+    from ..model.io import CONFIG_NAME
+    from ..model.trained import load_trained_mixture
+
+    final = Path(ref).expanduser() / "final"
+    if (final / CONFIG_NAME).is_file():  # a run directory: the model it finished with
+        ref = str(final)
+    directory = fetch_model(ref, downloads)
+    if directory is None and (Path(ref).expanduser() / CONFIG_NAME).is_file():
+        directory = Path(ref).expanduser()
+    if directory is not None:
+        model, tokenizer = load_trained_mixture(directory)
+        base = model.config.base_model_name_or_path
+        what = f"model: the mixture {ref} ({model.num_experts} experts on {base})"
+    else:  # a base model by name or directory: the model before training, for comparison
+        base = ref
+        model, tokenizer = load_base_model(ref, flag="--model").eval(), load_tokenizer(ref, flag="--model")
+        what = f"model: the base model {ref} (no experts)"
+    if base == DEFAULT_MODEL_NAME:
+        what += (f"\nnote: {DEFAULT_MODEL_NAME} is the tiny demo model shipped with dylora-moe (a few million "
+                 "parameters): expect rough completions; train a real base with --model_name for useful ones")
+    return model, tokenizer, what

@@ -13,8 +13,19 @@ DEFAULT_MODEL_NAME = "tiny-python-lm"
 _SHIPPED_MODELS = resources.files(__package__) / "shipped"
 
 
-def resolve_model_path(name: str) -> str:
-    """A local directory for shipped or local models; otherwise the hub id unchanged."""
+# What a command's model option accepts, for the message when its value names nothing.
+_ACCEPTED = {
+    "--model_name": "a local model directory (with config.json), a Hugging Face hub id such as ORG/NAME, or "
+                    f"{DEFAULT_MODEL_NAME!r} for the shipped model",
+    "--model": "a run directory (runs/RUN_ID), a trained mixture (runs/RUN_ID/final), a checkpoint reference "
+               "(runs/RUN_ID/store:latest, s3://..., wandb://...), a base model directory, a Hugging Face hub id, or "
+               f"{DEFAULT_MODEL_NAME!r} for the shipped model",
+}
+
+
+def resolve_model_path(name: str, flag: str = "--model_name") -> str:
+    """A local directory for shipped or local models; otherwise the hub id unchanged. ``flag``: the
+    option that named it, for the message."""
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
     shipped = _SHIPPED_MODELS / name.removeprefix("dylora/")
@@ -22,9 +33,7 @@ def resolve_model_path(name: str) -> str:
         return str(shipped)
     if _looks_like_path(name):
         what = "is a file, not a model directory" if Path(name).expanduser().exists() else "no such directory"
-        raise ConfigError(
-            f"--model_name {name!r}: {what}. Give a local model directory (with config.json), a Hugging Face "
-            f"hub id such as ORG/NAME, or {DEFAULT_MODEL_NAME!r} for the shipped model.")
+        raise ConfigError(f"{flag} {name!r}: {what}. Give {_ACCEPTED.get(flag, _ACCEPTED['--model_name'])}.")
     return name
 
 
@@ -33,10 +42,10 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", ".\\")) or name.endswith("/") or name.count("/") > 1
 
 
-def load_base_model(name: str, dtype=None, **kwargs):
+def load_base_model(name: str, dtype=None, flag: str = "--model_name", **kwargs):
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(name)
+    path = resolve_model_path(name, flag)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError) as err:
@@ -46,10 +55,10 @@ def load_base_model(name: str, dtype=None, **kwargs):
         ) from err
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, flag: str = "--model_name"):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name)
+    path = resolve_model_path(name, flag)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
