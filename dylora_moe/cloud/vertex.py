@@ -29,6 +29,22 @@ ENDED_STATES = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"
 
 _LABEL_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _LABEL_VALUE_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
+# Compute Engine machine types Vertex AI trains on (cloud.google.com/vertex-ai/docs/training/configure-compute):
+# FAMILY-KIND[-SIZE], e.g. n1-standard-8, a2-highgpu-1g. Families not listed here are checked for form only.
+_MACHINE_RE = re.compile(r"^(?P<family>[a-z][a-z0-9]*)-(?P<kind>[a-z]+)(?:-(?P<size>[0-9]+[a-z]?))?(?:-[a-z0-9]+)?$")
+_MACHINE_KINDS = {"n1": ("standard", "highmem", "highcpu"), "n2": ("standard", "highmem", "highcpu"),
+                  "e2": ("standard", "highmem", "highcpu"), "c2": ("standard",), "m1": ("ultramem", "megamem"),
+                  "g2": ("standard",), "a2": ("highgpu", "megagpu", "ultragpu"),
+                  "a3": ("highgpu", "megagpu", "ultragpu", "edgegpu")}
+_N1_SIZES = ("1", "2", "4", "8", "16", "32", "64", "96")
+# the machine family each GPU is attached to, and an example machine of it
+_ACCELERATOR_FAMILY = {
+    **{gpu: ("n1", "n1-standard-8") for gpu in ("NVIDIA_TESLA_K80", "NVIDIA_TESLA_P100", "NVIDIA_TESLA_V100",
+                                                "NVIDIA_TESLA_P4", "NVIDIA_TESLA_T4")},
+    "NVIDIA_TESLA_A100": ("a2", "a2-highgpu-1g"), "NVIDIA_A100_80GB": ("a2", "a2-ultragpu-1g"),
+    "NVIDIA_L4": ("g2", "g2-standard-8"), "NVIDIA_H100_80GB": ("a3", "a3-highgpu-8g"),
+    "NVIDIA_H100_MEGA_80GB": ("a3", "a3-megagpu-8g"), "NVIDIA_H200_141GB": ("a3", "a3-ultragpu-8g"),
+}
 _DURATION_RE = re.compile(r"^(\d+)([smhd]?)$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _JOB_NAME_RE = re.compile(r"^projects/[^/]+/locations/[^/]+/customJobs/[^/]+$")
@@ -108,11 +124,42 @@ class VertexSettings:
             if self.accelerator_type not in known:
                 raise ConfigError(f"--accelerator_type {self.accelerator_type!r} is unknown; accepted: "
                                   f"{', '.join(known)}.")
+        self._check_region()
+        self._check_machine_type()
         self.timeout_seconds()
         for key, value in self.labels.items():
             if not _LABEL_KEY_RE.match(key) or not _LABEL_VALUE_RE.match(value):
                 raise ConfigError(f"--labels {key}={value} is invalid: keys start with a lowercase letter; "
                                   "keys and values use lowercase letters, digits, '_' and '-' (at most 63).")
+
+    def _check_region(self) -> None:
+        from google.cloud.aiplatform.constants.base import SUPPORTED_REGIONS  # the client's own list
+
+        if self.region not in SUPPORTED_REGIONS or self.region == "global":
+            close = sorted(r for r in SUPPORTED_REGIONS if r.split("-")[0] == str(self.region).split("-")[0])
+            raise ConfigError(f"--region {self.region!r} is not a Vertex AI region; "
+                              f"{'close: ' + ', '.join(close) if close else 'e.g. us-central1, europe-west4'} "
+                              f"(all: {', '.join(sorted(r for r in SUPPORTED_REGIONS if r != 'global'))}).")
+
+    def _check_machine_type(self) -> None:
+        """The machine type's form (FAMILY-KIND[-SIZE]), the kinds and sizes of the families Vertex
+        trains on, and that the accelerator fits the family (an L4 needs g2, an A100 a2, an H100 a3...)."""
+        match = _MACHINE_RE.match(self.machine_type or "")
+        if not match:
+            raise ConfigError(f"--machine_type {self.machine_type!r} is not a Compute Engine machine type: give "
+                              "FAMILY-KIND-SIZE, e.g. n1-standard-8, g2-standard-12, a2-highgpu-1g, a3-highgpu-8g.")
+        family, kind, size = match.group("family"), match.group("kind"), match.group("size")
+        kinds = _MACHINE_KINDS.get(family)
+        if kinds is not None and kind not in kinds:
+            raise ConfigError(f"--machine_type {self.machine_type!r}: {family} machines come as "
+                              f"{', '.join(f'{family}-{k}-N' for k in kinds)}, not {kind!r}.")
+        if family == "n1" and size not in _N1_SIZES:
+            raise ConfigError(f"--machine_type {self.machine_type!r}: n1 machines have "
+                              f"{', '.join(_N1_SIZES)} vCPUs (e.g. n1-standard-8).")
+        needs = _ACCELERATOR_FAMILY.get(self.accelerator_type or "")
+        if needs and family != needs[0]:
+            raise ConfigError(f"--accelerator_type {self.accelerator_type} runs on {needs[0]} machines "
+                              f"(e.g. --machine_type {needs[1]}), not on --machine_type {self.machine_type}.")
 
     def timeout_seconds(self) -> int | None:
         if self.timeout in (None, ""):

@@ -180,7 +180,7 @@ def test_yaml_vertex_section_and_flags_override_it(google, dylora, tmp_path):
     config = tmp_path / "job.yaml"
     config.write_text("num_experts: 3\nlearning_rate: 2e-4\ndatasets: [code_alpaca, mbpp]\n"
                       "vertex:\n  project: proj\n  region: europe-west4\n  image: img:1\n"
-                      "  base_output_dir: gs://bkt/yaml\n  spot: true\n  accelerator_type: NVIDIA_L4\n"
+                      "  base_output_dir: gs://bkt/yaml\n  spot: true\n  machine_type: g2-standard-24\n  accelerator_type: NVIDIA_L4\n"
                       "  accelerator_count: 2\n  labels: {team: ml}\n")
     status, out, err = dylora("submit", "vertex", "--config", str(config), "--region", "us-east1", "--dry-run",
                               "--", "--num_experts", "4")
@@ -257,6 +257,13 @@ BAD_INPUT = [
     (["--accelerator_type", "NVIDIA_L4"], "--accelerator_type NVIDIA_L4 needs --accelerator_count N"),
     (["--accelerator_type", "NVIDIA_GTX_1080", "--accelerator_count", "1"], "--accelerator_type 'NVIDIA_GTX_1080' is unknown; accepted: "),
     (["--replica_count", "0"], "--replica_count 0 is invalid: it must be an integer >= 1."),
+    (["--region", "mars-north9"], "--region 'mars-north9' is not a Vertex AI region; e.g. us-central1"),
+    (["--region", "us-centrall1"], "--region 'us-centrall1' is not a Vertex AI region; close: us-central1, us-east1"),
+    (["--machine_type", "n1-bogus-999"], "--machine_type 'n1-bogus-999': n1 machines come as n1-standard-N"),
+    (["--machine_type", "n1-standard-7"], "--machine_type 'n1-standard-7': n1 machines have 1, 2, 4, 8"),
+    (["--machine_type", "big machine"], "--machine_type 'big machine' is not a Compute Engine machine type"),
+    (["--accelerator_type", "NVIDIA_L4", "--accelerator_count", "1"],
+     "--accelerator_type NVIDIA_L4 runs on g2 machines (e.g. --machine_type g2-standard-8), not on --machine_type n1-standard-8"),
     (["--base_output_dir", "/local/out"], "--base_output_dir '/local/out' is invalid: give a Cloud Storage URL"),
     (["--staging_bucket", "s3://b"], "--staging_bucket 's3://b' is invalid"),
     (["--timeout", "soon"], "--timeout 'soon' is invalid"),
@@ -276,7 +283,7 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("extra, message", BAD_INPUT, ids=[m[:40] for _, m in BAD_INPUT])
 def test_bad_input_is_exit_2_before_anything_is_sent(google, dylora, extra, message):
-    required_given = "--project" in extra or "--region" in extra  # the cases about a missing one
+    required_given = message.startswith("needs --")  # the cases about a missing one
     status, out, err = dylora("submit", *(["vertex"] if required_given else BASE), *extra)
     assert status == 2
     assert message in err and err.startswith("dylora submit: error: ")
