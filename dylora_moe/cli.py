@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_submit_parser(sub, EPILOG)
 
+    from .export.command import add_parser as add_export_parsers  # export, merge: flags only
+
+    add_export_parsers(sub, EPILOG)
+
     report = sub.add_parser("report", help="reports on a trained mixture (routing: which expert serves which dataset)",
                             epilog=EPILOG)
     report_sub = report.add_subparsers(dest="report", metavar="REPORT", required=True)
