@@ -30,11 +30,13 @@ def commands() -> tuple[ModuleType, ...]:
     from .checkpoint import command as ckpt
     from .cloud import command as submit
     from .eval import command as eval_
+    from .export import command as export
+    from .export import merge_command as merge
     from .generate import command as generate
     from .train import command as train
     from .train import report_command as report
 
-    return train, generate, ckpt, eval_, submit, report
+    return train, generate, ckpt, eval_, export, merge, submit, report
 
 
 def build_parser() -> argparse.ArgumentParser:

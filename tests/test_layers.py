@@ -8,7 +8,7 @@ The rooms (a top-level folder, or a top-level module) and their order, from DESI
     model, data, checkpoint                            the rooms above, and NOT one another
     eval                                               the rooms above
     train                                              the rooms above
-    serve, cloud (the submitting side)                 the rooms above, and not one another
+    serve, cloud (the submitting side), export         the rooms above, and not one another
     cli (the table of subcommands)                     the rooms above
     job (the container side), __main__                 the rooms above
 
@@ -40,7 +40,7 @@ LAYERS = [
     {"model", "data", "checkpoint"},
     {"eval", "generate"},
     {"train"},
-    {"serve", "cloud"},
+    {"serve", "cloud", "export"},
     {"cli"},
     {"job", "__main__"},
 ]

@@ -1,6 +1,7 @@
 """The DyLoRA-MoE model: the fused mixture-of-LoRA layer (``moe_lora``), the hybrid router
 (``router``), the wrapper (``dylora``: wrap a base, forward, generate), its files on disk (``io``),
-one expert as a PEFT adapter (``export``) and a trained mixture for inference (``trained``).
+the mixture under a fixed gate as a PEFT adapter or merged into its base (``export``, ``gates``)
+and a trained mixture for inference (``trained``).
 
 The names load on first use (PEP 562), so that importing ``dylora_moe.model.base`` or
 ``dylora_moe.model.config`` (as ``dylora --help``, ``--version`` and ``dylora ckpt`` do) does not

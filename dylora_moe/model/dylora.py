@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import ConfigError
 from .base import load_base_model
 from .config import ALL_LINEAR, MLP, MLP_MODULES, DyLoRAConfig
-from .export import export_expert
+from .export import export_expert, export_gated
 from .io import base_model_name, read_config, read_weights, write_mixture
 from .moe_lora import MoELoRALinear
 from .router import RouterStats, RoutingSettings, RoutingState
@@ -293,6 +293,23 @@ class DyLoRAMoE(nn.Module):
         if expert is not None and not 0 <= expert < self.num_experts:
             raise ConfigError(f"expert index {expert} is out of range: the mixture has {self.num_experts} experts.")
         self.routing.forced_expert = expert
+
+    def force_gates(self, gates: torch.Tensor | None) -> None:
+        """Fix every router's gate: ``gates`` (adapted layers x experts), row i the gate of the i-th adapted
+        layer for every token and example (None restores learned routing)."""
+        if gates is None:
+            self.routing.forced_gates = {}
+            return
+        layers = list(self.adapted_layers())
+        if tuple(gates.shape) != (len(layers), self.num_experts):
+            raise ConfigError(f"gates of shape {tuple(gates.shape)} do not fit this mixture: it needs "
+                              f"({len(layers)} adapted layers, {self.num_experts} experts).")
+        self.routing.forced_gates = {layer.router: gate.float() for (_, layer), gate in zip(layers, gates)}
+
+    def export_gated(self, gates: torch.Tensor, directory: str | os.PathLike, **kwargs) -> Path:
+        """Write the mixture under the fixed ``gates`` (layers x experts) as one standard PEFT LoRA adapter
+        (see :func:`dylora_moe.model.export.export_gated`)."""
+        return export_gated(self, gates, directory, **kwargs)
 
     def export_expert(self, expert: int, directory: str | os.PathLike) -> Path:
         """Write expert ``expert`` as a standard PEFT LoRA adapter loadable by ``PeftModel`` (see

@@ -137,7 +137,7 @@ class MoELoRALinear(nn.Module):
         per token, where each token has its own experts, it is not, and the fused GEMMs are kept)."""
         state, settings = self.state, self.state.settings
         return (not state.dense and settings.granularity == "example" and gate.dim() == 3 and gate.shape[1] == 1
-                and settings.top_k < self.num_experts and state.external_gate is None)
+                and settings.top_k < self.num_experts and state.external_gate is None and not state.forced_gates)
 
     def extra_repr(self) -> str:
         shared = f", shared={self.shared_experts}" if self.shared_experts else ""

@@ -103,6 +103,8 @@ class RoutingState:
     admission: torch.Tensor | None = None  # (E,) float in [0, 1]; None means all 1
     forced_expert: int | None = None  # route every token to this expert (export checks, analysis)
     external_gate: torch.Tensor | None = None  # (..., E) gate supplied by the caller (benchmarks)
+    # router -> its (E,) gate, fixed by the caller for every token and example (a gated export's check)
+    forced_gates: dict = field(default_factory=dict)
     settings: RoutingSettings = field(default_factory=RoutingSettings)
     context: RoutingContext = field(default_factory=RoutingContext)
 
@@ -208,6 +210,9 @@ class HybridRouter(nn.Module):
         state, settings, context = self.state, self.state.settings, self.state.context
         if state.external_gate is not None:
             return state.external_gate
+        forced = state.forced_gates.get(self)
+        if forced is not None:
+            return forced.to(x.device).expand(*x.shape[:-1], -1)
         if settings.granularity == "example":
             kept = self.kept_gate if context.generating else None
             if (kept is not None and context.prompt_mask is not None and kept.shape[0] == x.shape[0]

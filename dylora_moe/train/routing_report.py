@@ -8,6 +8,7 @@ per-example routing. From those counts:
 
 * usage: for each dataset, the share of top-1 choices per expert (averaged over layers), and the
   mean gate per expert;
+* prototypes: for each dataset, each layer's mean gate (``dylora export --gate dataset:NAME``);
 * mutual information between dataset and top-1 expert, in bits, per layer; the report gives the
   mean and the maximum over layers. 0 means the experts do not specialise by dataset; it cannot
   exceed the entropy of the dataset mix nor ``log2(experts)`` (2 bits with 4 equally sized
@@ -42,20 +43,20 @@ def mutual_information(counts: torch.Tensor) -> float:
 
 @dataclass
 class RoutingTable:
-    """Top-1 counts per layer (layers x datasets x experts) and summed gates (datasets x experts)."""
+    """Top-1 counts and summed gates per layer (both layers x datasets x experts)."""
 
     datasets: list[str]
     layers: list[str]
     num_experts: int
     granularity: str  # "token" or "example": what one count is
     counts: torch.Tensor = None  # (L, D, E)
-    gate_sum: torch.Tensor = None  # (D, E), summed over layers and counted units
+    gate_sum: torch.Tensor = None  # (L, D, E), summed over counted units
     units: torch.Tensor = None  # (D,) counted units per dataset (per layer)
 
     def __post_init__(self) -> None:
         L, D, E = len(self.layers), len(self.datasets), self.num_experts
         self.counts = torch.zeros(L, D, E, dtype=torch.float64) if self.counts is None else self.counts
-        self.gate_sum = torch.zeros(D, E, dtype=torch.float64) if self.gate_sum is None else self.gate_sum
+        self.gate_sum = torch.zeros(L, D, E, dtype=torch.float64) if self.gate_sum is None else self.gate_sum
         self.units = torch.zeros(D, dtype=torch.float64) if self.units is None else self.units
 
     def mi_per_layer(self) -> list[float]:
@@ -84,7 +85,13 @@ class RoutingTable:
 
     def mean_gate(self) -> torch.Tensor:
         """(D, E) mean gate per dataset, averaged over layers."""
-        return self.gate_sum / (self.units * len(self.layers)).clamp(min=1).unsqueeze(1)
+        return self.gate_sum.sum(0) / (self.units * len(self.layers)).clamp(min=1).unsqueeze(1)
+
+    def prototypes(self) -> dict[str, torch.Tensor]:
+        """Each dataset's prototype gate: (L, E), each layer's mean gate over the dataset's counted units
+        (a dataset without any: none)."""
+        means = self.gate_sum / self.units.clamp(min=1).view(1, -1, 1)
+        return {name: means[:, d].float() for d, name in enumerate(self.datasets) if self.units[d] > 0}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,7 +153,7 @@ def collect_routing(model, batches: Iterable[tuple[dict[str, torch.Tensor], list
                 flat = unit_rows * table.num_experts + top1
                 table.counts[layer_i] += torch.bincount(flat, minlength=len(datasets) * table.num_experts
                                                         ).view(len(datasets), -1).double()
-                table.gate_sum.index_add_(0, unit_rows, unit_gate.double())
+                table.gate_sum[layer_i].index_add_(0, unit_rows, unit_gate.double())
                 if layer_i == 0:
                     table.units += torch.bincount(unit_rows, minlength=len(datasets)).double()
     finally:
@@ -207,6 +214,26 @@ def write_run_routing_report(model, eval_data, collator, out_dir: Path, batch_si
     return table
 
 
+def held_out_routing(model, tokenizer, datasets: str | list[str], *, data_dir: str | None = None,
+                     max_seq_length: int = 256, validation_fraction: float = 0.05, eval_subset: float = 100.0,
+                     batch_size: int = 16, seed: int = 42) -> RoutingTable:
+    """Route the held-out split of each dataset (as training split it: same fraction and seed) through
+    ``model``; the table lists the datasets that have held-out examples, in the order given."""
+    from ..data import PaddingCollator, build_datasets
+    from ..data.mixing import split_weighted_names
+    from ..errors import ConfigError
+
+    names = split_weighted_names(datasets)[0] if isinstance(datasets, str) else list(datasets)  # weights: no matter
+    # only the held-out split is used: tokenise 1% of the training splits (the split itself is unchanged)
+    _, eval_data, _ = build_datasets(names, tokenizer, max_seq_length, data_dir=data_dir, seed=seed,
+                                     validation_fraction=validation_fraction, training_subset=1,
+                                     eval_subset=eval_subset)
+    if len(eval_data) == 0:
+        raise ConfigError("the held-out split is empty: raise --validation_fraction or --eval_subset.")
+    present = [n for n in names if n in set(eval_data["source"])]
+    return collect_routing(model, eval_batches(eval_data, PaddingCollator.for_tokenizer(tokenizer), batch_size), present)
+
+
 def routing_report(model_ref: str, datasets: str, *, data_dir: str | None = None, output_dir: str | None = None,
                    max_seq_length: int = 256, validation_fraction: float = 0.05, eval_subset: float = 100.0,
                    batch_size: int = 16, seed: int = 42) -> tuple[RoutingTable, Path, Path]:
@@ -215,22 +242,14 @@ def routing_report(model_ref: str, datasets: str, *, data_dir: str | None = None
     import tempfile
 
     from ..checkpoint.references import fetch_model
-    from ..data import PaddingCollator, build_datasets
-    from ..errors import ConfigError
     from ..model.trained import load_trained_mixture
 
     with tempfile.TemporaryDirectory(prefix="dylora-report-") as downloads:  # a fetched checkpoint, loaded then removed
         checkpoint = fetch_model(model_ref, Path(downloads))
         model, tokenizer = load_trained_mixture(checkpoint or model_ref)
     model_dir = Path(model_ref) if checkpoint is None else Path.cwd()
-    names = [n.strip() for n in datasets.split(",") if n.strip()]
-    # only the held-out split is used: tokenise 1% of the training splits (the split itself is unchanged)
-    _, eval_data, _ = build_datasets(names, tokenizer, max_seq_length, data_dir=data_dir, seed=seed,
-                                     validation_fraction=validation_fraction, training_subset=1,
-                                     eval_subset=eval_subset)
-    if len(eval_data) == 0:
-        raise ConfigError("the held-out split is empty: raise --validation_fraction or --eval_subset.")
-    present = [n for n in names if n in set(eval_data["source"])]
-    table = collect_routing(model, eval_batches(eval_data, PaddingCollator.for_tokenizer(tokenizer), batch_size), present)
+    table = held_out_routing(model, tokenizer, datasets, data_dir=data_dir, max_seq_length=max_seq_length,
+                             validation_fraction=validation_fraction, eval_subset=eval_subset,
+                             batch_size=batch_size, seed=seed)
     json_path, png = write_report(table, Path(output_dir) if output_dir else model_dir)
     return table, json_path, png
