@@ -70,10 +70,10 @@ class Deadline:
         self.transfer_bytes = max(self.transfer_bytes, int(nbytes))
 
     def describe(self) -> str:
-        """The budget in words: ``15 s`` or ``15 s plus 120 s for 120.0 MB``."""
+        """The budget in words: ``15 s`` or ``15 s plus 120 s for 120 MB``."""
         if not self.transfer_bytes:
             return f"{self.seconds:g} s"
-        return f"{self.seconds:g} s plus {self.transfer_s:.0f} s for {self.transfer_bytes / 1e6:.1f} MB"
+        return f"{self.seconds:g} s plus {self.transfer_s:.3g} s for {self.transfer_bytes / 1e6:.3g} MB"
 
     def silent(self, what: str | None = None) -> StoreSilent:
         return StoreSilent(f"{what or self.what} did not answer within {self.describe()}: the endpoint is "
@@ -124,8 +124,8 @@ def call(fn: Callable[[], T], what: str, deadline: Deadline | float | None = Non
             raise deadline.silent(what)
         now = time.monotonic()
         if now >= next_notice:
-            limit = f"; giving up in {deadline.remaining():.0f} s" if deadline is not None else ""
-            log.warning("still waiting for %s (%.0f s so far%s)", what, now - started, limit)
+            limit = f", giving up in {deadline.remaining():.0f} s" if deadline is not None else ""
+            log.warning("still waiting for %s: %.0f s so far%s", what, now - started, limit)
             next_notice = now + notice_s
     if "error" in result:
         raise result["error"]  # type: ignore[misc]
