@@ -349,3 +349,19 @@ def test_the_store_gone_for_the_last_steps_then_resume_auto_publishes_them(
         assert again.wait() == 0, again.stderr
     assert "was never confirmed" in again.stderr, again.stderr
     assert_all_published(direct, tmp_path / "check", watch)
+
+
+def test_an_orphaned_upload_write_on_a_reset_connection_leaves_no_traceback(s3_endpoint, caplog):
+    """aiohttp's write_bytes task of a reset upload fails unretrieved (its request fails and is retried on its
+    own): asyncio would log it with a traceback, which reads like a crash in the middle of a store outage."""
+    from aiohttp.client_exceptions import ClientConnectionResetError
+
+    s3_store(new_prefix(), s3_endpoint)  # an s3:// or gs:// store installs the filter
+    caplog.set_level(logging.ERROR)
+    asyncio_log = logging.getLogger("asyncio")
+    error = ClientConnectionResetError("Cannot write to closing transport")
+    asyncio_log.error("Task exception was never retrieved\nfuture: <Task finished name='Task-64' "
+                      "coro=<ClientRequest.write_bytes() done>>", exc_info=(type(error), error, None))
+    asyncio_log.error("Task exception was never retrieved\nfuture: <Task finished coro=<something_else()>>",
+                      exc_info=(type(error), error, None))
+    assert [r.getMessage().split("coro=<")[1] for r in caplog.records if r.name == "asyncio"] == ["something_else()>>"]
