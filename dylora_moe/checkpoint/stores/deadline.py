@@ -30,7 +30,7 @@ T = TypeVar("T")
 
 STALL_NOTICE_S = 5.0  # a store call that has not returned after this long is logged, and again every this long
 MIN_TRANSFER_BYTES_PER_S = 1_000_000  # the slowest transfer a fetch's deadline allows for: one second per MB
-DEFAULT_FETCH_TIMEOUT_S = 15.0  # a fetch's time to reach the store when the caller gives none (--store_timeout_s's default)
+DEFAULT_FETCH_TIMEOUT_S = 15.0  # a fetch's time to reach the store when none is given (as --store_timeout_s)
 
 _current: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar("store_deadline", default=None)
 
@@ -148,7 +148,7 @@ def retry_within(deadline: Deadline, fn: Callable[[], T], what: str, *, retryabl
         except StoreSilent:
             if last is None:
                 raise
-            raise last  # noqa: B904  (the store's own error: the retry was merely cut short)
+            raise last  # the store's own error (its cause kept): the retry was merely cut short
         except Exception as e:
             made = deadline.attempts - first
             if not retryable(e) or (max_attempts is not None and made >= max_attempts) \
