@@ -260,13 +260,20 @@ def assert_same_weights(run_dir: Path, reference: dict) -> None:
     assert all(torch.equal(weights[name], reference[name]) for name in reference)
 
 
-def assert_all_published(store: FsspecStore, tmp: Path, watch: StoreWatch) -> None:
+def assert_all_published(store: FsspecStore, tmp: Path, watch: StoreWatch) -> dict[str, int]:
     steps = verify_every_version(store, tmp)
     assert set(steps.values()) == set(STEPS), steps  # every checkpoint, each version whole (checksums)
     latest = store.resolve("latest")
     assert steps[latest] == STEPS[-1] and watch.latest[-1] == latest
     assert watch.violations == [], watch.violations
     assert watch.polls >= 3 and watch.local_seen == set(STEPS), (watch.polls, watch.local_seen)
+    return steps
+
+
+def report(scenario: str, stats, steps: dict[str, int], watch: StoreWatch) -> None:
+    """The figures of a scenario, shown by ``pytest -rA``."""
+    print(f"{scenario}: {stats}; versions verified {steps}; latest named {watch.latest} "
+          f"over {watch.polls} polls; violations {watch.violations}")
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +284,7 @@ def reference_weights(small_model_dir, s3_endpoint, tmp_path_factory):  # noqa: 
     with FaultProxy(s3_endpoint) as proxy, StoreWatch(direct, out / "clean" / "checkpoints") as watch:
         run = Run(small_model_dir, out, "clean", prefix, proxy, "--publish_timeout_s", "60")
         assert run.wait() == 0, run.stderr
-    assert_all_published(direct, out / "check", watch)
+    report("unfaulted", proxy.stats(), assert_all_published(direct, out / "check", watch), watch)
     return final_weights(out / "clean")
 
 
@@ -299,7 +306,7 @@ def test_a_blackout_in_the_middle_of_a_run(small_model_dir, s3_endpoint, referen
     assert code == 0, err
     assert stats.held >= 1 and stats.blackout_s >= 12, stats
     assert f"still waiting for checkpoint store {prefix} (publishing step-0000000" in err, err
-    assert_all_published(direct, tmp_path / "check", watch)
+    report("blackout", stats, assert_all_published(direct, tmp_path / "check", watch), watch)
     assert_same_weights(tmp_path / "blackout", reference_weights)
 
 
@@ -314,7 +321,7 @@ def test_every_fifth_connection_reset_for_a_whole_run(small_model_dir, s3_endpoi
         stats = proxy.stats()
     assert code == 0, run.stderr
     assert stats.resets >= 10, stats  # the probe, the listings, uploads and alias writes all met resets
-    assert_all_published(direct, tmp_path / "check", watch)
+    report("resets", stats, assert_all_published(direct, tmp_path / "check", watch), watch)
     assert_same_weights(tmp_path / "resets", reference_weights)
 
 
@@ -343,12 +350,13 @@ def test_the_store_gone_for_the_last_steps_then_resume_auto_publishes_them(
         assert stats.refused >= 1, stats
         kept = {step: verify_checkpoint(path).global_step for step, path in list_checkpoints(checkpoints)}
         assert set(kept) >= {4, 6}, kept  # not deleted: the store never confirmed them
+        print(f"gone: exit {code}, local copies kept and verified: {sorted(kept)}")
         assert_same_weights(tmp_path / "gone", reference_weights)
 
         again = Run(small_model_dir, tmp_path, "gone", prefix, proxy, "--publish_timeout_s", "60", "--resume", "auto")
         assert again.wait() == 0, again.stderr
     assert "was never confirmed" in again.stderr, again.stderr
-    assert_all_published(direct, tmp_path / "check", watch)
+    report("gone, then --resume auto", stats, assert_all_published(direct, tmp_path / "check", watch), watch)
 
 
 def test_an_orphaned_upload_write_on_a_reset_connection_leaves_no_traceback(s3_endpoint, caplog):
