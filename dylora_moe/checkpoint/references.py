@@ -37,9 +37,10 @@ A local path that does not exist stays a path (fetching it says it does not exis
 ``--model`` can tell a model name (``gpt2``, ``ORG/NAME``) from a checkpoint reference.
 
 ``fetch(ref, dest_root)`` returns a verified local checkpoint directory: local checkpoints are
-verified in place; stored ones are downloaded under ``dest_root`` (a folder named after the
-store and version, reused when it already holds a verified copy), with retries for stores
-that cannot be reached. A checkpoint without its manifest (its commit record) is never chosen.
+verified in place; remote ones are downloaded under ``dest_root`` (a folder named after the
+reference and version, reused when it already holds a verified copy), with retries for stores
+that cannot be reached, all under one deadline. A checkpoint without its manifest (its commit
+record) is never chosen.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +56,8 @@ from dylora_moe.checkpoint.directory import latest_checkpoint, list_checkpoints
 from dylora_moe.checkpoint.format import is_complete, verify_checkpoint
 from dylora_moe.checkpoint.stores import CheckpointStore, StoreUnreachableError, open_store
 from dylora_moe.checkpoint.stores.base import ALIAS_RE, version_number
+from dylora_moe.checkpoint.stores.deadline import DEFAULT_FETCH_TIMEOUT_S, Deadline, retry_within
 from dylora_moe.checkpoint.stores.fsspec_store import PROTOCOLS as URL_SCHEMES
-from dylora_moe.checkpoint.stores.probe import run_with_deadline
 from dylora_moe.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -226,10 +226,7 @@ def _download(ref: Reference, dest_root: Path, storage_options: dict[str, Any] |
                        timeout_s=timeout_s)
     if ref.alias is None:  # a checkpoint folder URL
         return store.download_folder("", Path(dest_root) / _dest_name(store.url, "folder"))
-    if timeout_s is None:
-        version = store.resolve(ref.alias)
-    else:  # a silent endpoint fails here, before any download starts; the client's own timeouts come first
-        version = run_with_deadline(lambda: store.resolve(ref.alias), 2 * timeout_s + 5, f"store {store.url}")
+    version = store.resolve(ref.alias)
     return store.download(version, Path(dest_root) / _dest_name(store.url, version))
 
 
@@ -246,32 +243,29 @@ def fetch(ref: str, dest_root: Path, *, run_dir: Path | None = None, bare_is_wan
           timeout_s: float | None = None, retries: int = 2, backoff_s: float = 1.0) -> Path:
     """A verified local checkpoint directory for ``ref`` (see the module docstring).
 
-    Stores that cannot be reached are retried ``retries`` times with exponential back-off;
-    every failure is a CheckpointError naming the reference and the cause.
+    A stored checkpoint is fetched under one deadline, retries included: ``timeout_s`` (default
+    ``DEFAULT_FETCH_TIMEOUT_S``) to reach the store and learn what to download, plus one second per
+    MB of the checkpoint for the transfer. Stores that cannot be reached are retried up to
+    ``retries`` times with exponential back-off while the deadline leaves time; a call that stalls
+    is logged while it lasts. Every failure is a CheckpointError naming the reference and the cause.
     """
     parsed = parse_reference(ref, bare_is_wandb=bare_is_wandb)
     if parsed.kind == "auto":
         raise CheckpointError("Checkpoint reference 'auto' is resolved by the caller: use "
                               "find_auto(run_dir, store) and fetch the reference it returns.")
-    delay = backoff_s
-    for attempt in range(retries + 1):
-        try:
-            if parsed.kind in ("latest", "path"):
-                path = _local(parsed, run_dir)
-                verify_checkpoint(path)
-                return path
-            return _download(parsed, dest_root, storage_options, wandb_api, timeout_s)
-        except StoreUnreachableError as e:
-            if attempt == retries:
-                raise CheckpointError(f"Cannot fetch checkpoint {ref!r} after {retries + 1} "
-                                      f"attempt(s): {e}{_read_as(parsed)}") from e
-            log.warning("Fetching %s failed (attempt %d), retrying in %.1f s: %s", ref,
-                        attempt + 1, delay, e)
-            time.sleep(delay)
-            delay *= 2
-        except CheckpointError as e:
-            raise CheckpointError(f"Cannot fetch checkpoint {ref!r}: {e}{_read_as(parsed)}") from e
-    raise AssertionError("unreachable")
+    deadline = Deadline(DEFAULT_FETCH_TIMEOUT_S if timeout_s is None else timeout_s, f"store {parsed.location}")
+    try:
+        if parsed.kind in ("latest", "path"):
+            path = _local(parsed, run_dir)
+            verify_checkpoint(path)
+            return path
+        return retry_within(deadline, lambda: _download(parsed, dest_root, storage_options, wandb_api, timeout_s),
+                            deadline.what, retryable=lambda e: isinstance(e, StoreUnreachableError),
+                            backoff_s=backoff_s, max_attempts=retries + 1)
+    except StoreUnreachableError as e:
+        raise CheckpointError(f"Cannot fetch checkpoint {ref!r} after {deadline.attempts} attempt(s): {e}{_read_as(parsed)}") from e
+    except CheckpointError as e:
+        raise CheckpointError(f"Cannot fetch checkpoint {ref!r}: {e}{_read_as(parsed)}") from e
 
 
 def fetch_model(ref: str, dest_root: Path, *, run_dir: Path | None = None) -> Path | None:

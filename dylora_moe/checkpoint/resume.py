@@ -38,7 +38,7 @@ def resolve_resume(
         return None
     if parse_reference(ref, bare_is_wandb=bare_is_wandb).kind == "auto":
         try:
-            own = _auto(run_dir, store)
+            own = _auto(run_dir, store, timeout_s)
         except CheckpointError as err:
             if allow_fresh_start:
                 log.warning("--resume auto: %s; starting fresh (--allow_fresh_start)", err)
@@ -57,7 +57,7 @@ def resolve_resume(
         raise
 
 
-def _auto(run_dir: Path, store: CheckpointStore | None) -> Path | None:
+def _auto(run_dir: Path, store: CheckpointStore | None, timeout_s: float | None) -> Path | None:
     """Newest complete local checkpoint; if it fails verification, the store's newest version."""
     local = find_auto(run_dir, None)
     if local is not None:
@@ -78,6 +78,6 @@ def _auto(run_dir: Path, store: CheckpointStore | None) -> Path | None:
             raise local_error
         log.info("--resume auto: no complete checkpoint of run %s locally or in the store", run_dir.name)
         return None
-    path = fetch(remote, run_dir / "downloads", run_dir=run_dir)
+    path = fetch(remote, run_dir / "downloads", run_dir=run_dir, timeout_s=timeout_s)
     log.info("--resume auto: resuming from %s (%s)", remote, path)
     return path

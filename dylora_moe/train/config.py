@@ -142,8 +142,9 @@ class TrainConfig:
     store_timeout_s: float = _opt(
         15.0, "seconds the start-up check of the checkpoint store (a small write, read and delete) may take in "
         "all, transient errors retried inside it: a store that cannot answer fails the run before training, "
-        "and missing credentials, access denied or no such bucket fail at once. Also each request's timeout "
-        "when fetching a --resume reference (its first answer is awaited at most 2x this + 5 s)")
+        "and missing credentials, access denied or no such bucket fail at once. Also the deadline of fetching a "
+        "--resume/--start_from reference from a store, all attempts included, plus one second per MB for the "
+        "transfer")
     publish_timeout_s: float = _opt(
         300.0, "at the end of a run: seconds to wait for checkpoints still being published; a run that ends "
         "with unpublished checkpoints exits with status 3 (local copies are kept)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -207,20 +208,25 @@ def test_fetch_wandb_references(reader, tmp_path):
     assert list((tmp_path / "other").iterdir()) == []
 
 
-def test_unreachable_wandb_is_retried_then_reported(tmp_path, monkeypatch):
-    """Nothing listens at WANDB_BASE_URL: the real client gives up after ``timeout_s`` each time."""
+def test_unreachable_wandb_fails_within_one_deadline(tmp_path, monkeypatch):
+    """Nothing listens at WANDB_BASE_URL: the real client gives up after ``timeout_s``, which is also the
+    fetch's one deadline, so no further attempt of ``timeout_s`` follows (the issue: 3 attempts of it each).
+    Which comes first, the client's timeout or the deadline, depends on the machine's load: both end the same
+    (a client that fails faster is retried within the deadline: the count of attempts varies too)."""
     for name, value in client_env(f"http://127.0.0.1:{free_port()}", tmp_path, WANDB_SILENT="true").items():
         monkeypatch.setenv(name, value)
     try:
         with pytest.raises(CheckpointError) as err:
-            fetch("wandb://team/dylora/run1-checkpoint:latest", tmp_path, retries=1, backoff_s=0.01,
+            fetch("wandb://team/dylora/run1-checkpoint:latest", tmp_path, retries=2, backoff_s=0.01,
                   timeout_s=1)
     finally:
         wandb.teardown()
     message = str(err.value)
-    assert message.startswith("Cannot fetch checkpoint 'wandb://team/dylora/run1-checkpoint:latest' after "
-                              "2 attempt(s): Cannot reach W&B for wandb://team/dylora/run1-checkpoint"), message
-    assert "Check WANDB_BASE_URL and the network" in message and "wandb login" not in message
+    store = "wandb://team/dylora/run1-checkpoint"
+    gave_up = rf"Cannot fetch checkpoint '{store}:latest' after [123] attempt\(s\): Cannot reach W&B for {store}"
+    cut = rf"Cannot fetch checkpoint '{store}:latest': store {store} did not answer within 1 s"
+    assert re.match(f"{gave_up}|{cut}", message), message
+    assert "wandb login" not in message
 
 
 def test_missing_wandb_login_is_a_clear_error(tmp_path, monkeypatch):

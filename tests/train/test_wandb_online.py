@@ -276,19 +276,19 @@ def test_missing_version_lists_the_available_ones(flow):
 
 
 def test_unreachable_backend_fails_within_the_store_timeout(flow):
-    """Nothing listens at WANDB_BASE_URL: each attempt gives up after --store_timeout_s (3 s here),
-    three attempts in all, then exit 1 before training. Not a login problem, so not told to log in.
-    On a loaded machine the client's first attempt (which starts its service process) can outlast
-    the resolve deadline, 2 x --store_timeout_s + 5 s: that ends the same way, sooner."""
+    """Nothing listens at WANDB_BASE_URL: the fetch has one deadline, --store_timeout_s (3 s here), for all
+    its attempts, then exit 1 before training. Not a login problem, so not told to log in. Whether the
+    client's own timeout (also 3 s) or the deadline ends it first depends on the machine's load: either way
+    no second attempt of 3 s follows."""
     job = flow.jobs["unreachable"]
     code, log = job.result()
     assert code == 1, log
     err = job.stderr()
     assert "Traceback" not in err
     store = f"wandb://{ENTITY}/{PROJECT}/{CHECKPOINTS}"
-    retried = f"Cannot fetch checkpoint '{store}:v1' after 3 attempt(s): Cannot reach W&B for {store}"
-    cut = f"Cannot fetch checkpoint '{store}:v1': store {store} did not answer within 11 s"
-    assert retried in err or cut in err, err
+    retried = f"Cannot fetch checkpoint '{store}:v1' after [123] attempt\\(s\\): Cannot reach W&B for {store}"
+    cut = f"Cannot fetch checkpoint '{store}:v1': store {store} did not answer within 3 s"
+    assert re.search(f"{retried}|{cut}", err), err
     assert "wandb login" not in err.splitlines()[-1], err
     assert not (job.run_dir / "checkpoints").exists()
 

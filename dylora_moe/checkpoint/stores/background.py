@@ -2,9 +2,10 @@
 
 ``BackgroundPublisher`` owns one worker thread and a FIFO queue. ``submit`` returns at once; the
 worker publishes jobs one at a time, in order (so ``latest`` only moves forward), giving each
-attempt ``timeout_s`` and retrying failures with exponential back-off. An attempt that times out
-is abandoned (Python cannot kill a thread) and the job is retried as a new version. The local
-checkpoint is never deleted here: retention is the trainer's decision.
+attempt ``timeout_s`` and retrying failures with exponential back-off. An attempt that stalls is
+logged while it lasts (``deadline.call``); one that times out is abandoned (Python cannot kill a
+thread) and the job is retried as a new version. The local checkpoint is never deleted here:
+retention is the trainer's decision.
 
 A job publishes from a snapshot of the checkpoint taken at ``submit`` (hard links, so it costs
 no copy): the trainer may write the same step again (after the final evaluation, or at a
@@ -31,7 +32,9 @@ from pathlib import Path
 from typing import Sequence
 
 from dylora_moe.checkpoint.commit import TMP_PREFIX
+from dylora_moe.checkpoint.format import checkpoint_name
 from dylora_moe.checkpoint.stores.base import DEFAULT_ALIASES, CheckpointStore
+from dylora_moe.checkpoint.stores.deadline import StoreSilent, call
 from dylora_moe.checkpoint.stores.probe import is_permanent
 from dylora_moe.errors import CheckpointError
 
@@ -180,27 +183,20 @@ class BackgroundPublisher:
             shutil.rmtree(job.source, ignore_errors=True)
 
     def _attempt(self, job: PublishJob) -> str:
-        result: dict[str, object] = {}
-
-        def target() -> None:
+        def publish() -> str:
             try:
-                result["version"] = self.store.publish(job.source, job.step, job.aliases)
-            except BaseException as e:  # handed to the worker thread
-                result["error"] = e
+                return self.store.publish(job.source, job.step, job.aliases)
             finally:
                 self._attempt_over(job)
 
         with self._cond:
             job.running += 1
-
-        thread = threading.Thread(target=target, name=f"publish-step-{job.step}", daemon=True)
-        thread.start()
-        thread.join(self.timeout_s)
-        if thread.is_alive():
-            raise TimeoutError(f"publishing took longer than {self.timeout_s} s; abandoned")
-        if "error" in result:
-            raise result["error"]  # type: ignore[misc]
-        return result["version"]  # type: ignore[return-value]
+        what = (f"checkpoint store {self.store.url} (publishing {checkpoint_name(job.step)}, attempt "
+                f"{job.attempts} of {self.retries + 1})")
+        try:
+            return call(publish, what, self.timeout_s)
+        except StoreSilent:
+            raise TimeoutError(f"publishing took longer than {self.timeout_s:g} s; abandoned") from None
 
 
 def _snapshot(checkpoint: Path) -> Path:

@@ -2,7 +2,8 @@
 
 ``install_download``: free disk space is checked first, files land in a ``.tmp-*`` staging
 directory, every checksum is verified against the manifest, and only then is the directory
-renamed into place.
+renamed into place. Under a fetch's deadline (``deadline.call``), the transfer is given time
+for the checkpoint's size as soon as it is known.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dylora_moe.checkpoint.commit import commit_staged, make_staging_dir
 from dylora_moe.checkpoint.format import (MANIFEST_NAME, Manifest, hash_file, is_complete, read_manifest,
                                           verify_checkpoint)
 from dylora_moe.checkpoint.stores.base import StoreUnreachableError
+from dylora_moe.checkpoint.stores.deadline import Deadline
 from dylora_moe.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,9 @@ def install_download(dest_dir: Path, fill: Callable[[Path], None], label: str, *
     needed = expected.total_size if expected is not None else size
     if needed is not None:
         check_free_space(dest_dir.parent, needed, label)
+        deadline = Deadline.current()
+        if deadline is not None:  # a fetch under one deadline: the transfer gets time for its size, once
+            deadline.allow_transfer(needed)
     staging = make_staging_dir(dest_dir.parent, dest_dir.name)
     try:
         try:

@@ -12,6 +12,7 @@ number: give each run its own prefix (only its rank 0 publishes).
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import secrets
@@ -48,6 +49,22 @@ def _options(protocol: str, storage_options: dict[str, Any] | None,
     return options
 
 
+class _OrphanedUploadWrites(logging.Filter):
+    """Drops asyncio's 'Task exception was never retrieved' for aiohttp's ``write_bytes`` on a reset
+    connection. With ``Expect: 100-continue`` (S3 uploads), aiohttp 3.x sends the headers outside the
+    ``try`` that hands write errors to the request, so a connection reset there also leaves this
+    orphaned task error: a traceback in the log although the request itself fails, is retried and
+    reported like any other store error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (error is not None and type(error).__name__ == "ClientConnectionResetError"
+                    and "write_bytes" in record.getMessage())
+
+
+_ORPHANED_UPLOAD_WRITES = _OrphanedUploadWrites()
+
+
 class FsspecStore(ObjectCheckpointStore):
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None,
                  timeout_s: float | None = None):
@@ -55,6 +72,8 @@ class FsspecStore(ObjectCheckpointStore):
         if protocol not in PROTOCOLS:
             raise CheckpointError(f"Store URL {url!r} has an unsupported scheme; accepted: "
                                   + ", ".join(f"{p}://" for p in PROTOCOLS) + ".")
+        if protocol in ("s3", "gs", "gcs"):  # aiohttp underneath (idempotent: a filter is added once)
+            logging.getLogger("asyncio").addFilter(_ORPHANED_UPLOAD_WRITES)
         self.url = url.rstrip("/")
         try:
             self.fs, self.root = fsspec.core.url_to_fs(
