@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from dylora_moe.checkpoint.format import MANIFEST_NAME, list_checkpoints, verify_checkpoint
+from dylora_moe.checkpoint.directory import list_checkpoints
+from dylora_moe.checkpoint.format import MANIFEST_NAME, verify_checkpoint
 from dylora_moe.checkpoint.references import fetch
 from dylora_moe.checkpoint.stores import BackgroundPublisher, FsspecStore, deadline
 from dylora_moe.errors import CheckpointError
