@@ -18,15 +18,22 @@ DEFAULT_TARGET_MODULES = MLP
 ROUTING_GRANULARITIES = ("token", "example")
 
 
+# alpha / rank of the LoRA a uniform gate makes of the mixture. 32, not the usual 2: tuned together with the
+# learning rate (5e-4) for both the mixture and a plain LoRA by `benchmarks/quality.py --tune` (4 code
+# datasets, 300 steps; docs/benchmarks.md), and better on the built-in single dataset too (make demo).
+ALPHA_PER_RANK = 32.0
+
+
 def derived_alpha(num_experts: int, r: int, shared_experts: int = 0) -> float:
-    """The LoRA alpha used when none is given: 2 x (num_experts + shared_experts) x r.
+    """The LoRA alpha used when none is given: 32 x (num_experts + shared_experts) x r.
 
     The mixture's update is (alpha / r) x sum_e g_e B_e A_e over all N = E + S experts, where each
     shared expert has the fixed gate 1/N and the routed ones share the rest, E/N. With a uniform
-    router gate every expert has g_e = 1/N, which is exactly one LoRA of rank N·r with alpha 2·N·r,
-    i.e. the usual alpha = 2 x rank, whatever E, S and r are (128 for 4 experts of rank 16).
+    router gate every expert has g_e = 1/N, which is exactly one LoRA of rank N·r with alpha 32·N·r,
+    i.e. alpha = 32 x rank whatever E, S and r are (2048 for 4 experts of rank 16): the scale the
+    tuning found best (ALPHA_PER_RANK).
     """
-    return 2.0 * (num_experts + shared_experts) * r
+    return ALPHA_PER_RANK * (num_experts + shared_experts) * r
 
 
 @dataclass

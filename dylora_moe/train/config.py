@@ -48,10 +48,11 @@ class TrainConfig:
         "common, so the routed experts can specialise")
     lora_r: int = _mixture("r", "LoRA rank of every expert")
     lora_alpha: float | None = _mixture(
-        "alpha", "LoRA alpha (scaling alpha/r); unset or 0: 2 x (num_experts + shared_experts) x lora_r (128 for 4 "
-        "experts of rank 16), so a uniform gate updates like one LoRA of rank (num_experts + shared_experts) x lora_r "
-        "with alpha 2 x that rank",
-        shown_default="2 x (num_experts + shared_experts) x lora_r")
+        "alpha", "LoRA alpha (scaling alpha/r); unset or 0: derived, so that a uniform gate updates like one LoRA "
+        "of rank (num_experts + shared_experts) x lora_r with alpha 32 x that rank (2048 for 4 experts of rank 16). "
+        "The scale was tuned together with --learning_rate (benchmarks/quality.py --tune, docs/benchmarks.md): what "
+        "matters is their product, so lower one if you raise the other",
+        shown_default="32 x (num_experts + shared_experts) x lora_r")
     lora_dropout: float = _mixture("dropout", "dropout on the LoRA input")
     # unset (None) is not the mixture's default: a resumed run keeps its checkpoint's
     target_modules: str | None = _opt(
@@ -92,7 +93,10 @@ class TrainConfig:
     # optimisation
     num_epochs: float = _opt(1.0, "training epochs")
     max_steps: int = _opt(-1, "stop after this many optimizer steps (-1: from num_epochs)")
-    learning_rate: float = _opt(5e-4, "peak learning rate (AdamW)")
+    learning_rate: float = _opt(5e-4, "peak learning rate (AdamW); chosen with --lora_alpha's default on a "
+                                "validation split (benchmarks/quality.py --tune: shipped model, 4 code datasets, 300 "
+                                "steps): with that alpha, 1e-3 and above trained worse. Other bases and longer runs "
+                                "were not measured: tune both there")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     warmup_ratio: float = _opt(0.05, "share of steps for linear warm-up")
     cosine_restarts: int = _opt(0, "cosine schedule with this many hard restarts (0: plain cosine)")

@@ -45,7 +45,7 @@ def test_the_fused_layer_equals_the_sum_over_shared_and_routed_experts():
 
 
 def test_derived_alpha_counts_the_shared_experts_and_a_fresh_mixture_is_the_base(input_ids):
-    assert DyLoRAConfig(num_experts=3, shared_experts=1, r=16).alpha == 128.0
+    assert DyLoRAConfig(num_experts=3, shared_experts=1, r=16).alpha == 2048.0  # 32 x (3 + 1) x 16
     base = tiny_llama()
     expected = base(input_ids).logits
     model = DyLoRAMoE(base, DyLoRAConfig(num_experts=3, shared_experts=1, r=4)).eval()

@@ -97,7 +97,7 @@ def test_the_mixture_options_take_the_mixtures_defaults_and_build_it():
         num_experts=6, shared_experts=1, r=4, alpha=10.0, dropout=0.0, target_modules=("q_proj", "v_proj"), top_k=2,
         router_temperature=1.5, routing="token", router_scale=10.0, balance_coefficient=0.02,
         router_mi_coefficient=0.1, dataset_mi_coefficient=0.0, gate_floor=0.1, z_loss_coefficient=0.001)
-    assert TrainConfig(num_experts=2, lora_r=8).model_config().alpha == 32.0  # unset alpha: derived
+    assert TrainConfig(num_experts=2, lora_r=8).model_config().alpha == 512.0  # unset alpha: derived, 32 x 2 x 8
 
 
 @pytest.mark.parametrize("values, message", [

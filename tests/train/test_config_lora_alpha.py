@@ -1,4 +1,4 @@
-"""`dylora train --lora_alpha`: unset means 2 x (num_experts + shared_experts) x lora_r, and --help says so."""
+"""`dylora train --lora_alpha`: unset means 32 x (num_experts + shared_experts) x lora_r, and --help says so."""
 
 import subprocess
 import sys
@@ -16,9 +16,9 @@ def model_alpha(argv):
 
 
 @pytest.mark.parametrize(("argv", "alpha"), [
-    ([], 128.0),  # 4 experts of rank 16
-    (["--num_experts", "2", "--lora_r", "8"], 32.0),
-    (["--num_experts", "6", "--lora_r", "4", "--lora_alpha", "0"], 48.0),
+    ([], 2048.0),  # 4 experts of rank 16
+    (["--num_experts", "2", "--lora_r", "8"], 512.0),
+    (["--num_experts", "6", "--lora_r", "4", "--lora_alpha", "0"], 768.0),
     (["--num_experts", "2", "--lora_r", "8", "--lora_alpha", "16"], 16.0),
 ])
 def test_the_mixture_gets_the_derived_or_given_alpha(argv, alpha):
@@ -30,6 +30,6 @@ def test_train_help_shows_how_alpha_is_derived():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     text = " ".join(done.stdout.split())  # argparse wraps lines
-    assert ("--lora_alpha X LoRA alpha (scaling alpha/r); unset or 0: 2 x (num_experts + shared_experts) x lora_r"
-            in text)
-    assert "(default: 2 x (num_experts + shared_experts) x lora_r)" in text
+    assert "--lora_alpha X LoRA alpha (scaling alpha/r); unset or 0: derived" in text
+    assert "with alpha 32 x that rank (2048 for 4 experts of rank 16)" in text
+    assert "(default: 32 x (num_experts + shared_experts) x lora_r)" in text

@@ -53,7 +53,7 @@ def test_another_lora_alpha_exits_2_naming_alpha(small_model_dir, checkpoint, tm
     assert done.returncode == 2, done.stderr
     assert "does not fit the requested model" in done.stderr and "Traceback" not in done.stderr
     assert table_fields(done.stderr) == ["alpha"]
-    assert "128.0" in done.stderr and "8.0" in done.stderr  # both values shown (the default alpha is 128)
+    assert "2048.0" in done.stderr and "8.0" in done.stderr  # both values shown (the default alpha is 2048)
     assert not (tmp_path / "alpha" / "checkpoints").exists()  # nothing trained, nothing written
 
 
