@@ -81,6 +81,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     box.add_argument("--memory_mb", type=int, help=f"address-space limit per process (default: {_shown('memory_mb')})")
     box.add_argument("--max_processes", type=int,
                      help=f"processes a program may run at once (default: {_shown('max_processes')})")
+    box.add_argument("--max_program_kb", type=int, metavar="KB",
+                     help=f"a completion's program longer than this is not run and fails (default: {_shown('max_program_kb')})")
     box.add_argument("--workers", type=int, metavar="N", help="warm sandbox workers (default: CPU count, at most 8)")
     box.add_argument("--isolation", choices=ISOLATION_MODES, help="auto: bubblewrap when installed, else limits only; "
                      "bwrap: require it; limits: resource limits only")

@@ -46,6 +46,7 @@ class EvalConfig:
     timeout: float | None = None
     memory_mb: int = SandboxLimits.memory_mb
     max_processes: int = SandboxLimits.max_processes
+    max_program_kb: int = SandboxLimits.max_program_kb
     workers: int | None = None
     isolation: str = "auto"
     threads: int | None = None
@@ -55,7 +56,7 @@ class EvalConfig:
 
     def sandbox_limits(self) -> SandboxLimits:
         return SandboxLimits(timeout_s=self.timeout or SandboxLimits.timeout_s, memory_mb=self.memory_mb,
-                             max_processes=self.max_processes)
+                             max_processes=self.max_processes, max_program_kb=self.max_program_kb)
 
     def validate(self) -> "EvalConfig":
         if (self.model is None) == (self.samples is None):

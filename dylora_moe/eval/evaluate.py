@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 from ..errors import ConfigError
 from .config import EvalConfig
@@ -60,7 +61,15 @@ def run_eval(cfg: EvalConfig) -> dict:
     results_path = out / "results.jsonl"
     results_path.unlink(missing_ok=True)
     scores: list[BenchmarkScore] = []
-    sandbox = Sandbox(cfg.sandbox_limits(), workers=cfg.workers, isolation=cfg.isolation)
+    # The sandbox starts (and says how isolated it is) only once every option and the model are known good,
+    # so that a mistake is the first thing the user reads.
+    sandboxes: list[Sandbox] = []
+
+    def sandbox() -> Sandbox:
+        if not sandboxes:
+            sandboxes.append(Sandbox(cfg.sandbox_limits(), workers=cfg.workers, isolation=cfg.isolation))
+        return sandboxes[0]
+
     try:
         if cfg.samples is not None:
             models = [Path(cfg.samples).name]
@@ -69,14 +78,15 @@ def run_eval(cfg: EvalConfig) -> dict:
                 if benchmark not in found:
                     log.warning("%s has no samples for %s; skipped", cfg.samples, benchmark)
                     continue
-                scores.append(_score(cfg, chosen, found[benchmark], sandbox, models[0], results_path))
+                scores.append(_score(cfg, chosen, found[benchmark], sandbox(), models[0], results_path))
             if not scores:
                 raise ConfigError(f"{cfg.samples} has no samples for the selected tasks of {', '.join(cfg.benchmarks)}.")
         else:
             models = _evaluate_models(cfg, tasks, sandbox, results_path, scores)
-        description = sandbox.describe()
+        description = sandbox().describe()
     finally:
-        sandbox.close()
+        for started in sandboxes:
+            started.close()
     config = {k: v for k, v in asdict(cfg).items() if k != "progress"}
     text = write_summary(out, scores, models, description, {"config": config})
     print(text)
@@ -96,8 +106,8 @@ def _score(cfg: EvalConfig, tasks: list[Task], completions: dict[str, list[str]]
     return score
 
 
-def _evaluate_models(cfg: EvalConfig, tasks: dict[str, list[Task]], sandbox: Sandbox, results_path: Path,
-                     scores: list[BenchmarkScore]) -> list[str]:
+def _evaluate_models(cfg: EvalConfig, tasks: dict[str, list[Task]], make_sandbox: Callable[[], Sandbox],
+                     results_path: Path, scores: list[BenchmarkScore]) -> list[str]:
     settings = SamplingSettings(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
     with download_dir() as downloads:
@@ -107,6 +117,7 @@ def _evaluate_models(cfg: EvalConfig, tasks: dict[str, list[Task]], sandbox: San
                               "base model itself: give a run's final/ directory or a checkpoint reference.")
         tokenizer = load_tokenizer_for(source)
         model = load_base(source)
+        sandbox = make_sandbox()
         threads = choose_threads(model, cfg.threads)
         if threads:
             import torch

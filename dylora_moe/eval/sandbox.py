@@ -63,6 +63,7 @@ class SandboxLimits:
     max_processes: int = 32
     max_file_mb: int = 64
     tmp_mb: int = 256  # size of the private /tmp (bwrap only)
+    max_program_kb: int = 256  # a longer program is not run (nor compiled): it fails at once
 
     def validate(self) -> "SandboxLimits":
         if not self.timeout_s > 0:
@@ -71,6 +72,8 @@ class SandboxLimits:
             raise ConfigError(f"--memory_mb {self.memory_mb!r} is too small: Python needs at least 64 MB.")
         if self.max_processes < 1:
             raise ConfigError(f"--max_processes {self.max_processes!r} is invalid: give at least 1.")
+        if self.max_program_kb < 1:
+            raise ConfigError(f"--max_program_kb {self.max_program_kb!r} is invalid: give at least 1 (KB).")
         return self
 
 
@@ -317,8 +320,19 @@ class Sandbox:
         results: list[ExecutionResult | None] = [None] * len(programs)
         jobs: queue.Queue = queue.Queue()
         for index, program in enumerate(programs):
-            error = syntax_error(program)
-            if error is not None:
+            # Size first: a huge completion costs nothing to refuse, but minutes to compile, send and record.
+            size_kb = len(program.encode("utf-8", "replace")) / 1024
+            if size_kb > self.limits.max_program_kb:
+                results[index] = ExecutionResult(
+                    "failed", f"not run: the program is {size_kb:,.0f} KB, over --max_program_kb "
+                    f"{self.limits.max_program_kb}", 0.0)
+                error = None
+            else:
+                error = syntax_error(program)
+            if results[index] is not None:
+                if on_result:
+                    on_result(index, results[index])
+            elif error is not None:
                 results[index] = ExecutionResult("syntax", error, 0.0)
                 if on_result:
                     on_result(index, results[index])

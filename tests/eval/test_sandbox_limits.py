@@ -63,3 +63,26 @@ def test_a_sample_that_times_out_is_not_scored_as_passed():
     assert [(r.outcome, r.passed) for r in results] == [("timeout", False), ("passed", True)]
     assert score.outcomes["timeout"] == 1 and score.per_task["HumanEval/0"]["c"] == 1
     assert score.pass_at_k["pass@1"] == pytest.approx(0.5)
+
+
+def test_a_program_over_the_size_cap_fails_without_being_compiled_or_run():
+    huge = "x = 1\n" + "# filler\n" * 40_000  # about 350 KB: over the 256 KB default
+    with Sandbox(SandboxLimits(timeout_s=5.0), workers=1, isolation="limits") as sandbox:
+        small, big = sandbox.run(["assert True\n", huge])
+    assert small.passed
+    assert big.outcome == "failed" and big.detail.startswith("not run: the program is 352 KB, over --max_program_kb 256")
+
+
+def test_dylora_eval_samples_with_a_huge_completion_scores_it_as_failed(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return False\n" + "#" * 2_000_000}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "dylora_moe.cli", "eval", "--samples", str(samples), "--benchmarks",
+                           "humaneval", "--out", str(tmp_path / "out"), "--report_to", "none", "--isolation", "limits"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (result,) = [json.loads(line) for line in open(tmp_path / "out" / "results.jsonl")]
+    assert result["outcome"] == "failed" and "over --max_program_kb 256" in result["detail"]
