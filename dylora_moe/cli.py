@@ -17,7 +17,7 @@ import sys
 from types import ModuleType
 
 from . import __version__
-from .errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_STATUS_HELP, DyLoRAError
+from .errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, TRAINING_EXIT_STATUS_HELP, DyLoRAError
 from .runtime.launcher import is_main_process, launched_rank, launched_world_size
 from .runtime.signals import SIGNALS, SignalWatch, StartupInterrupted
 
@@ -41,7 +41,7 @@ def commands() -> tuple[ModuleType, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dylora", description="Dynamic LoRA Mixture of Experts for code LLMs.",
-                                     epilog=EXIT_STATUS_HELP)
+                                     epilog=TRAINING_EXIT_STATUS_HELP)
     parser.add_argument("--version", action="version", version=f"dylora-moe {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -103,6 +103,11 @@ def _run(argv: list[str] | None, signals) -> int:
         return args.run(args)
     except DyLoRAError as err:
         return _report(err, args.command)
+    except BrokenPipeError:  # the reader went away (`dylora ckpt list ... | head`): nothing left to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return 0
 
 
 def _report(err: DyLoRAError, command: str) -> int:

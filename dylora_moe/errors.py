@@ -10,11 +10,15 @@ EXIT_UNPUBLISHED = 3  # training finished, but some checkpoints never reached th
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT; continue with --resume auto
 
 # The epilog of every command's --help.
-EXIT_STATUS_HELP = f"""\
+TRAINING_EXIT_STATUS_HELP = f"""\
 exit status: 0 success, {EXIT_ERROR} error, {EXIT_BAD_INPUT} bad input (configuration, data, checkpoint reference,
 fingerprint mismatch), {EXIT_UNPUBLISHED} training finished but some checkpoints were not published to the store
 (local copies kept; rerun with --resume auto to publish them), {EXIT_PREEMPTED} stopped by SIGTERM/SIGINT (after a
 durable checkpoint once training has started; continue with --resume auto)."""
+# the epilog of every other command: only training publishes checkpoints and promises a 75
+EXIT_STATUS_HELP = f"""\
+exit status: 0 success, {EXIT_ERROR} error, {EXIT_BAD_INPUT} bad input (an option, a model or checkpoint reference,
+a file)."""
 
 
 class DyLoRAError(Exception):

@@ -10,6 +10,22 @@ import argparse
 from ..errors import EXIT_STATUS_HELP
 
 
+REF_HELP = ("a checkpoint reference: a checkpoint, run or checkpoints directory; DIR:ALIAS of a local store "
+            "(runs/RUN_ID/store:latest); wandb://ENTITY/PROJECT/NAME[:ALIAS]; an s3:// gs:// file:// store URL "
+            "followed by :ALIAS, or a checkpoint folder URL")
+ACTIONS = {
+    "list": ("versions and aliases in a store, or the checkpoints of a run directory",
+             "List what REF holds: a store's versions with their aliases and steps, or a run directory's local "
+             "checkpoints (with DIR:ALIAS the whole store is listed)."),
+    "show": ("the manifest: step, files, fingerprint, training configuration",
+             "Show one checkpoint's manifest: its step and epoch, every file with size and SHA-256, the architecture "
+             "fingerprint and the training configuration. Fetches a stored checkpoint first."),
+    "verify": ("check every file against the manifest's SHA-256",
+               "Verify one checkpoint: every file's size and SHA-256 against its manifest (a stored one is fetched "
+               "first). Exit status 0 when intact, 1 naming the damaged file."),
+}
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "ckpt", help="list, show or verify checkpoints",
@@ -20,9 +36,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "(s3://BUCKET/PATH/store:latest), or of one checkpoint folder. ALIAS: a version (v3) or an alias (latest, "
         "best, step-120). latest (with a run directory) and auto belong to train --resume.", epilog=EXIT_STATUS_HELP,
     )
-    parser.add_argument("action", choices=["list", "show", "verify"],
-                        help="list: versions/checkpoints; show: manifest and fingerprint; verify: every checksum")
-    parser.add_argument("ref", help="checkpoint reference")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, (short, description) in ACTIONS.items():
+        action = actions.add_parser(name, help=short, description=description, epilog=EXIT_STATUS_HELP)
+        action.add_argument("ref", metavar="REF", help=REF_HELP)
     return parser
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import EXIT_STATUS_HELP
+from ..errors import TRAINING_EXIT_STATUS_HELP
 from ..runtime.launcher import is_main_process
 from .config import add_train_arguments, config_from_args
 
@@ -13,7 +13,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train", help="train a mixture (no arguments: the shipped tiny model on the built-in dataset)",
         description="Train a DyLoRA-MoE mixture. With no arguments it trains the shipped tiny-python-lm on "
-        "the built-in stdlib_functions dataset on CPU in a few minutes.", epilog=EXIT_STATUS_HELP,
+        "the built-in stdlib_functions dataset on CPU in a few minutes.", epilog=TRAINING_EXIT_STATUS_HELP,
     )
     add_train_arguments(parser)
     return parser

@@ -11,6 +11,7 @@ their defaults are its fields' and their check is its ``validate``; ``model_conf
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -60,7 +61,9 @@ class TrainConfig:
         "linear layer of the feed-forward blocks: gate/up/down_proj in Llama-style models, c_fc/c_proj in GPT-2) or "
         "'all-linear'; unset: 'mlp', and a resumed run keeps the checkpoint's",
         mixture="target_modules", shown_default=DEFAULT_TARGET_MODULES)
-    top_k: int = _mixture("top_k", "experts per token once all experts are mature (sparse routing)")
+    top_k: int = _mixture("top_k", "experts per example (per token with --routing token) once all experts are "
+                          "mature (sparse routing): only with --maturity_fraction below 1; by default routing stays "
+                          "dense and every expert is used")
     router_temperature: float = _mixture("router_temperature", "softmax temperature of dense routing while experts are "
                                          "immature")
     routing: str = _mixture("routing", "'example': one gate per example, from its prompt (kept while generating); "
@@ -142,7 +145,7 @@ class TrainConfig:
     checkpoint_store: str | None = _opt(
         None, "where checkpoints are published as versions: a directory, an fsspec URL (s3://, gs://, "
         "file://, memory://), wandb://ENTITY/PROJECT/NAME, or 'wandb' for this W&B run's artifact "
-        "RUN_ID-checkpoint (default: RUN_DIR/store)")
+        "RUN_ID-checkpoint", shown_default="RUN_DIR/store")
     store_timeout_s: float = _opt(
         15.0, "seconds the start-up check of the checkpoint store (a small write, read and delete) may take in "
         "all, transient errors retried inside it: a store that cannot answer fails the run before training, "
@@ -178,6 +181,11 @@ class TrainConfig:
             raise ConfigError(f"--learning_rate {self.learning_rate!r} is invalid: it must be > 0.")
         if not 0 <= self.maturity_fraction <= 1:
             raise ConfigError(f"--maturity_fraction {self.maturity_fraction!r} is invalid: give a value from 0 to 1.")
+        if self.top_k != _MIXTURE_DEFAULTS["top_k"] and self.maturity_fraction >= 1:
+            logging.getLogger(__name__).warning(
+                "--top_k %d has no effect: routing stays dense while any expert is immature, and with "
+                "--maturity_fraction 1 (the default) they never mature. Give --maturity_fraction below 1 (e.g. 0.5) "
+                "to switch to top-%d routing during the run.", self.top_k, self.top_k)
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup_ratio {self.warmup_ratio!r} is invalid: give a value in [0, 1).")
         if self.fp16 and self.bf16:

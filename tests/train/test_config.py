@@ -139,3 +139,29 @@ def test_to_argv_names_only_what_differs_or_what_was_asked_for():
     cfg = TrainConfig(num_experts=2, bf16=True, progress=False)
     assert cfg.to_argv() == ["--num_experts", "2", "--bf16", "true", "--progress", "false"]
     assert cfg.to_argv({"lora_r", "bf16", "run_id"}) == ["--lora_r", "16", "--bf16", "true"]  # unset: left out
+
+
+def test_top_k_without_maturity_warns_that_routing_stays_dense(caplog):
+    from dylora_moe.cli import build_parser
+
+    config_from_args(build_parser().parse_args(["train", "--num_experts", "6", "--top_k", "2"]))
+    (warning,) = [r.getMessage() for r in caplog.records if "--top_k" in r.getMessage()]
+    assert "--top_k 2 has no effect" in warning and "--maturity_fraction below 1" in warning
+    caplog.clear()
+    config_from_args(build_parser().parse_args(["train", "--num_experts", "6", "--top_k", "2",
+                                                "--maturity_fraction", "0.5"]))
+    assert not [r for r in caplog.records if "--top_k" in r.getMessage()]
+
+
+def test_train_help_prints_each_default_once():
+    import io
+    from contextlib import redirect_stdout
+
+    from dylora_moe.cli import build_parser
+
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(out.getvalue().split())
+    assert "(default: RUN_DIR/store)" in text and "(default: RUN_DIR/store) (default: None)" not in text
+    assert text.count("(default: 32 x (num_experts + shared_experts) x lora_r)") == 1
