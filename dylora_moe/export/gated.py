@@ -24,12 +24,7 @@ import torch
 
 from ..errors import ConfigError
 from ..model.gates import GateSpec, fixed_gates
-
-DEFAULT_MAX_SEQ_LENGTH = 512  # training's default: a prompt is cut where training cut it
-DEFAULT_VALIDATION_FRACTION = 0.05
-DEFAULT_EVAL_SUBSET = 100.0
-DEFAULT_SEED = 42
-
+from ..train.routing_report import HeldOut, training_config
 
 @dataclass
 class Gated:
@@ -65,51 +60,6 @@ def write_directory(out: Path, fill: Callable[[Path], Any]) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def training_config(model_ref: str, checkpoint: Path | None) -> dict[str, Any] | None:
-    """The training config of the run ``model_ref`` comes from: a fetched checkpoint's manifest, or for a
-    run's ``final/`` directory the manifest of the run's newest checkpoint; None when there is none."""
-    from ..checkpoint.directory import latest_checkpoint
-    from ..checkpoint.format import read_manifest
-
-    if checkpoint is None:
-        checkpoints = Path(model_ref).parent / "checkpoints"
-        checkpoint = latest_checkpoint(checkpoints) if checkpoints.is_dir() else None
-    if checkpoint is None:
-        return None
-    try:
-        return read_manifest(checkpoint).training_config or None
-    except Exception:  # noqa: BLE001 - a damaged manifest only loses the defaults it would give
-        return None
-
-
-@dataclass
-class HeldOut:
-    """Where the held-out prompts of a prototype come from (flags, else the run's config, else training's defaults)."""
-
-    datasets: str | None = None
-    data_dir: str | None = None
-    max_seq_length: int | None = None
-    validation_fraction: float | None = None
-    eval_subset: float | None = None
-    seed: int | None = None
-    batch_size: int = 8
-
-    def completed(self, trained: dict[str, Any] | None) -> "HeldOut":
-        trained = trained or {}
-
-        def pick(name: str, default):
-            given = getattr(self, name)
-            return given if given is not None else trained.get(name) if trained.get(name) is not None else default
-
-        return HeldOut(
-            datasets=pick("datasets", None),
-            data_dir=self.data_dir or os.environ.get("DYLORA_DATA_DIR") or trained.get("data_dir") or None,
-            max_seq_length=pick("max_seq_length", DEFAULT_MAX_SEQ_LENGTH),
-            validation_fraction=pick("validation_fraction", DEFAULT_VALIDATION_FRACTION),
-            eval_subset=pick("eval_subset", DEFAULT_EVAL_SUBSET), seed=pick("seed", DEFAULT_SEED),
-            batch_size=self.batch_size)
 
 
 def dataset_prototypes(model, tokenizer, spec: GateSpec, held_out: HeldOut) -> list[Gated]:

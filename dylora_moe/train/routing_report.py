@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -214,6 +215,58 @@ def write_run_routing_report(model, eval_data, collator, out_dir: Path, batch_si
     return table
 
 
+def _training_default(name: str):
+    from .config import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[name].default
+
+
+def training_config(model_ref: str, checkpoint: Path | None) -> dict[str, Any] | None:
+    """The training config of the run ``model_ref`` comes from: a fetched checkpoint's manifest, or for a
+    run's ``final/`` directory the manifest of the run's newest checkpoint; None when there is none."""
+    from ..checkpoint.directory import latest_checkpoint
+    from ..checkpoint.format import read_manifest
+
+    if checkpoint is None:
+        checkpoints = Path(model_ref).parent / "checkpoints"
+        checkpoint = latest_checkpoint(checkpoints) if checkpoints.is_dir() else None
+    if checkpoint is None:
+        return None
+    try:
+        return read_manifest(checkpoint).training_config or None
+    except Exception:  # noqa: BLE001 - a damaged manifest only loses the defaults it would give
+        return None
+
+
+@dataclass
+class HeldOut:
+    """Which held-out prompts to route, as the run split them: flags, else the run's training config, else
+    training's defaults (so a report or a prototype sees the split and lengths the run saw)."""
+
+    datasets: str | None = None
+    data_dir: str | None = None
+    max_seq_length: int | None = None
+    validation_fraction: float | None = None
+    eval_subset: float | None = None
+    seed: int | None = None
+    batch_size: int = 8
+
+    def completed(self, trained: dict[str, Any] | None) -> "HeldOut":
+        trained = trained or {}
+
+        def pick(name: str, default):
+            given = getattr(self, name)
+            return given if given is not None else trained.get(name) if trained.get(name) is not None else default
+
+        return HeldOut(
+            datasets=pick("datasets", None),
+            data_dir=self.data_dir or os.environ.get("DYLORA_DATA_DIR") or trained.get("data_dir") or None,
+            max_seq_length=pick("max_seq_length", _training_default("max_seq_length")),
+            validation_fraction=pick("validation_fraction", _training_default("validation_fraction")),
+            eval_subset=pick("eval_subset", _training_default("eval_subset")), seed=pick("seed", _training_default("seed")),
+            batch_size=self.batch_size)
+
+
 def held_out_routing(model, tokenizer, datasets: str | list[str], *, data_dir: str | None = None,
                      max_seq_length: int = 256, validation_fraction: float = 0.05, eval_subset: float = 100.0,
                      batch_size: int = 16, seed: int = 42) -> RoutingTable:
@@ -234,22 +287,27 @@ def held_out_routing(model, tokenizer, datasets: str | list[str], *, data_dir: s
     return collect_routing(model, eval_batches(eval_data, PaddingCollator.for_tokenizer(tokenizer), batch_size), present)
 
 
-def routing_report(model_ref: str, datasets: str, *, data_dir: str | None = None, output_dir: str | None = None,
-                   max_seq_length: int = 256, validation_fraction: float = 0.05, eval_subset: float = 100.0,
-                   batch_size: int = 16, seed: int = 42) -> tuple[RoutingTable, Path, Path]:
-    """Load a trained mixture (a saved directory or a checkpoint reference), route the datasets' held-out
-    split, write the report (by default beside a saved mixture; a checkpoint is never written into)."""
+def routing_report(model_ref: str, held_out: HeldOut, *, output_dir: str | None = None
+                   ) -> tuple[RoutingTable, Path, Path]:
+    """Load a trained mixture (a saved directory or a checkpoint reference), route the held-out split of
+    its datasets as the run made it (``HeldOut``: flags, else the run's config), write the report (by
+    default beside a saved mixture; a checkpoint is never written into)."""
     import tempfile
 
     from ..checkpoint.references import fetch_model
+    from ..errors import ConfigError
     from ..model.trained import load_trained_mixture
 
     with tempfile.TemporaryDirectory(prefix="dylora-report-") as downloads:  # a fetched checkpoint, loaded then removed
         checkpoint = fetch_model(model_ref, Path(downloads))
         model, tokenizer = load_trained_mixture(checkpoint or model_ref)
+        held_out = held_out.completed(training_config(model_ref, checkpoint))
+    if not held_out.datasets:
+        raise ConfigError(f"--datasets is needed: no training configuration of the run behind --model {model_ref!r} "
+                          "was found (a run's final/ reads it from the run's newest checkpoint).")
     model_dir = Path(model_ref) if checkpoint is None else Path.cwd()
-    table = held_out_routing(model, tokenizer, datasets, data_dir=data_dir, max_seq_length=max_seq_length,
-                             validation_fraction=validation_fraction, eval_subset=eval_subset,
-                             batch_size=batch_size, seed=seed)
+    table = held_out_routing(model, tokenizer, held_out.datasets, data_dir=held_out.data_dir,
+                             max_seq_length=held_out.max_seq_length, validation_fraction=held_out.validation_fraction,
+                             eval_subset=held_out.eval_subset, batch_size=held_out.batch_size, seed=held_out.seed)
     json_path, png = write_report(table, Path(output_dir) if output_dir else model_dir)
     return table, json_path, png

@@ -90,3 +90,30 @@ def test_report_routing_on_a_directory_that_is_no_mixture_is_a_clear_error(tmp_p
     proc = run_cli("report", "routing", "--model", str(tmp_path), "--datasets", "mbpp")
     assert proc.returncode == 2
     assert "is not a trained mixture (no dylora_config.json)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_report_routing_reads_the_runs_own_datasets_and_settings_and_verifies_checkpoints(tmp_path):
+    """`dylora report routing --model runs/R/final` with no other flag gives the report training wrote
+    (the run's datasets, split, sequence length); a damaged checkpoint is refused, not read."""
+    train = run_cli("train", "--output_dir", str(tmp_path / "runs"), "--run_id", "r", "--datasets", "code_alpaca,mbpp",
+                    "--data_dir", DATA_DIR, "--max_seq_length", "96", "--training_subset", "3", "--eval_subset", "30",
+                    "--max_steps", "2", "--eval_steps", "0", "--report_to", "none", "--progress", "false", "--seed", "7")
+    assert train.returncode == 0, train.stderr
+    run = tmp_path / "runs" / "r"
+    trained = json.loads((run / "routing_report.json").read_text())
+    proc = run_cli("report", "routing", "--model", str(run / "final"), "--output_dir", str(tmp_path / "again"))
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((tmp_path / "again" / "routing_report.json").read_text())
+    assert again["datasets"] == trained["datasets"] == DATASETS
+    for key in ("mean", "max"):
+        assert again["mutual_information_bits"][key] == pytest.approx(trained["mutual_information_bits"][key])
+    for name in DATASETS:
+        assert again["top1_usage"][name] == pytest.approx(trained["top1_usage"][name])
+
+    (checkpoint,) = sorted((run / "checkpoints").glob("step-*"))[-1:]
+    weights = next(checkpoint.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-16] + b"\0" * 16)  # damaged in place
+    damaged = run_cli("report", "routing", "--model", str(checkpoint))
+    assert damaged.returncode != 0 and "Traceback" not in damaged.stderr
+    assert "failed verification: dylora_model.safetensors has sha256" in damaged.stderr, damaged.stderr
