@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_submit_parser(sub, EPILOG)
 
+    from .serve.command import add_parser as add_serve_parser  # flags only: torch and the server load when it runs
+
+    add_serve_parser(sub, EPILOG)
+
     report = sub.add_parser("report", help="reports on a trained mixture (routing: which expert serves which dataset)",
                             epilog=EPILOG)
     report_sub = report.add_subparsers(dest="report", metavar="REPORT", required=True)
