@@ -123,7 +123,7 @@ def create_app(engine: Engine, served: ServedModel, *, api_key: str | None = Non
         default = max(room, 1) if room is not None else 256
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         sampling = _sampling(body, _int(body, name, default, minimum=1), engine)
-        _check_window(ids, sampling.max_tokens, served.window, param=name)
+        _check_window(ids, sampling.max_tokens, served.window, "messages", name)
         return await _respond(request, engine, served, [ids], sampling, chat=True,
                               stream=_bool(body, "stream"), usage_in_stream=_include_usage(body))
 
@@ -293,12 +293,13 @@ def _chat_prompt(messages, tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def _check_window(ids: list[int], max_tokens: int, window: int | None, param: str = "max_tokens") -> None:
+def _check_window(ids: list[int], max_tokens: int, window: int | None, prompt_param: str = "prompt",
+                  param: str = "max_tokens") -> None:
     if window is None:
         return
     if len(ids) >= window:
         raise APIError(400, f"This model's maximum context length is {window} tokens, but the prompt has "
-                       f"{len(ids)} tokens: shorten it.", param="prompt" if param == "max_tokens" else "messages",
+                       f"{len(ids)} tokens: shorten it.", param=prompt_param,
                        code="context_length_exceeded")
     if len(ids) + max_tokens > window:
         raise APIError(400, f"This model's maximum context length is {window} tokens; you requested "
