@@ -88,14 +88,22 @@ def load_model(ref: str):
         fetched = fetch_model(ref, Path(downloads))
         if fetched is not None or (Path(ref).expanduser() / CONFIG_NAME).is_file():
             return load_trained_mixture(fetched or Path(ref).expanduser())
+    path = Path(ref).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ConfigError(f"--model {ref!r}: the directory holds neither a trained mixture ({CONFIG_NAME}), a "
+                          f"checkpoint nor a model (config.json). {GIVE}")
+    if not path.exists() and (ref.startswith(("/", ".", "~")) or ref.count("/") > 1):
+        raise ConfigError(f"--model {ref!r}: no such directory. {GIVE}")
     try:
         return load_base_model(ref).eval(), load_tokenizer(ref)
     except ConfigError as err:
-        raise ConfigError(
-            f"--model {ref!r} is neither a trained mixture, a checkpoint reference nor a loadable base model "
-            f"({err}). Give a run's final/ directory (runs/RUN_ID/final), a checkpoint reference (a run or "
-            "checkpoint directory, runs/RUN_ID/store:latest, s3://BUCKET/PATH/store:latest, wandb://E/P/NAME:ALIAS), "
-            "a local model directory, a hub id, or 'tiny-python-lm'.") from None
+        raise ConfigError(f"--model {ref!r}: {err} A trained mixture or a checkpoint reference works too "
+                          "(runs/RUN_ID/final, runs/RUN_ID/store:latest, wandb://E/P/NAME:ALIAS, ...).") from None
+
+
+GIVE = ("Give a trained mixture (a run's final/ directory, runs/RUN_ID/final), a checkpoint reference (a run or "
+        "checkpoint directory, runs/RUN_ID/store:latest, s3://BUCKET/PATH/store:latest, wandb://E/P/NAME:ALIAS), or a "
+        "base model (a local model directory, a hub id, or 'tiny-python-lm').")
 
 
 def _default_threads(model) -> int | None:
