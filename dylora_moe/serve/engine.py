@@ -392,11 +392,19 @@ class Engine:
         positions = torch.tensor([[row.length] for row in self._rows], device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
         self._phase = "decode"
+        # Dense routing: every router returns the caller's gate at once (its first line) and the hook swaps
+        # in the layer's own kept gate, so no router computes a gate it would throw away. Sparse routing
+        # keeps the router's path: the layer computes only the chosen experts when no external gate is set.
+        shortcut = self._kept is not None and self.routing.dense and self.routing.external_gate is None
+        if shortcut:
+            self.routing.external_gate = self._kept[0]
         try:
             out = self.lm(input_ids=ids, attention_mask=self._mask, position_ids=positions, use_cache=True,
                           logits_to_keep=1, **{self._cache_arg: self._cache})
         finally:
             self._phase = None
+            if shortcut:
+                self.routing.external_gate = None
         self.steps += 1
         tokens = self._sample(out.logits[:, -1, :].float(), self._rows)
         for row, token in zip(self._rows, tokens):
