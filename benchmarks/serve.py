@@ -13,13 +13,14 @@ completion tokens/s, p50 and p95 request latency, the speed-up over ``alone`` of
 mixture's served tokens/s against the base's served the same way. Every served completion is checked
 against the one-at-a-time one (same text), so the faster numbers are the same answers.
 
-    python benchmarks/serve.py [--max_tokens 64] [--requests 32] [--clients 1,4,8,16] [--threads 1]
+    python benchmarks/serve.py [--max_tokens 64] [--requests 16] [--clients 1,4,8,16] [--rounds 3] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import sys
 import threading
 import time
@@ -138,6 +139,7 @@ def main() -> None:
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=16, help="requests per client (default: 16)")
     parser.add_argument("--clients", default="1,4,8,16")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each cell is their median")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest for the tiny model on CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -152,22 +154,27 @@ def main() -> None:
                 models[name] = model = model.to("cuda")
             alone(model, tokenizer, PROMPTS[:2], 4)  # warm up
         for name, model in models.items():
-            rows[(name, "alone")], expected[name] = alone(model, tokenizer, PROMPTS, args.max_tokens)
-        for name, model in models.items():
             servers[name] = serve_in_thread(model, tokenizer, name, max(concurrency))
             served(servers[name][0], name, 1, 2, 4, collections.defaultdict(str))  # warm up (texts not compared)
-        for clients in concurrency:
-            for name in models:
-                row = served(servers[name][0], name, clients, args.requests, args.max_tokens, expected[name])
-                rows[(name, f"served x{clients}")] = row
-                print(f"{name} served x{clients}: {row}", file=sys.stderr)
+        for round_ in range(args.rounds):
+            for name, model in models.items():
+                row, expected[name] = alone(model, tokenizer, PROMPTS, args.max_tokens)
+                rows.setdefault((name, "alone"), []).append(row)
+            for clients in concurrency:
+                for name in models:
+                    row = served(servers[name][0], name, clients, args.requests, args.max_tokens, expected[name])
+                    rows.setdefault((name, f"served x{clients}"), []).append(row)
+                    print(f"round {round_ + 1} {name} served x{clients}: {row}", file=sys.stderr)
     finally:
         for _, stop in servers.values():
             stop()
 
+    rows = {key: {metric: (sum(r[metric] for r in runs) if metric in ("wrong", "failed")
+                           else statistics.median(r[metric] for r in runs)) for metric in runs[0]}
+            for key, runs in rows.items()}
     device = "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} thread(s)"
     print(f"\ntiny-python-lm, greedy, {args.max_tokens} new tokens per request, {args.requests} requests per client, "
-          f"{device}\n")
+          f"{device}, median of {args.rounds} interleaved rounds\n")
     print("| model | mode | requests/s | tokens/s | p50 latency | p95 latency | tokens/s vs alone | same text |")
     print("|---|---|---|---|---|---|---|---|")
     for (name, mode), row in sorted(rows.items(), key=lambda item: item[0][0] != "mixture"):

@@ -391,7 +391,7 @@ class _Reply:
             self.completion_tokens += event.completion_tokens
 
     def usage(self) -> dict:
-        prompt_tokens = sum(len(ids) for ids in self.prompts) * self.sampling.n if not self.chat else len(self.prompts[0])
+        prompt_tokens = sum(len(ids) for ids in self.prompts)  # once per prompt, however many choices
         return {"prompt_tokens": prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": prompt_tokens + self.completion_tokens}
 

@@ -273,6 +273,10 @@ class Engine:
                         self._step()
             except Exception as err:  # a bug or an out-of-memory: fail what runs, keep serving
                 log.exception("generation failed")
+                running = {id(row.request) for row in self._rows}
+                for request in admitted:  # admitted but not yet running: the prefill itself failed
+                    if id(request) not in running:
+                        request.emit(Failed(err))
                 self._fail_running(err)
 
     def _admit(self) -> list[Request]:
