@@ -27,7 +27,6 @@ import collections
 import inspect
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -114,7 +113,6 @@ class Request:
     sampling: Sampling
     emit: Callable[[object], None]  # called from the worker thread; must not block
     cancelled: threading.Event = field(default_factory=threading.Event)
-    arrived: float = field(default_factory=time.monotonic)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -176,12 +174,13 @@ class Engine:
         self.max_rows_seen = 0
 
     # ------------------------------------------------------------------ public side (any thread)
-    @property
-    def routed(self) -> bool:
-        return bool(self._routers)
-
     def start(self) -> "Engine":
-        self._warm_up()
+        try:
+            self._warm_up()
+        except BaseException:
+            for hook in self._hooks:
+                hook.remove()
+            raise
         self._thread = threading.Thread(target=self._run, name="dylora-serve-engine", daemon=True)
         self._thread.start()
         return self
@@ -190,7 +189,7 @@ class Engine:
         with self._lock:
             if self._draining or self._stopped:
                 raise Draining()
-            if len(self._waiting) >= self.max_queue + max(0, self.max_batch_size - self._busy_rows()):
+            if len(self._waiting) >= self.max_queue + max(0, self.max_batch_size - len(self._rows)):
                 raise QueueFull()
             self._waiting.append(request)
             self._lock.notify()
@@ -222,9 +221,6 @@ class Engine:
     def load(self) -> dict:
         with self._lock:
             return {"running": len(self._rows), "waiting": len(self._waiting)}
-
-    def _busy_rows(self) -> int:
-        return len(self._rows)
 
     # ------------------------------------------------------------------ routing hooks
     def _find_routers(self) -> list[tuple[str, torch.nn.Module]]:
