@@ -154,16 +154,18 @@ def serve(model, tokenizer, name: str, *, host: str, port: int, api_key: str | N
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     where = f"http://{host}:{port}"
     kind = f"a mixture of {model.num_experts} experts" if hasattr(model, "routing") else "a base model"
-    log.info("serving %s (%s) on %s/v1; SIGTERM or Ctrl-C stops after the requests in flight (at most %gs)",
+    log.info("starting: %s (%s) on %s/v1; SIGTERM or Ctrl-C stops it after the requests in flight (at most %gs)",
              name, kind, where, drain_timeout)
     try:
         server.run()
+    except SystemExit:  # uvicorn's answer to an address it cannot bind (it logged why)
+        pass
     finally:
         engine.stop(timeout=5)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if not server.started:
-        raise ConfigError(f"dylora serve could not listen on {host}:{port} (in use, or not an address of this "
+        raise ConfigError(f"could not listen on {host}:{port} (in use, or not an address of this "
                           "machine): choose another --port or --host.")
     log.info("stopped")
     return 0

@@ -100,3 +100,15 @@ def test_a_bad_model_is_one_paragraph_and_exit_2(tmp_path):
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("dylora serve: error:")]
     assert len(lines) == 1 and "no such directory" in lines[0] and "runs/RUN_ID/final" in lines[0]
+
+
+def test_a_port_in_use_is_one_paragraph_and_exit_2():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        process = dylora("serve", "--model", "tiny-python-lm", "--port", str(taken.getsockname()[1]))
+        out, err = process.communicate(timeout=300)
+    assert process.returncode == 2 and "Traceback" not in err
+    assert "dylora serve: error: could not listen on 127.0.0.1:" in err
