@@ -189,7 +189,9 @@ class Engine:
         with self._lock:
             if self._draining or self._stopped:
                 raise Draining()
-            if len(self._waiting) >= self.max_queue + max(0, self.max_batch_size - len(self._rows)):
+            # a slot free now (its row may have finished and not yet left the batch) takes a request beside the queue
+            free = self.max_batch_size - sum(not row.done for row in self._rows)
+            if len(self._waiting) >= self.max_queue + max(0, free):
                 raise QueueFull()
             self._waiting.append(request)
             self._lock.notify()
@@ -220,7 +222,7 @@ class Engine:
 
     def load(self) -> dict:
         with self._lock:
-            return {"running": len(self._rows), "waiting": len(self._waiting)}
+            return {"running": sum(not row.done for row in self._rows), "waiting": len(self._waiting)}
 
     # ------------------------------------------------------------------ routing hooks
     def _find_routers(self) -> list[tuple[str, torch.nn.Module]]:
