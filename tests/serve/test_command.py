@@ -36,6 +36,13 @@ def wait_healthy(url: str, process, seconds=120.0) -> None:
     raise AssertionError("dylora serve did not become healthy")
 
 
+def wait_running(url: str, seconds=60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while httpx.get(url + "/health", timeout=5).json()["running"] < 1:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.05)
+
+
 def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(mixture_dir):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -54,7 +61,7 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(mixtur
 
         thread = threading.Thread(target=long_request)
         thread.start()
-        time.sleep(1.0)
+        wait_running(url)
         process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         with pytest.raises((openai.APIConnectionError, openai.APIStatusError)) as refused:
@@ -82,7 +89,7 @@ def test_sigterm_bounds_the_drain(mixture_dir):
                                                                model=str(mixture_dir), prompt="def f():",
                                                                max_tokens=1000, temperature=0))
         thread.start()
-        time.sleep(1.0)
+        wait_running(url)
         stopped = time.monotonic()
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0

