@@ -33,10 +33,11 @@ def commands() -> tuple[ModuleType, ...]:
     from .export import command as export
     from .export import merge_command as merge
     from .generate import command as generate
+    from .serve import command as serve
     from .train import command as train
     from .train import report_command as report
 
-    return train, generate, ckpt, eval_, export, merge, submit, report
+    return train, generate, serve, ckpt, eval_, export, merge, submit, report
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""``dylora serve``: an OpenAI-compatible HTTP server with continuous batching (docs/serving.md)."""
