@@ -18,7 +18,7 @@ from types import ModuleType
 
 from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, TRAINING_EXIT_STATUS_HELP, DyLoRAError
-from .runtime.launcher import is_main_process, launched_rank, launched_world_size
+from .runtime.launcher import is_main_process, launched_rank, launched_world_size, stop_with_the_launcher
 from .runtime.signals import SIGNALS, SignalWatch, StartupInterrupted
 
 
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     # Spot VMs are reclaimed during start-up too: from the first moment, SIGTERM/SIGINT end the command
     # with one line and status 75 (training then takes them over to checkpoint first).
     signals = SignalWatch().install()
+    stop_with_the_launcher()  # a rank whose torchrun is killed gets SIGTERM: it checkpoints and exits 75
     status = None
     try:
         status = _run(argv, signals)
