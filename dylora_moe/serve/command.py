@@ -12,7 +12,7 @@ import os
 import signal
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import EXIT_STATUS_HELP, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ def load_model(ref: str):
 
     from ..checkpoint.references import fetch_model
     from ..model.base import load_base_model, load_tokenizer
-    from ..model.dylora import CONFIG_NAME, load_trained_mixture
+    from ..model.io import CONFIG_NAME
+    from ..model.trained import load_trained_mixture
 
     with tempfile.TemporaryDirectory(prefix="dylora-serve-") as downloads:  # loaded, then removed
         fetched = fetch_model(ref, Path(downloads))

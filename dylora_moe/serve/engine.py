@@ -241,7 +241,7 @@ class Engine:
 
     @property
     def _per_example(self) -> bool:
-        return self.routing is not None and self.routing.granularity == "example"
+        return self.routing is not None and self.routing.settings.granularity == "example"
 
     # ------------------------------------------------------------------ worker thread
     def _warm_up(self) -> None:
@@ -318,14 +318,14 @@ class Engine:
         cache = DynamicCache()
         self._phase = "prefill"
         if self.routing is not None:
-            self.routing.prompt_mask = mask.bool()  # per-example routers pool over the prompt's own tokens
+            self.routing.context.prompt_mask = mask.bool()  # per-example routers pool over the prompt's own tokens
         try:
             out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                           logits_to_keep=1, **{self._cache_arg: cache})
         finally:
             self._phase = None
             if self.routing is not None:
-                self.routing.prompt_mask = None
+                self.routing.context.prompt_mask = None
         gates = None
         if self._routers:
             gates = []
@@ -361,7 +361,7 @@ class Engine:
 
     def _gate_of(self, gates: list[torch.Tensor], i: int) -> Gate:
         names = [name for name, _ in self._routers]
-        return Gate(self.routing.granularity, {name: g[i, 0].tolist() for name, g in zip(names, gates)})
+        return Gate(self.routing.settings.granularity, {name: g[i, 0].tolist() for name, g in zip(names, gates)})
 
     def _generator(self, sampling: Sampling, choice: int) -> torch.Generator | None:
         if sampling.greedy:
