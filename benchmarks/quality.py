@@ -12,6 +12,8 @@ Designs (``--designs``, comma-separated; see DESIGNS below):
   lora_r64     one PEFT LoRA with the mixture's trainable size (rank E*r = 64)
   lora_r16     one PEFT LoRA of one expert's size (rank 16)
   moe_default  the mixture with the library's current defaults
+  moe_e4r64_top1  4 experts of rank 64, per-example top-1 from the first step: lora_r64_mlp's active
+               size with 4x its trainable parameters
   ...          mixture variants
 
     OMP_NUM_THREADS=1 python benchmarks/quality.py --seed 1 [--steps 300] [--designs a,b,...] [--json F]
@@ -25,7 +27,8 @@ rate (--lrs) x alpha/r (--scales; r is one expert's rank in a mixture), the same
 loss on a validation split carved from the training data (--val_fraction, seed --tune_seed); then
 each arm's best re-run with --seeds and reported best against best on the held-out split (mean and
 min-max over seeds, per dataset, paired differences, MI). --resume_json F skips runs already in F
-(to widen a grid). Results and the command used: docs/benchmarks.md.
+(to widen a grid, or to reuse an arm's grid); an arm's seeds start as soon as its grid is done, and
+--guess ARM=LR,SCALE starts them with the grid (kept only if the grid chooses that setting). Results and the command used: docs/benchmarks.md.
 
 Outside --tune every LoRA uses alpha = 2 * rank and dropout 0.05. In training, mixtures
 get each example's dataset (``dataset_ids``), which only the dataset-expert loss reads
@@ -147,6 +150,14 @@ DESIGNS: dict[str, tuple[str, dict]] = {
         **EXAMPLE_DENSE_A128, "router_scale": 30.0, "target_modules": targets, **dmi_options(dmi)})
        for where, targets in (("mlp", MLP), ("all", "all-linear"))
        for dmi in ("_dmi0.03", "_dmi0.1", "_dmi0.2", "_dmi0.3", "_dmi0.1_bal0", "_dmi0.2_bal0", "_dmi0.3_bal0")},
+    # top-1 at equal ACTIVE parameters: 4 experts of rank 64 on the MLP, per-example top-1 from the first
+    # step (maturity at 0), so every example, in training and on the held-out split, passes through one
+    # rank-64 expert: the active size of lora_r64_mlp with 4x its trainable parameters. With one expert
+    # kept, its gate is 1, so the LM loss sends the router no gradient: the dataset term (0.2) and the
+    # balance loss (0.01) train it. alpha 2048 (alpha/r 32, the tuned lora_r64_mlp's scale; --tune sets it)
+    "moe_e4r64_top1": ("moe", {"routing": "example", "router_scale": 30.0, "target_modules": MLP,
+                               "num_experts": 4, "r": 64, "top_k": 1, "maturity_fraction": 0.0, "alpha": 2048.0,
+                               "dataset_mi_coefficient": 0.2, "balance_coefficient": 0.01}),
 }
 
 
@@ -323,9 +334,12 @@ def _tune_job(job: tuple) -> dict:
     return result
 
 
-def run_jobs(args, jobs: list[tuple], out: list[dict]) -> None:
-    """Run ``jobs`` in ``args.workers`` processes, appending each result to ``out`` and ``args.json``."""
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+def run_jobs(args, jobs: list[tuple], out: list[dict], then=None) -> None:
+    """Run ``jobs`` in ``args.workers`` processes, appending each result to ``out`` and ``args.json``.
+
+    ``then(out)``, called after each result, returns further jobs to run in the same pool (an arm's
+    seeds once its grid is done), so no worker waits for a slower arm's grid."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     import multiprocessing
 
     def record(result):
@@ -337,13 +351,22 @@ def run_jobs(args, jobs: list[tuple], out: list[dict]) -> None:
               f"{result['scale']:g}: val {result['val_loss_all']:.4f} held-out {result['loss_all']:.4f} "
               f"({result['train_s']:.0f} s)", file=sys.stderr, flush=True)
 
+    def more():
+        return then(out) if then else []
+
     if args.workers <= 1:
-        for job in jobs:
-            record(_tune_job(job))
+        queue = list(jobs)
+        while queue:
+            record(_tune_job(queue.pop(0)))
+            queue += more()
         return
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for future in as_completed([pool.submit(_tune_job, job) for job in jobs]):
-            record(future.result())
+        pending = {pool.submit(_tune_job, job) for job in jobs + more()}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                record(future.result())
+            pending |= {pool.submit(_tune_job, job) for job in more()}
 
 
 def best_settings(rows: list[dict], arms: list[str]) -> dict[str, tuple[float, float]]:
@@ -371,10 +394,30 @@ def tune(args) -> list[dict]:
         rows = [json.loads(line) for line in Path(args.resume_json).read_text().splitlines() if line.strip()]
     done = {(r["phase"], r["design"], r["seed"], r["lr"], r["scale"]) for r in rows}
     grid = [(args, "tune", arm, args.tune_seed, lr, scale, device) for lr in lrs for scale in scales for arm in arms]
-    run_jobs(args, [j for j in grid if j[1:6] not in done], rows)
-    best = best_settings(rows, arms)
-    finals = [(args, "final", arm, seed, *best[arm], device) for seed in seeds for arm in arms]
-    run_jobs(args, [j for j in finals if j[1:6] not in done], rows)
+    started: set[str] = set()
+    # --guess ARM=LR,SCALE: that arm's seeds at that setting start with the grid, to save a wave of
+    # runs when the grid then chooses it; reported only if it does (the choice is the grid's alone)
+    guesses = []
+    for guess in filter(None, (g.strip() for g in (args.guess or "").split(";"))):
+        arm, _, setting = guess.partition("=")
+        lr, scale = (float(x) for x in setting.split(","))
+        guesses += [(args, "final", arm, seed, lr, scale, device) for seed in seeds]
+    submitted = {j[1:6] for j in guesses}
+
+    def finals_ready(out: list[dict]) -> list[tuple]:
+        """The seed runs of each arm whose grid is complete (in ``out``), once per arm."""
+        have = {(r["phase"], r["design"], r["seed"], r["lr"], r["scale"]) for r in out}
+        jobs = []
+        for arm in arms:
+            if arm in started or any(j[2] == arm and j[1:6] not in have for j in grid):
+                continue
+            started.add(arm)
+            lr, scale = best_settings(out, [arm])[arm]
+            jobs += [(args, "final", arm, seed, lr, scale, device) for seed in seeds
+                     if ("final", arm, seed, lr, scale) not in have | submitted]
+        return jobs
+
+    run_jobs(args, [j for j in grid + guesses if j[1:6] not in done], rows, then=finals_ready)
     return rows
 
 
@@ -471,6 +514,8 @@ def main() -> None:
     tuning.add_argument("--val_fraction", type=float, default=0.1,
                         help="share of each dataset's training examples set aside to choose settings by")
     tuning.add_argument("--workers", type=int, default=1, help="runs in parallel (one process each)")
+    tuning.add_argument("--guess", metavar="ARM=LR,SCALE[;...]",
+                        help="start ARM's seed runs at this setting with the grid (kept only if the grid chooses it)")
     tuning.add_argument("--resume_json", help="results of an earlier --tune (its --json): runs in it are not repeated")
     args = parser.parse_args()
     if args.table:
