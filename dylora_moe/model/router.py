@@ -215,9 +215,10 @@ class HybridRouter(nn.Module):
             return forced.to(x.device).expand(*x.shape[:-1], -1)
         if settings.granularity == "example":
             kept = self.kept_gate if context.generating else None
-            if (kept is not None and context.prompt_mask is not None and kept.shape[0] == x.shape[0]
-                    and x.shape[-2] < context.prompt_mask.shape[-1]):
-                return kept  # a generation step after the prompt: the example keeps its gate
+            if kept is not None and kept.shape[0] == x.shape[0]:
+                # the prompt was routed (its forward kept this gate): every later step of the generation is a
+                # new token, also after a one-token prompt, and the example keeps its gate
+                return kept
             x = self._pool_prompt(x)
         logits = F.linear(x.float(), self.weight.float())
         if settings.scale != 1.0:

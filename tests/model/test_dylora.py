@@ -8,7 +8,8 @@ from tests.model.helpers import (assert_exported_experts_give_the_forced_logits,
 
 
 def trained_mixture(base=None, **config):
-    config = {"num_experts": 3, "r": 4, "dropout": 0.0, "target_modules": "q_proj,v_proj", **config}
+    # alpha 2 x 3 x 4: randomised experts at the default scale (32 x ...) would swamp the tiny base's logits
+    config = {"num_experts": 3, "r": 4, "alpha": 24.0, "dropout": 0.0, "target_modules": "q_proj,v_proj", **config}
     model = DyLoRAMoE(base if base is not None else tiny_llama(), DyLoRAConfig(**config)).eval()
     randomize_experts(model)
     return model
@@ -68,7 +69,7 @@ def test_trainable_state_holds_no_base_parameter_and_round_trips(input_ids):
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
     assert sum(t.numel() for k, t in state.items() if not k.startswith("routing.")) == n_trainable
 
-    fresh = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=3, r=4, dropout=0.0, target_modules="q_proj,v_proj")).eval()
+    fresh = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=3, r=4, alpha=24.0, dropout=0.0, target_modules="q_proj,v_proj")).eval()
     fresh.load_trainable_state_dict(state)
     assert fresh.routing.mature.tolist() == [False, True, False]
     assert all(torch.equal(a, b) for a, b in zip(fresh.trainable_state_dict().values(), state.values()))

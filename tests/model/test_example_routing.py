@@ -174,3 +174,20 @@ def test_auxiliary_losses_without_weight_are_reported_but_build_no_graph():
     assert out.z_loss > 0 and out.z_loss.grad_fn is None  # monitored only
     assert out.mi_loss.grad_fn is not None and out.balance_loss.grad_fn is not None
     torch.testing.assert_close(out.loss, out.lm_loss + 0.01 * out.balance_loss + 0.1 * out.mi_loss)
+
+
+def test_a_one_token_prompt_keeps_its_gate_for_every_new_token():
+    model = example_mixture()
+    model.base_model.generation_config.eos_token_id = None
+    prompt = torch.tensor([[17], [42]])
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    routed = model.generate(prompt, **kwargs)
+    # the same generation with each example's gate fixed to the one its prompt gets
+    forced = []
+    for row in prompt:
+        layer_gates = torch.stack([g[0, 0] for g in gates(model, row[None], prompt_mask=torch.ones(1, 1))])
+        model.force_gates(layer_gates)
+        forced.append(model.generate(row[None], max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                     attention_mask=torch.ones(1, 1, dtype=torch.long)))
+        model.force_gates(None)
+    assert torch.equal(routed, torch.cat(forced))

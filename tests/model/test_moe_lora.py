@@ -52,7 +52,7 @@ def _grad_norms(model):
 
 
 def test_dense_mode_gradients_reach_every_expert_and_router(llama, input_ids):
-    model = DyLoRAMoE(llama, DyLoRAConfig(num_experts=4, r=4, dropout=0.0))
+    model = DyLoRAMoE(llama, DyLoRAConfig(num_experts=4, r=4, alpha=32.0, dropout=0.0))  # a moderate scale: no saturated softmax
     randomize_experts(model)
     assert model.routing.dense
     model(input_ids, labels=input_ids).loss.backward()
@@ -63,7 +63,7 @@ def test_dense_mode_gradients_reach_every_expert_and_router(llama, input_ids):
 
 
 def test_topk_mode_gradients_reach_routers(llama, input_ids):
-    model = DyLoRAMoE(llama, DyLoRAConfig(num_experts=4, r=4, top_k=2, dropout=0.0))
+    model = DyLoRAMoE(llama, DyLoRAConfig(num_experts=4, r=4, alpha=32.0, top_k=2, dropout=0.0))
     randomize_experts(model)
     model.set_maturity()
     assert not model.routing.dense

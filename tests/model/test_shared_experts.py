@@ -10,7 +10,9 @@ from tests.model.helpers import (assert_exported_experts_give_the_forced_logits,
 
 
 def shared_mixture(base=None, **config):
-    config = {"num_experts": 3, "shared_experts": 1, "r": 4, "dropout": 0.0, "target_modules": "q_proj,v_proj", **config}
+    # alpha 2 x (3 + 1) x 4: randomised experts at the default scale would swamp the tiny base's logits
+    config = {"num_experts": 3, "shared_experts": 1, "r": 4, "alpha": 32.0, "dropout": 0.0,
+              "target_modules": "q_proj,v_proj", **config}
     model = DyLoRAMoE(base if base is not None else tiny_llama(), DyLoRAConfig(**config)).eval()
     randomize_experts(model)
     g = torch.Generator().manual_seed(7)
