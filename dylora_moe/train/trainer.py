@@ -44,8 +44,7 @@ from ..model.config import DEFAULT_TARGET_MODULES
 from ..model.dylora import whole_tensor
 from ..model.base import load_base_model, load_tokenizer
 from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow
-from .checkpoint_payload import (GatheredState, RunRecord, TrainingPayload, fingerprint_of, restore_progress,
-                                 restore_weights, rng_state)
+from .checkpoint_payload import GatheredState, RunRecord, TrainingPayload, fingerprint_of, restore_progress, rng_state
 from .checkpointing import EXIT_UNPUBLISHED, Checkpointer, UnpublishedCheckpoints
 from .config import TrainConfig
 from .distributed import (Ranks, gradient_sync, load_whole_optimizer_state, shard_parameters, whole_optimizer_state,
@@ -102,8 +101,9 @@ class Trainer:
         self.run_id = cfg.resolved_run_id()
         self.run_dir = Path(cfg.output_dir) / self.run_id
         self.history = MetricHistory(self.run_dir)
+        self.checkpointer = Checkpointer(cfg, self.run_id, self.run_dir, store=self._store)
         try:
-            self.ranks.on_main(self._claim_run_dir, "claiming the run directory")
+            self.ranks.on_main(self._start_on_main, "claiming the run directory")
             return self._setup_rest(model_config)
         except StartupInterrupted as stop:
             self._abort(EXIT_PREEMPTED)
@@ -112,10 +112,10 @@ class Trainer:
             self._abort()
             raise
 
-    def _claim_run_dir(self) -> None:
-        """Rank 0: lock the run directory, clean what a crash left, open W&B when it is the store."""
+    def _start_on_main(self) -> None:
+        """Rank 0: lock the run directory, clean what a crash left, open W&B when it is the store, open
+        and probe the store."""
         cfg = self.config
-        self.checkpointer = Checkpointer(cfg, self.run_id, self.run_dir, store=self._store)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.lock = RunDirLock(self.run_dir).acquire()  # before anything in the run directory is touched
@@ -126,49 +126,18 @@ class Trainer:
         self.checkpointer.clean_leftovers()
         if cfg.checkpoint_store == "wandb":  # the store is this run's artifact: open the run first
             self._open_sink()
-
-    def _open_store_and_fetch(self) -> Any:
-        """Rank 0: check the store, fetch the checkpoint to resume from (if any); its fingerprint
-        (``Checkpointer.saved_fingerprint``), or None without one."""
         self.phase = "checking the checkpoint store"
         self.checkpointer.open_store(wandb_run=getattr(self.sink, "run", None))
-        self.phase = "fetching the checkpoint to resume from"
-        if self.checkpointer.fetch_resume() is None:
-            return None
-        return self.checkpointer.saved_fingerprint()
-
-    def _check_and_read_resume(self) -> TrainingPayload | None:
-        """Rank 0: compare fingerprints, read the checkpoint (shared with every rank), open the sink."""
-        payload = None
-        if self.checkpointer.resume_dir is not None:
-            self.checkpointer.check_fingerprint(self.model)
-            payload = self.checkpointer.read_resume()
-        if not self._sink_open:
-            self._open_sink()  # only now: a refused resume must not touch the W&B run
-        return payload
 
     def _setup_rest(self, model_config: DyLoRAConfig) -> "Trainer":
         from ..data import LengthGroupedBatchSampler, PaddingCollator, build_datasets
         from ..data.mixing import derive_seed
 
         cfg, ranks = self.config, self.ranks
-        saved = ranks.on_main(self._open_store_and_fetch, "checking the checkpoint store")
-        if saved is not None:
-            if not cfg.lora_alpha:
-                # an alpha the user did not set is the checkpoint's (derived from its experts and rank), so a
-                # resume with --grow_experts keeps the scale the experts were trained with
-                model_config = dataclasses.replace(model_config, alpha=saved.alpha)
-            if cfg.target_modules is None:
-                # layers the user did not name are the checkpoint's: a run started before the default changed
-                # resumes as it was trained
-                model_config = dataclasses.replace(model_config, target_modules=tuple(saved.target_modules))
-        self.phase = "loading the base model"
-        self.tokenizer = load_tokenizer(cfg.model_name)
-        base = load_base_model(cfg.model_name).to(self.device)
-        self.model = DyLoRAMoE(base, model_config)
-        self.model.config.base_model_name_or_path = cfg.model_name
-        self.model.to(self.device)
-        payload = ranks.on_main(self._check_and_read_resume, "checking the checkpoint to resume from")
+        self.phase = "fetching the checkpoint to resume from"
+        self.model, resumed = self.checkpointer.resume(ranks, model_config, build=self._setup_model)
+        ranks.on_main(self._open_sink, "opening the metrics run")  # only now: a refused resume must not touch W&B
+        payload = resumed.payload if resumed is not None else None
 
         self.phase = "loading the data"
         self.train_data, self.eval_data, self.data_report = build_datasets(
@@ -198,7 +167,7 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch
         if ranks.rank > 0:  # the same initial weights everywhere, but each rank its own dropout
             seed_everything(derive_seed(cfg.seed, "rank", ranks.rank))
-        grown = restore_weights(payload, self.model) if payload is not None else False
+        grown = resumed is not None and resumed.grown
         self.sharded = cfg.fsdp and ranks.enabled
         self.fingerprint = None
         if self.sharded:  # the weights are whole until here; from here each rank holds its shards
@@ -216,7 +185,7 @@ class Trainer:
         if payload is not None:
             load = (lambda whole: load_whole_optimizer_state(self.optimizer, whole)) if self.sharded else None
             self.state = restore_progress(payload, self.optimizer, self.scheduler, ranks.rank, grown, load)
-            log.info("resumed from %s at step %d (epoch %d, micro-batch %d of %d)%s", self.resume_dir,
+            log.info("resumed from %s at step %d (epoch %d, micro-batch %d of %d)%s", resumed.directory,
                      self.state.global_step, self.state.epoch, self.state.batch_in_epoch,
                      self.sampler.global_num_batches, self._world_change(payload))
         ranks.on_main(lambda: self.checkpointer.start_publishing(self.state.best_step), "starting the publisher")
@@ -260,7 +229,7 @@ class Trainer:
         return self.checkpointer.resume_dir if self.checkpointer is not None else None
 
     def _stopped_during_startup(self, stop: StartupInterrupted) -> Preempted:
-        latest = self.checkpointer.latest() if self.checkpointer is not None else None
+        latest = self.checkpointer.latest() if self.checkpointer is not None and self.ranks.is_main else None
         saved = (f"the newest checkpoint {latest} is intact" if latest is not None
                  else f"run {self.run_id} has no local checkpoint yet" if self.ranks.is_main
                  else "the run's checkpoints are rank 0's")
@@ -290,7 +259,18 @@ class Trainer:
             gc.collect()
         self.ranks.close()
 
+    def _setup_model(self, model_config: DyLoRAConfig) -> DyLoRAMoE:
+        """The mixture of ``model_config`` on the base model, on this rank's device."""
+        cfg = self.config
+        self.phase = "loading the base model"
+        self.tokenizer = load_tokenizer(cfg.model_name)
+        model = DyLoRAMoE(load_base_model(cfg.model_name).to(self.device), model_config)
+        model.config.base_model_name_or_path = cfg.model_name
+        return model.to(self.device)
+
     def _open_sink(self) -> None:
+        if self._sink_open:
+            return
         cfg = self.config
         self.sink = make_sink(cfg.report_to, self.run_id, self.run_dir, cfg.wandb_project, cfg.wandb_entity, cfg.to_dict())
         self._sink_open = True
