@@ -46,6 +46,7 @@ from ..model.base import load_base_model, load_tokenizer
 from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow
 from .checkpoint_payload import GatheredState, RunRecord, TrainingPayload, fingerprint_of, restore_progress, rng_state
 from .checkpointing import EXIT_UNPUBLISHED, Checkpointer, UnpublishedCheckpoints
+from .batch_plan import BatchPlan
 from .config import TrainConfig
 from .distributed import (Ranks, gradient_sync, load_whole_optimizer_state, shard_parameters, whole_optimizer_state,
                           wrap_for_gradient_sync)
@@ -153,16 +154,15 @@ class Trainer:
         sources = (sorted(set(self.train_data["source"]) | set(self.eval_data["source"]))
                    if model_config.dataset_mi_coefficient else None)
         self.collator = PaddingCollator.for_tokenizer(self.tokenizer, sources=sources)
-        self.micro_batches_per_step = self._micro_batches_per_step(payload)
-        self.accumulation = self.micro_batches_per_step // ranks.world_size
+        self.plan = BatchPlan.for_run(ranks.world_size, cfg.gradient_accumulation_steps, cfg.train_batch_size, payload)
         self.sampler = LengthGroupedBatchSampler(
             self.train_data["length"], cfg.train_batch_size, seed=cfg.seed, num_replicas=ranks.world_size,
-            rank=ranks.rank, step_multiple=self.micro_batches_per_step)
+            rank=ranks.rank, step_multiple=self.plan.micro_batches_per_step)
         # every rank evaluates the same number of batches (FSDP needs it): a rank short of one repeats
         # a batch and leaves it out of the sums (see evaluate)
         self.eval_sampler = LengthGroupedBatchSampler(self.eval_data["length"], cfg.eval_batch_size, shuffle=False,
                                                       num_replicas=ranks.world_size, rank=ranks.rank)
-        steps_per_epoch = self.sampler.global_num_batches // self.micro_batches_per_step
+        steps_per_epoch = self.plan.steps_per_epoch(self.sampler.global_num_batches)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
         self.steps_per_epoch = steps_per_epoch
         if ranks.rank > 0:  # the same initial weights everywhere, but each rank its own dropout
@@ -187,41 +187,9 @@ class Trainer:
             self.state = restore_progress(payload, self.optimizer, self.scheduler, ranks.rank, grown, load)
             log.info("resumed from %s at step %d (epoch %d, micro-batch %d of %d)%s", resumed.directory,
                      self.state.global_step, self.state.epoch, self.state.batch_in_epoch,
-                     self.sampler.global_num_batches, self._world_change(payload))
+                     self.sampler.global_num_batches, self.plan.change(cfg.gradient_accumulation_steps))
         ranks.on_main(lambda: self.checkpointer.start_publishing(self.state.best_step), "starting the publisher")
         return self
-
-    def _micro_batches_per_step(self, payload: TrainingPayload | None) -> int:
-        """Global micro-batches per optimizer step: this run's ranks x accumulation, or the checkpoint's.
-
-        A resumed run keeps the checkpoint's global batch whatever its world size, by recomputing
-        the accumulation; a world size that cannot reproduce it is refused before training.
-        """
-        cfg, world = self.config, self.ranks.world_size
-        if payload is None:
-            return world * cfg.gradient_accumulation_steps
-        saved, saved_world = payload.micro_batches_per_step, payload.world_size
-        if saved % world:
-            raise ConfigError(
-                f"the checkpoint was trained with a global batch of {saved} micro-batches per optimizer step "
-                f"({saved_world} rank(s) x {saved // saved_world} accumulation step(s) x --train_batch_size "
-                f"{payload.data_state.get('train_batch_size') or cfg.train_batch_size}), which {world} ranks cannot "
-                f"reproduce: resume on a number of ranks that divides {saved} (e.g. "
-                f"{', '.join(str(n) for n in range(1, saved + 1) if saved % n == 0)}).")
-        saved_batch = payload.data_state.get("train_batch_size")
-        if saved_batch and saved_batch != cfg.train_batch_size:
-            log.warning("--train_batch_size %d differs from the checkpoint's %d: the global batch and the order of "
-                        "the examples change from here on", cfg.train_batch_size, saved_batch)
-        return saved
-
-    def _world_change(self, payload: TrainingPayload) -> str:
-        saved_world = payload.world_size
-        accumulation = self.micro_batches_per_step // saved_world
-        if saved_world == self.ranks.world_size and accumulation == self.config.gradient_accumulation_steps:
-            return ""
-        return (f"; saved by {saved_world} rank(s) x {accumulation} accumulation, continued on "
-                f"{self.ranks.world_size} rank(s) x {self.accumulation} accumulation: the same global batch of "
-                f"{self.micro_batches_per_step} micro-batches")
 
     @property
     def resume_dir(self) -> Path | None:
@@ -445,7 +413,7 @@ class Trainer:
             listed = self.sampler.rank_batches(st.epoch)[start:] if trace else []
             while remaining > 0 and self.stop_reason is None:
                 self.history.flush(st, self.sink)  # the previous step's row is complete: one row per step
-                n = min(self.accumulation, remaining)
+                n = min(self.plan.accumulation, remaining)
                 if trace:
                     trace.record(st.global_step + 1, listed[:n])
                     listed = listed[n:]
@@ -566,7 +534,7 @@ class Trainer:
         return RunRecord(run_id=self.run_id, training_config=self.config.to_dict(), seed=self.config.seed,
                          batches_per_epoch=self.sampler.global_num_batches, train_examples=len(self.train_data),
                          wandb_run_id=self.sink.run_id, world_size=self.ranks.world_size,
-                         micro_batches_per_step=self.micro_batches_per_step,
+                         micro_batches_per_step=self.plan.micro_batches_per_step,
                          train_batch_size=self.config.train_batch_size)
 
     def finish(self) -> dict[str, Any]:
@@ -623,7 +591,7 @@ class Trainer:
             "maturity_step": st.maturity_step,
             "num_experts": self.model.num_experts,
             "world_size": self.ranks.world_size,
-            "global_batch": self.micro_batches_per_step * self.config.train_batch_size,
+            "global_batch": self.plan.global_batch,
             "train_examples": len(self.train_data),
             "eval_examples": len(self.eval_data),
             "model_dir": str(model_dir),
