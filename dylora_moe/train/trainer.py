@@ -45,7 +45,7 @@ from ..model.dylora import whole_tensor
 from ..model.base import load_base_model, load_tokenizer
 from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow
 from .checkpoint_payload import GatheredState, RunRecord, TrainingPayload, fingerprint_of, restore_progress, rng_state
-from .checkpointing import EXIT_UNPUBLISHED, Checkpointer, UnpublishedCheckpoints
+from .checkpointing import EXIT_UNPUBLISHED, Checkpointer, Resumed, UnpublishedCheckpoints
 from .batch_plan import BatchPlan
 from .config import TrainConfig
 from .distributed import (Ranks, gradient_sync, load_whole_optimizer_state, shard_parameters, whole_optimizer_state,
@@ -92,20 +92,41 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
+        """Build the run on this rank: the model (with a checkpoint's weights when resuming), the data
+        and its batching, the distributed model, the optimizer, then the rest of what a checkpoint
+        restores. Each step returns what it builds."""
+        from ..data.mixing import derive_seed
+
         cfg = self.config
         if cfg.fp16 and not torch.cuda.is_available():
             raise ConfigError("--fp16 needs a CUDA GPU and none is available; use --bf16 (works on CPU) or neither.")
         model_config = self.model_config()  # validates the mixture options before anything is loaded
-        self.ranks = Ranks.from_environment()  # under a launcher: join the other ranks first
+        self.ranks = ranks = Ranks.from_environment()  # under a launcher: join the other ranks first
         seed_everything(cfg.seed)
-        self.device = self.ranks.device()
+        self.device = ranks.device()
         self.run_id = cfg.resolved_run_id()
         self.run_dir = Path(cfg.output_dir) / self.run_id
         self.history = MetricHistory(self.run_dir)
         self.checkpointer = Checkpointer(cfg, self.run_id, self.run_dir, store=self._store)
         try:
-            self.ranks.on_main(self._start_on_main, "claiming the run directory")
-            return self._setup_rest(model_config)
+            ranks.on_main(self._start_on_main, "claiming the run directory")
+            self.phase = "fetching the checkpoint to resume from"
+            self.model, resumed = self.checkpointer.resume(ranks, model_config, build=self._setup_model)
+            ranks.on_main(self._open_sink, "opening the metrics run")  # only now: a refused resume never touches W&B
+            self.plan = BatchPlan.for_run(ranks.world_size, cfg.gradient_accumulation_steps, cfg.train_batch_size,
+                                          resumed.payload if resumed is not None else None)
+            self.tokenizer, self.train_data, self.eval_data, self.data_report = self._setup_data()
+            self.collator, self.sampler, self.eval_sampler = self._setup_batches(self.plan)
+            self.steps_per_epoch = self.plan.steps_per_epoch(self.sampler.global_num_batches)
+            self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * self.steps_per_epoch))
+            if ranks.rank > 0:  # the same initial weights everywhere, but each rank its own dropout
+                seed_everything(derive_seed(cfg.seed, "rank", ranks.rank))
+            self.fingerprint = fingerprint_of(self.model)  # of the whole base, which checkpoints record
+            self.train_model = self._distribute(self.model)
+            self.optimizer, self.scheduler = self._setup_optimizer()
+            self.state = self._restore(resumed)
+            ranks.on_main(lambda: self.checkpointer.start_publishing(self.state.best_step), "starting the publisher")
+            return self
         except StartupInterrupted as stop:
             self._abort(EXIT_PREEMPTED)
             raise self._stopped_during_startup(stop) from None
@@ -130,66 +151,76 @@ class Trainer:
         self.phase = "checking the checkpoint store"
         self.checkpointer.open_store(wandb_run=getattr(self.sink, "run", None))
 
-    def _setup_rest(self, model_config: DyLoRAConfig) -> "Trainer":
-        from ..data import LengthGroupedBatchSampler, PaddingCollator, build_datasets
-        from ..data.mixing import derive_seed
+    def _setup_model(self, model_config: DyLoRAConfig) -> DyLoRAMoE:
+        """The mixture of ``model_config`` on the base model, on this rank's device."""
+        self.phase = "loading the base model"
+        model = DyLoRAMoE(load_base_model(self.config.model_name).to(self.device), model_config)
+        model.config.base_model_name_or_path = self.config.model_name
+        return model.to(self.device)
+
+    def _setup_data(self) -> tuple[Any, Any, Any, Any]:
+        """The tokenizer, the training and validation splits, and the report of what was loaded."""
+        from ..data import build_datasets
+
+        cfg = self.config
+        self.phase = "loading the data"
+        tokenizer = load_tokenizer(cfg.model_name)
+        train_data, eval_data, report = build_datasets(
+            cfg.datasets, tokenizer, cfg.max_seq_length, data_dir=cfg.data_dir, seed=cfg.seed,
+            validation_fraction=cfg.validation_fraction, training_subset=cfg.training_subset,
+            eval_subset=cfg.eval_subset, mixing="interleave" if cfg.interleaved_sampling else "concat",
+        )  # weights written into --datasets ("a:2,b:1") win over either mixing
+        log.info("data:\n%s", report.summary())
+        if len(eval_data) == 0:
+            raise ConfigError("the validation split is empty: raise --validation_fraction or --eval_subset.")
+        return tokenizer, train_data, eval_data, report
+
+    def _setup_batches(self, plan: BatchPlan) -> tuple[Any, Any, Any]:
+        """The collator and this rank's training and evaluation batch samplers."""
+        from ..data import LengthGroupedBatchSampler, PaddingCollator
 
         cfg, ranks = self.config, self.ranks
-        self.phase = "fetching the checkpoint to resume from"
-        self.model, resumed = self.checkpointer.resume(ranks, model_config, build=self._setup_model)
-        ranks.on_main(self._open_sink, "opening the metrics run")  # only now: a refused resume must not touch W&B
-        payload = resumed.payload if resumed is not None else None
-
-        self.phase = "loading the data"
-        self.train_data, self.eval_data, self.data_report = build_datasets(
-            cfg.datasets, self.tokenizer, cfg.max_seq_length, data_dir=cfg.data_dir, seed=cfg.seed,
-            validation_fraction=cfg.validation_fraction, training_subset=cfg.training_subset,
-            eval_subset=cfg.eval_subset, mixing=self._mixing(),
-        )
-        log.info("data:\n%s", self.data_report.summary())
-        if len(self.eval_data) == 0:
-            raise ConfigError("the validation split is empty: raise --validation_fraction or --eval_subset.")
-
         # the dataset-MI router loss needs each example's dataset as a number (same order on every rank)
         sources = (sorted(set(self.train_data["source"]) | set(self.eval_data["source"]))
-                   if model_config.dataset_mi_coefficient else None)
-        self.collator = PaddingCollator.for_tokenizer(self.tokenizer, sources=sources)
-        self.plan = BatchPlan.for_run(ranks.world_size, cfg.gradient_accumulation_steps, cfg.train_batch_size, payload)
-        self.sampler = LengthGroupedBatchSampler(
-            self.train_data["length"], cfg.train_batch_size, seed=cfg.seed, num_replicas=ranks.world_size,
-            rank=ranks.rank, step_multiple=self.plan.micro_batches_per_step)
+                   if self.model.config.dataset_mi_coefficient else None)
+        collator = PaddingCollator.for_tokenizer(self.tokenizer, sources=sources)
+        sampler = LengthGroupedBatchSampler(self.train_data["length"], cfg.train_batch_size, seed=cfg.seed,
+                                            num_replicas=ranks.world_size, rank=ranks.rank,
+                                            step_multiple=plan.micro_batches_per_step)
         # every rank evaluates the same number of batches (FSDP needs it): a rank short of one repeats
         # a batch and leaves it out of the sums (see evaluate)
-        self.eval_sampler = LengthGroupedBatchSampler(self.eval_data["length"], cfg.eval_batch_size, shuffle=False,
-                                                      num_replicas=ranks.world_size, rank=ranks.rank)
-        steps_per_epoch = self.plan.steps_per_epoch(self.sampler.global_num_batches)
-        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
-        self.steps_per_epoch = steps_per_epoch
-        if ranks.rank > 0:  # the same initial weights everywhere, but each rank its own dropout
-            seed_everything(derive_seed(cfg.seed, "rank", ranks.rank))
-        grown = resumed is not None and resumed.grown
-        self.sharded = cfg.fsdp and ranks.enabled
-        self.fingerprint = None
+        eval_sampler = LengthGroupedBatchSampler(self.eval_data["length"], cfg.eval_batch_size, shuffle=False,
+                                                 num_replicas=ranks.world_size, rank=ranks.rank)
+        return collator, sampler, eval_sampler
+
+    def _distribute(self, model: DyLoRAMoE) -> torch.nn.Module:
+        """The module to train: ``model`` itself, in DDP, or sharded by FSDP (in place)."""
+        self.sharded = self.config.fsdp and self.ranks.enabled
         if self.sharded:  # the weights are whole until here; from here each rank holds its shards
-            self.fingerprint = fingerprint_of(self.model)  # of the base, which checkpoints record
-            shard_parameters(self.model, ranks)
-            self.train_model = self.model
-        else:
-            if cfg.fsdp:
-                log.warning("--fsdp has no effect in a single process (start the run with torchrun)")
-            self.train_model = wrap_for_gradient_sync(self.model, ranks)
-        self.optimizer = torch.optim.AdamW(
-            self.model.trainable_parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
-        )
-        self.scheduler = self._make_scheduler()
-        if payload is not None:
-            load = (lambda whole: load_whole_optimizer_state(self.optimizer, whole)) if self.sharded else None
-            self.state = restore_progress(payload, self.optimizer, self.scheduler, ranks.rank, grown, load)
-            log.info("resumed from %s at step %d (epoch %d, micro-batch %d of %d)%s", resumed.directory,
-                     self.state.global_step, self.state.epoch, self.state.batch_in_epoch,
-                     self.sampler.global_num_batches, self.plan.change(cfg.gradient_accumulation_steps))
-        ranks.on_main(lambda: self.checkpointer.start_publishing(self.state.best_step), "starting the publisher")
-        return self
+            shard_parameters(model, self.ranks)
+            return model
+        if self.config.fsdp:
+            log.warning("--fsdp has no effect in a single process (start the run with torchrun)")
+        return wrap_for_gradient_sync(model, self.ranks)
+
+    def _setup_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+        """AdamW over the trainable parameters (the distributed ones), and its learning-rate schedule."""
+        cfg = self.config
+        optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=cfg.learning_rate,
+                                      weight_decay=cfg.weight_decay)
+        return optimizer, self._make_scheduler(optimizer)
+
+    def _restore(self, resumed: Resumed | None) -> TrainerState:
+        """The progress to continue from: a fresh one, or the checkpoint's, with its optimizer state (not
+        after growth), the schedule's position and this rank's RNGs put back (its weights already are)."""
+        if resumed is None:
+            return TrainerState()
+        load = (lambda whole: load_whole_optimizer_state(self.optimizer, whole)) if self.sharded else None
+        state = restore_progress(resumed.payload, self.optimizer, self.scheduler, self.ranks.rank, resumed.grown, load)
+        log.info("resumed from %s at step %d (epoch %d, micro-batch %d of %d)%s", resumed.directory, state.global_step,
+                 state.epoch, state.batch_in_epoch, self.sampler.global_num_batches,
+                 self.plan.change(self.config.gradient_accumulation_steps))
+        return state
 
     @property
     def resume_dir(self) -> Path | None:
@@ -227,25 +258,12 @@ class Trainer:
             gc.collect()
         self.ranks.close()
 
-    def _setup_model(self, model_config: DyLoRAConfig) -> DyLoRAMoE:
-        """The mixture of ``model_config`` on the base model, on this rank's device."""
-        cfg = self.config
-        self.phase = "loading the base model"
-        self.tokenizer = load_tokenizer(cfg.model_name)
-        model = DyLoRAMoE(load_base_model(cfg.model_name).to(self.device), model_config)
-        model.config.base_model_name_or_path = cfg.model_name
-        return model.to(self.device)
-
     def _open_sink(self) -> None:
         if self._sink_open:
             return
         cfg = self.config
         self.sink = make_sink(cfg.report_to, self.run_id, self.run_dir, cfg.wandb_project, cfg.wandb_entity, cfg.to_dict())
         self._sink_open = True
-
-    def _mixing(self) -> str:
-        """Balanced or concatenated; weights written into --datasets ("a:2,b:1") win over both."""
-        return "interleave" if self.config.interleaved_sampling else "concat"
 
     def model_config(self) -> DyLoRAConfig:
         cfg = self.config
@@ -261,15 +279,15 @@ class Trainer:
             routing=cfg.routing, router_scale=cfg.router_scale,
         )
 
-    def _make_scheduler(self):
+    def _make_scheduler(self, optimizer: torch.optim.Optimizer | None = None):
+        """Cosine decay over ``total_steps`` after ``--warmup_ratio`` of them (with ``--cosine_restarts``)."""
         from transformers import get_cosine_schedule_with_warmup, get_cosine_with_hard_restarts_schedule_with_warmup
 
-        warmup = int(self.config.warmup_ratio * self.total_steps)
+        optimizer, warmup = optimizer or self.optimizer, int(self.config.warmup_ratio * self.total_steps)
         if self.config.cosine_restarts > 0:
             return get_cosine_with_hard_restarts_schedule_with_warmup(
-                self.optimizer, warmup, self.total_steps, num_cycles=self.config.cosine_restarts + 1
-            )
-        return get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
+                optimizer, warmup, self.total_steps, num_cycles=self.config.cosine_restarts + 1)
+        return get_cosine_schedule_with_warmup(optimizer, warmup, self.total_steps)
 
     def autocast(self):
         if self.config.bf16:
@@ -519,11 +537,11 @@ class Trainer:
 
         Every rank calls it: rank 0 writes, with every rank's RNG states (under FSDP also the whole
         weights and optimizer state, gathered from the shards); all get its directory."""
-        gathered = GatheredState(rng_states=self.ranks.gather(rng_state()))
+        gathered = GatheredState(rng_states=self.ranks.gather(rng_state()),
+                                 fingerprint=fingerprint_of(self.model, known=self.fingerprint))
         if self.sharded:
             gathered = dataclasses.replace(gathered, weights=self.model.trainable_state_dict(),
-                                           optimizer=whole_optimizer_state(self.optimizer),
-                                           fingerprint=fingerprint_of(self.model, known=self.fingerprint))
+                                           optimizer=whole_optimizer_state(self.optimizer))
         return self.ranks.on_main(
             lambda: self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state, self.history,
                                            self.run_record(), wait_s=wait_s, gathered=gathered),
