@@ -54,8 +54,7 @@ from .example_trace import ExampleTrace
 from .history import MetricHistory
 from .metrics import MetricsSink, make_sink
 from .preemption import EXIT_PREEMPTED, Preempted, SignalWatch, StartupInterrupted, signal_name
-from .report import plot_routing, write_summary
-from .routing_report import write_run_routing_report
+from .report import end_of_run_reports, run_summary, write_summary
 from .run_lock import RunDirLock
 from .state import TrainerState
 
@@ -579,8 +578,6 @@ class Trainer:
 
     def _finish_on_main(self, final_loss: float, weights: dict[str, torch.Tensor] | None) -> dict[str, Any]:
         """Rank 0: publishing, the model, the reports and the summary."""
-        from ..data import padding_waste
-
         st = self.state
         # A signal now (the loop is over) only shortens the wait for the store to the preemption budget.
         wait_s = self.config.preemption_budget_s if self.signals.received is not None else self.config.publish_timeout_s
@@ -591,50 +588,16 @@ class Trainer:
             self.model.save_pretrained(model_dir, state=weights)
             self.tokenizer.save_pretrained(model_dir)
         self.checkpointer.publish_final_best(st.best_step)  # the seed's best-dylora-model-full
-        reports = self._end_of_run_reports()
-        lengths = self.train_data["length"]
-        summary = {
-            "run_id": self.run_id,
-            "steps": st.global_step,
-            "epochs": st.global_step / max(self.steps_per_epoch, 1),
-            "stop_reason": self.stop_reason,
-            "eval_loss_base": st.eval_loss_base,
-            "eval_loss_final": final_loss,
-            "eval_loss_best": st.best_eval_loss,
-            "best_step": st.best_step,
-            "train_time_s": st.train_time_s,
-            "tokens_seen": st.tokens_seen,
-            "tokens_per_s": st.tokens_seen / max(st.train_time_s, 1e-9),
-            "padding_waste": padding_waste(lengths, self.sampler.rank_batches(0)),
-            "maturity_step": st.maturity_step,
-            "num_experts": self.model.num_experts,
-            "world_size": self.ranks.world_size,
-            "global_batch": self.plan.global_batch,
-            "train_examples": len(self.train_data),
-            "eval_examples": len(self.eval_data),
-            "model_dir": str(model_dir),
-            **reports,
-            "unpublished_checkpoints": [str(p) for p in unpublished],
-            "data": self.data_report.to_dict(),
-        }
-        text = write_summary(self.run_dir, summary)
-        log.info("summary:\n%s", text)
+        reports = end_of_run_reports(self.full_history(), self.model, self.eval_data, self.collator, self.run_dir,
+                                     self.config.eval_batch_size, st.maturity_step, sharded=self.sharded)
+        summary = run_summary(self.run_id, st, stop_reason=self.stop_reason, final_loss=final_loss,
+                              steps_per_epoch=self.steps_per_epoch, plan=self.plan, num_experts=self.model.num_experts,
+                              train_data=self.train_data, eval_data=self.eval_data, data_report=self.data_report,
+                              rank0_batches=self.sampler.rank_batches(0), model_dir=model_dir, reports=reports,
+                              unpublished=unpublished)
+        log.info("summary:\n%s", write_summary(self.run_dir, summary))
         self.sink.finish()
         self.lock.release()
         if unpublished:
             raise self.checkpointer.unpublished_error(model_dir, unpublished)
         return summary
-
-    def _end_of_run_reports(self) -> dict[str, Any]:
-        """Reports written into the run directory once the model is final; their paths go into the summary."""
-        png = plot_routing(self.full_history(), self.model.num_experts, self.run_dir / "routing.png",
-                           self.state.maturity_step)
-        routing = None
-        if self.sharded:  # its forward passes would need every rank; the final model can be reported on
-            log.info("routing report: not written under --fsdp; run `dylora report routing --model %s`",
-                     self.run_dir / "final")
-        else:
-            routing = write_run_routing_report(self.model, self.eval_data, self.collator, self.run_dir,
-                                               self.config.eval_batch_size)  # several datasets: who serves whom
-        return {"routing_png": str(png) if png else None,
-                "routing_mutual_information_bits": routing.mi_mean if routing is not None else None}
