@@ -41,7 +41,6 @@ from ..checkpoint.stores import CheckpointStore
 from ..errors import ConfigError
 from ..model import DyLoRAConfig, DyLoRAMoE
 from ..model.config import DEFAULT_TARGET_MODULES
-from ..model.dylora import whole_tensor
 from ..model.base import load_base_model, load_tokenizer
 from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow
 from .checkpoint_payload import GatheredState, RunRecord, TrainingPayload, fingerprint_of, restore_progress, rng_state
@@ -353,7 +352,7 @@ class Trainer:
                 sums["entropy"] += out.router_stats.entropy.item() / n
                 sums["max_prob"] += out.router_stats.max_prob.item() / n
                 usage += out.router_stats.expert_usage.detach().float().cpu() / n
-        grad_norms = self._expert_grad_norms()
+        grad_norms = self.model.expert_grad_norms()  # before clipping
         if self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.config.max_grad_norm)
         self.optimizer.step()
@@ -370,16 +369,6 @@ class Trainer:
         metrics.update({f"grad_norm/expert_{e}": float(g) for e, g in enumerate(grad_norms)})
         metrics["tokens"] = tokens
         return metrics
-
-    def _expert_grad_norms(self) -> torch.Tensor:
-        squares = torch.zeros(self.model.num_experts)
-        for _, layer in self.model.adapted_layers():
-            E, r = layer.num_experts, layer.r
-            if layer.lora_A.grad is not None:
-                squares += whole_tensor(layer.lora_A.grad).float().unflatten(0, (E, r)).pow(2).sum((1, 2)).cpu()
-            if layer.lora_B.grad is not None:
-                squares += whole_tensor(layer.lora_B.grad).float().unflatten(1, (E, r)).pow(2).sum((0, 2)).cpu()
-        return squares.sqrt()
 
     def train(self) -> dict[str, Any]:
         st = self.state
@@ -461,7 +450,12 @@ class Trainer:
             self._evaluation_point(bar)
         pass_at_1_every = cfg.eval_every or cfg.eval_steps
         if cfg.eval_benchmarks and pass_at_1_every and st.global_step % pass_at_1_every == 0 and self.ranks.is_main:
-            self._log(self.pass_at_1())  # logged by rank 0 alone; the others wait in the next step
+            from ..eval.during_training import evaluate_during_training
+
+            # real pass@1 on --eval_benchmarks (greedy completions run in the sandbox; the global RNG is left as
+            # it was), logged by rank 0 alone: the others wait in the next step
+            self._log(evaluate_during_training(self.model, self.tokenizer, cfg.eval_benchmark_list, cfg.eval_max_tasks,
+                                               data_dir=cfg.data_dir))
         if cfg.save_steps and st.global_step % cfg.save_steps == 0:
             self.save_checkpoint()
         bar.update(1)
@@ -483,15 +477,6 @@ class Trainer:
         bar.set_postfix_str(f"{shown} val={loss:.3f}" if shown else f"val={loss:.3f}")
         if self.early_stopping.record(self.state, loss):
             self.stop_reason = self.early_stopping.reason()
-
-    def pass_at_1(self) -> dict[str, float]:
-        """Real pass@1 of the model as it is now on ``--eval_benchmarks`` (``dylora_moe.eval``: greedy
-        completions executed in the sandbox; the global RNG is left as it was)."""
-        from ..eval.during_training import evaluate_during_training
-
-        cfg = self.config
-        return evaluate_during_training(self.model, self.tokenizer, cfg.eval_benchmark_list, cfg.eval_max_tasks,
-                                        data_dir=cfg.data_dir)
 
     def _preempt(self, bar, signum: int, rank: int) -> None:
         started = time.perf_counter()
