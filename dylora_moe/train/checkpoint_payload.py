@@ -31,6 +31,7 @@ from ..checkpoint.fingerprint import ArchitectureFingerprint
 from ..checkpoint.format import checkpoint_name, write_checkpoint
 from ..errors import CheckpointError
 from ..model import DyLoRAMoE
+from ..model.dylora import ADMISSION_KEY, MATURITY_KEY
 from .state import TrainerState
 
 
@@ -51,15 +52,27 @@ class RunRecord:
 
 @dataclass
 class GatheredState:
-    """What the ranks of a distributed run hand to rank 0 for a checkpoint (None: take it from the
-    process itself). Under FSDP the weights and optimizer state are whole tensors gathered from the
-    shards and the fingerprint was computed before sharding, so the checkpoint is the same as one
-    written by a single process: trainable-only and independent of the world size."""
+    """What the ranks hand to rank 0 for a checkpoint (None: take it from the process itself): every
+    rank's RNG states, the whole trainable weights by parameter name and the whole optimizer state
+    (``Ranks.full_state``), the fingerprint (taken before the model was distributed). So a checkpoint
+    is the same whether one process or several, with or without FSDP, wrote it: trainable-only and
+    independent of the world size."""
 
     rng_states: list[dict] | None = None
     weights: dict[str, torch.Tensor] | None = None
     optimizer: dict[str, Any] | None = None
     fingerprint: dict[str, Any] | None = None
+
+
+def trainable_weights(model: DyLoRAMoE, by_name: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole trainable weights keyed by parameter name (``Ranks.full_state``) in the layout of
+    ``DyLoRAMoE.trainable_state_dict``, which checkpoints and the final model hold: names relative
+    to the base model, and the routing state (the same on every rank) beside them."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    state = {name.removeprefix("base_model."): tensor for name, tensor in by_name.items() if name in trainable}
+    state[MATURITY_KEY] = model.routing.mature.clone()
+    state[ADMISSION_KEY] = model.routing.admission.clone()
+    return state
 
 
 @dataclass
@@ -121,16 +134,17 @@ def save_training_checkpoint(parent: Path, model: DyLoRAMoE, optimizer: torch.op
                              gathered: "GatheredState | None" = None) -> Path:
     """Write the checkpoint of ``state.global_step`` durably under ``parent``; its directory.
 
-    ``gathered``: what several ranks contributed (every rank's RNG states; under FSDP the whole
-    weights, optimizer state and fingerprint). Default: this process's own.
+    ``gathered``: what the ranks contributed (their RNG states, the whole weights and optimizer state,
+    the fingerprint). Default: this process's own.
     """
     progress = state.progress(history_rows)
     gathered = gathered or GatheredState()
     rng_states = gathered.rng_states or [rng_state()]
     fingerprint = gathered.fingerprint or ArchitectureFingerprint.of(model).to_dict()
+    weights = trainable_weights(model, gathered.weights) if gathered.weights is not None else None
 
     def write_files(staging: Path) -> None:
-        model.save_pretrained(staging, state=gathered.weights)
+        model.save_pretrained(staging, state=weights)
         torch.save(gathered.optimizer if gathered.optimizer is not None else optimizer.state_dict(),
                    staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
@@ -191,8 +205,8 @@ def restore_progress(payload: TrainingPayload, optimizer: torch.optim.Optimizer,
 
     After growth the optimizer's moments no longer fit the parameters and start afresh.
     ``load_optimizer``: how to load a whole optimizer state (default ``optimizer.load_state_dict``;
-    FSDP spreads it over the shards). A rank the saving run did not have (resuming on more ranks)
-    keeps the RNG it was seeded with.
+    ``Ranks.load_optimizer_state`` spreads it over the ranks). A rank the saving run did not have
+    (resuming on more ranks) keeps the RNG it was seeded with.
     """
     state = TrainerState.from_progress(payload.progress)
     if not grown:

@@ -22,7 +22,7 @@ accumulation recomputed to keep the global batch and the order of the examples.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import gc
 import logging
 import math
@@ -43,12 +43,12 @@ from ..model import DyLoRAConfig, DyLoRAMoE
 from ..model.config import DEFAULT_TARGET_MODULES
 from ..model.base import load_base_model, load_tokenizer
 from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow
-from .checkpoint_payload import GatheredState, RunRecord, TrainingPayload, fingerprint_of, restore_progress, rng_state
+from .checkpoint_payload import (GatheredState, RunRecord, fingerprint_of, restore_progress, rng_state,
+                                 trainable_weights)
 from .checkpointing import EXIT_UNPUBLISHED, Checkpointer, Resumed, UnpublishedCheckpoints
 from .batch_plan import BatchPlan
 from .config import TrainConfig
-from .distributed import (Ranks, gradient_sync, load_whole_optimizer_state, shard_parameters, whole_optimizer_state,
-                          wrap_for_gradient_sync)
+from .distributed import Ranks
 from .example_trace import ExampleTrace
 from .history import MetricHistory
 from .metrics import MetricsSink, make_sink
@@ -86,7 +86,6 @@ class Trainer:
         self.early_stopping = EarlyStopping.for_config(config)
         self.maturity = MaturitySchedule.for_config(config)
         self.ranks = Ranks()
-        self.sharded = False  # the parameters sharded over the ranks (--fsdp under a launcher)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -120,7 +119,7 @@ class Trainer:
             if ranks.rank > 0:  # the same initial weights everywhere, but each rank its own dropout
                 seed_everything(derive_seed(cfg.seed, "rank", ranks.rank))
             self.fingerprint = fingerprint_of(self.model)  # of the whole base, which checkpoints record
-            self.train_model = self._distribute(self.model)
+            self.train_model = ranks.prepare(self.model, fsdp=cfg.fsdp)
             self.optimizer, self.scheduler = self._setup_optimizer()
             self.state = self._restore(resumed)
             ranks.on_main(lambda: self.checkpointer.start_publishing(self.state.best_step), "starting the publisher")
@@ -191,16 +190,6 @@ class Trainer:
                                                  num_replicas=ranks.world_size, rank=ranks.rank)
         return collator, sampler, eval_sampler
 
-    def _distribute(self, model: DyLoRAMoE) -> torch.nn.Module:
-        """The module to train: ``model`` itself, in DDP, or sharded by FSDP (in place)."""
-        self.sharded = self.config.fsdp and self.ranks.enabled
-        if self.sharded:  # the weights are whole until here; from here each rank holds its shards
-            shard_parameters(model, self.ranks)
-            return model
-        if self.config.fsdp:
-            log.warning("--fsdp has no effect in a single process (start the run with torchrun)")
-        return wrap_for_gradient_sync(model, self.ranks)
-
     def _setup_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
         """AdamW over the trainable parameters (the distributed ones), and its learning-rate schedule."""
         cfg = self.config
@@ -213,7 +202,7 @@ class Trainer:
         after growth), the schedule's position and this rank's RNGs put back (its weights already are)."""
         if resumed is None:
             return TrainerState()
-        load = (lambda whole: load_whole_optimizer_state(self.optimizer, whole)) if self.sharded else None
+        load = functools.partial(self.ranks.load_optimizer_state, self.model, self.optimizer)
         state = restore_progress(resumed.payload, self.optimizer, self.scheduler, self.ranks.rank, resumed.grown, load)
         log.info("resumed from %s at step %d (epoch %d, micro-batch %d of %d)%s", resumed.directory, state.global_step,
                  state.epoch, state.batch_in_epoch, self.sampler.global_num_batches,
@@ -340,7 +329,7 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             # with several ranks, gradients are averaged once per step: in the last micro-batch's backward
-            with gradient_sync(self.train_model, enabled=i == n - 1), self.autocast():
+            with self.ranks.gradient_sync(self.train_model, enabled=i == n - 1), self.autocast():
                 out = self.train_model(batch["input_ids"], attention_mask=batch["attention_mask"],
                                        labels=batch["labels"], dataset_ids=batch.get("dataset_ids"))
                 (out.loss / n).backward()
@@ -519,13 +508,11 @@ class Trainer:
     def save_checkpoint(self, wait_s: float | None = None) -> Path:
         """Write a durable checkpoint and publish it (in the background unless ``wait_s`` is given).
 
-        Every rank calls it: rank 0 writes, with every rank's RNG states (under FSDP also the whole
-        weights and optimizer state, gathered from the shards); all get its directory."""
-        gathered = GatheredState(rng_states=self.ranks.gather(rng_state()),
+        Every rank calls it: the ranks hand rank 0 their RNG states and the whole weights and optimizer
+        state (gathered from the shards under FSDP); rank 0 writes; all get its directory."""
+        weights, optimizer = self.ranks.full_state(self.model, self.optimizer)
+        gathered = GatheredState(rng_states=self.ranks.gather(rng_state()), weights=weights, optimizer=optimizer,
                                  fingerprint=fingerprint_of(self.model, known=self.fingerprint))
-        if self.sharded:
-            gathered = dataclasses.replace(gathered, weights=self.model.trainable_state_dict(),
-                                           optimizer=whole_optimizer_state(self.optimizer))
         return self.ranks.on_main(
             lambda: self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state, self.history,
                                            self.run_record(), wait_s=wait_s, gathered=gathered),
@@ -555,13 +542,13 @@ class Trainer:
         self.history.flush(st, self.sink)
         if not saved_after_eval:
             self.save_checkpoint()
-        weights = self.model.trainable_state_dict() if self.sharded else None  # gathered from the shards
+        weights, _ = self.ranks.full_state(self.model)  # whole, on rank 0
         try:
             return self.ranks.on_main(lambda: self._finish_on_main(final_loss, weights), "finishing the run")
         finally:
             self._leave_ranks()
 
-    def _finish_on_main(self, final_loss: float, weights: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    def _finish_on_main(self, final_loss: float, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Rank 0: publishing, the model, the reports and the summary."""
         st = self.state
         # A signal now (the loop is over) only shortens the wait for the store to the preemption budget.
@@ -570,11 +557,11 @@ class Trainer:
         unpublished = self.checkpointer.unpublished()
         model_dir = self.run_dir / "final"
         with self.checkpointer.writing("the final model", model_dir):
-            self.model.save_pretrained(model_dir, state=weights)
+            self.model.save_pretrained(model_dir, state=trainable_weights(self.model, weights))
             self.tokenizer.save_pretrained(model_dir)
         self.checkpointer.publish_final_best(st.best_step)  # the seed's best-dylora-model-full
         reports = end_of_run_reports(self.full_history(), self.model, self.eval_data, self.collator, self.run_dir,
-                                     self.config.eval_batch_size, st.maturity_step, sharded=self.sharded)
+                                     self.config.eval_batch_size, st.maturity_step, sharded=self.ranks.sharded)
         summary = run_summary(self.run_id, st, stop_reason=self.stop_reason, final_loss=final_loss,
                               steps_per_epoch=self.steps_per_epoch, plan=self.plan, num_experts=self.model.num_experts,
                               train_data=self.train_data, eval_data=self.eval_data, data_report=self.data_report,

@@ -202,6 +202,12 @@ def test_fsdp_trains_like_ddp_and_its_checkpoints_resume_in_one_process(uninterr
         assert all(getattr(flat_a[k], "shape", None) == getattr(flat_b[k], "shape", None) for k in flat_a)
     assert read_manifest(tmp_path / "fsdp" / step8).fingerprint == read_manifest(out / "full" / step8).fingerprint
 
+    # a sharded run resumed from its step-8 checkpoint, sharded again, ends bit-identical to the run that went on
+    run(2, train_argv(small_model_dir, tmp_path, "fsdp-resumed", "--fsdp", "--resume", str(tmp_path / "fsdp" / step8)))
+    a, b = final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "fsdp-resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert train_losses(tmp_path / "fsdp-resumed")[-4:] == train_losses(tmp_path / "fsdp")[-4:]
+
     # ... and resumes in one process, without FSDP, with the accumulation recomputed: the same examples
     # at steps 9-12 (dropout now draws both micro-batches from one RNG, so the weights are not bit-equal)
     log = run(0, train_argv(small_model_dir, tmp_path, "one", "--resume", str(tmp_path / "fsdp" / step8)),

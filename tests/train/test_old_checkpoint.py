@@ -55,6 +55,11 @@ def test_a_checkpoint_of_the_code_before_the_redesign_resumes_and_trains_on(chec
     assert equal_trees(trainer.model.trainable_state_dict(), saved)  # the weights, exactly
     assert equal_trees(trainer.optimizer.state_dict()["state"],
                        torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"])
+    saved_groups = torch.load(checkpoint / "optimizer.pt", weights_only=True)["param_groups"]
+    schedule = ("lr", "initial_lr")  # this run's schedule, at the checkpoint's step
+    assert [{k: v for k, v in g.items() if k not in schedule} for g in trainer.optimizer.state_dict()["param_groups"]] \
+        == [{k: v for k, v in g.items() if k not in schedule} for g in saved_groups]
+    assert isinstance(trainer.optimizer.param_groups[0]["betas"], tuple)
     assert trainer.scheduler.last_epoch == 2
 
     summary = trainer.train()
