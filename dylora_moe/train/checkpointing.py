@@ -34,6 +34,7 @@ from .checkpoint_payload import (GatheredState, RunRecord, TrainingPayload, read
                                  save_training_checkpoint)
 from .config import TrainConfig
 from .history import MetricHistory
+from .run_lock import RunDirLock
 from .state import TrainerState
 
 if TYPE_CHECKING:
@@ -78,10 +79,19 @@ class Checkpointer:
         self.store: CheckpointStore | None = store
         self.publisher: BackgroundPublisher | None = None
         self.resume_dir: Path | None = None
+        self.lock: RunDirLock | None = None  # rank 0's, from claim() to release()
 
     # ------------------------------------------------------------------ start-up
-    def clean_leftovers(self) -> None:
-        """Remove the staging folders of writes a crash interrupted."""
+    def claim(self) -> None:
+        """Rank 0: lock the run directory (a second process on it is refused) before anything in it is
+        touched, then remove the staging folders of writes a crash interrupted."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = RunDirLock(self.run_dir).acquire()
+        except OSError as err:
+            raise ConfigError(
+                f"cannot write to --output_dir {self.config.output_dir!r} (run directory {self.run_dir}): "
+                f"{err.strerror or err}. Give a writable directory with --output_dir.") from None
         for leftovers in (self.checkpoint_dir, self.run_dir / "downloads"):
             cleanup_partial(leftovers)
 
@@ -230,11 +240,30 @@ class Checkpointer:
         return self.publisher.flush(timeout_s)
 
     # ------------------------------------------------------------------ end of the run
+    def finish(self, model: DyLoRAMoE, tokenizer: Any, weights: dict[str, torch.Tensor], best_step: int | None,
+               timeout_s: float | None) -> tuple[Path, list[Path]]:
+        """Rank 0: give what is queued ``timeout_s`` to reach the store, write the final model (``weights``
+        and the tokenizer) into ``RUN_DIR/final``, publish the best checkpoint as the final artifact
+        where the store has one. The final model's directory, and the checkpoints never confirmed."""
+        self.close(timeout_s=timeout_s)
+        unpublished = self.unpublished()
+        model_dir = self.run_dir / "final"
+        with self.writing("the final model", model_dir):
+            model.save_pretrained(model_dir, state=weights)
+            tokenizer.save_pretrained(model_dir)
+        self.publish_final_best(best_step)  # the seed's best-dylora-model-full
+        return model_dir, unpublished
+
     def close(self, timeout_s: float | None) -> bool:
         """Give what is queued ``timeout_s`` to reach the store; whether everything did."""
         if self.publisher is None:
             return True
         return self.publisher.close(timeout_s=timeout_s)
+
+    def release(self) -> None:
+        """Unlock the run directory (the last thing a run does)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def unpublished(self) -> list[Path]:
         """Local checkpoints the store has not confirmed (after ``close``: never will, in this process)."""

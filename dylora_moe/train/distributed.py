@@ -25,6 +25,7 @@ The recipe's rules for several ranks, each written once here:
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import warnings
@@ -255,7 +256,10 @@ class Ranks:
             dist.barrier()
 
     def close(self) -> None:
+        """Leave the process group. Drop the DDP wrapper first: it holds the group, and freeing it after
+        the group is destroyed deadlocks gloo."""
         if self.enabled and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
 
     def _broadcast(self, box: list[Any]) -> None:

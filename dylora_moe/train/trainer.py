@@ -1,36 +1,30 @@
-"""The training recipe: ``setup()``, ``train()``, ``train_step()``, ``evaluate()``.
+"""The training recipe: ``setup()``, ``train()``, ``train_step()``, ``evaluate()``, ``finish()``.
 
 A plain PyTorch loop rather than HF ``Trainer``: exact resume needs the data position restored
 directly (epoch, batch within the epoch) and the whole state listed explicitly, which is simpler
-to own than to bend a framework into. Everything that a resume must restore is in
-:class:`TrainerState` (``state.py``) plus the model's trainable state, the optimizer, the
-scheduler and the RNGs (``checkpoint_payload.py``).
+to own than to bend a framework into. ``setup()`` is a walk of steps that each return what they
+build; a resume is one value (:meth:`Checkpointer.resume`) restored in one place (``_restore``).
+The loop body reads in order: one optimizer step (``train_step``), then ``_after_step``: maturity,
+metric window, evaluation point, checkpoint, signals.
 
-The recipe owns the loop; the rest it calls: the :class:`Checkpointer` (store, resume, save,
-publish, retention), the metric history (``history.py``), the loop's helpers (``callbacks.py``:
-early stopping, maturity, metric windows) and the signal watch (``preemption.py``). The loop
-body reads in order: one optimizer step (``train_step``), then ``_after_step``: maturity, metric
-window, evaluation point, checkpoint, signals. The end of the run is ``finish()``.
-
-Under a launcher (``torchrun``, ``accelerate launch``) the same recipe runs on every rank
-(``distributed.py``): batches are sharded by rank, gradients of the trainable parameters are
-averaged by DDP, the evaluation is summed over the ranks, rank 0 alone writes, publishes and
-logs, and all ranks agree after every step on whether a signal arrived. The data position is
-counted in global micro-batches, so a checkpoint resumes on another number of ranks with the
-accumulation recomputed to keep the global batch and the order of the examples.
+The rest it calls: the :class:`Checkpointer` (store, resume, save, publish), :class:`BatchPlan`
+(the global batch over the ranks), :class:`Ranks` (everything distributed: rank 0 alone writes,
+DDP or FSDP, whole state out and in; ``distributed.py``), the loop's helpers (``callbacks.py``),
+the metric history (``history.py``) and the reports (``report.py``). The data position is counted
+in global micro-batches, so a checkpoint resumes on another number of ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import gc
 import logging
 import math
 import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -42,7 +36,7 @@ from ..errors import ConfigError
 from ..model import DyLoRAConfig, DyLoRAMoE
 from ..model.config import DEFAULT_TARGET_MODULES
 from ..model.base import load_base_model, load_tokenizer
-from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow
+from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow, StepMetrics
 from .checkpoint_payload import (GatheredState, RunRecord, fingerprint_of, restore_progress, rng_state,
                                  trainable_weights)
 from .checkpointing import EXIT_UNPUBLISHED, Checkpointer, Resumed, UnpublishedCheckpoints
@@ -51,10 +45,8 @@ from .config import TrainConfig
 from .distributed import Ranks
 from .example_trace import ExampleTrace
 from .history import MetricHistory
-from .metrics import MetricsSink, make_sink
 from .preemption import EXIT_PREEMPTED, Preempted, SignalWatch, StartupInterrupted, signal_name
 from .report import end_of_run_reports, run_summary, write_summary
-from .run_lock import RunDirLock
 from .state import TrainerState
 
 log = logging.getLogger(__name__)
@@ -79,10 +71,9 @@ class Trainer:
         # watched from the start of the training loop.
         self.signals = signals
         self.phase = "starting"  # what start-up is doing, for the message if a signal stops it
-        self.lock: RunDirLock | None = None
         self.checkpointer: Checkpointer | None = None
         self._store = store
-        self.sink, self._sink_open = MetricsSink(), False
+        self.history: MetricHistory | None = None  # with the sink (W&B), rank 0's
         self.early_stopping = EarlyStopping.for_config(config)
         self.maturity = MaturitySchedule.for_config(config)
         self.ranks = Ranks()
@@ -105,11 +96,12 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir) / self.run_id
         self.history = MetricHistory(self.run_dir)
         self.checkpointer = Checkpointer(cfg, self.run_id, self.run_dir, store=self._store)
-        try:
+        with self._closing_if_stopped():
             ranks.on_main(self._start_on_main, "claiming the run directory")
             self.phase = "fetching the checkpoint to resume from"
             self.model, resumed = self.checkpointer.resume(ranks, model_config, build=self._setup_model)
-            ranks.on_main(self._open_sink, "opening the metrics run")  # only now: a refused resume never touches W&B
+            # only now: a refused resume never touches W&B
+            ranks.on_main(lambda: self.history.open_sink(cfg, self.run_id), "opening the metrics run")
             self.plan = BatchPlan.for_run(ranks.world_size, cfg.gradient_accumulation_steps, cfg.train_batch_size,
                                           resumed.payload if resumed is not None else None)
             self.tokenizer, self.train_data, self.eval_data, self.data_report = self._setup_data()
@@ -124,29 +116,30 @@ class Trainer:
             self.state = self._restore(resumed)
             ranks.on_main(lambda: self.checkpointer.start_publishing(self.state.best_step), "starting the publisher")
             return self
+
+    @contextlib.contextmanager
+    def _closing_if_stopped(self) -> Iterator[None]:
+        """Around start-up and training: an error or a signal closes what is open (the publisher gets the
+        preemption budget for what is queued); a signal during start-up exits 75, saying what is saved."""
+        try:
+            yield
+        except (Preempted, UnpublishedCheckpoints):
+            raise  # everything is already closed
         except StartupInterrupted as stop:
             self._abort(EXIT_PREEMPTED)
-            raise self._stopped_during_startup(stop) from None
+            raise stop.as_preempted(f"while {self.phase}: nothing new was saved and {self._saved_so_far()}. Continue "
+                                    f"with the same command and --resume auto --run_id {self.run_id}.") from None
         except BaseException:
             self._abort()
             raise
 
     def _start_on_main(self) -> None:
-        """Rank 0: lock the run directory, clean what a crash left, open W&B when it is the store, open
-        and probe the store."""
-        cfg = self.config
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.lock = RunDirLock(self.run_dir).acquire()  # before anything in the run directory is touched
-        except OSError as err:
-            raise ConfigError(
-                f"cannot write to --output_dir {cfg.output_dir!r} (run directory {self.run_dir}): "
-                f"{err.strerror or err}. Give a writable directory with --output_dir.") from None
-        self.checkpointer.clean_leftovers()
-        if cfg.checkpoint_store == "wandb":  # the store is this run's artifact: open the run first
-            self._open_sink()
+        """Rank 0: claim the run directory, open W&B when it is the store, open and probe the store."""
+        self.checkpointer.claim()
+        if self.config.checkpoint_store == "wandb":  # the store is this run's artifact: open the run first
+            self.history.open_sink(self.config, self.run_id)
         self.phase = "checking the checkpoint store"
-        self.checkpointer.open_store(wandb_run=getattr(self.sink, "run", None))
+        self.checkpointer.open_store(wandb_run=getattr(self.history.sink, "run", None))
 
     def _setup_model(self, model_config: DyLoRAConfig) -> DyLoRAMoE:
         """The mixture of ``model_config`` on the base model, on this rank's device."""
@@ -214,13 +207,11 @@ class Trainer:
         """The verified local checkpoint this run resumed from (rank 0; None: a fresh start)."""
         return self.checkpointer.resume_dir if self.checkpointer is not None else None
 
-    def _stopped_during_startup(self, stop: StartupInterrupted) -> Preempted:
+    def _saved_so_far(self) -> str:
         latest = self.checkpointer.latest() if self.checkpointer is not None and self.ranks.is_main else None
-        saved = (f"the newest checkpoint {latest} is intact" if latest is not None
-                 else f"run {self.run_id} has no local checkpoint yet" if self.ranks.is_main
-                 else "the run's checkpoints are rank 0's")
-        return stop.as_preempted(f"while {self.phase}: nothing new was saved and {saved}. Continue with the same "
-                                 f"command and --resume auto --run_id {self.run_id}.")
+        return (f"the newest checkpoint {latest} is intact" if latest is not None
+                else f"run {self.run_id} has no local checkpoint yet" if self.ranks.is_main
+                else "the run's checkpoints are rank 0's")
 
     def close(self) -> None:
         """Release what ``setup()`` took without running ``train()`` (library use, benchmarks): the publisher
@@ -230,27 +221,15 @@ class Trainer:
 
     def _abort(self, exit_code: int = 1) -> None:
         """Leave after an error or an early signal: what is queued gets the preemption budget to publish."""
-        if self.checkpointer is not None:
+        if self.checkpointer is not None:  # and the history with it
             self.checkpointer.close(timeout_s=self.config.preemption_budget_s)
-        self.sink.finish(exit_code=exit_code)
-        if self.lock is not None:
-            self.lock.release()
+            self.history.sink.finish(exit_code=exit_code)
+            self.checkpointer.release()
         self._leave_ranks()
 
     def _leave_ranks(self) -> None:
-        """Leave the process group; the DDP wrapper goes first (it holds the group, and freeing it after
-        the group is destroyed deadlocks gloo)."""
-        if self.ranks.enabled:
-            self.train_model = getattr(self, "model", None)
-            gc.collect()
+        self.train_model = getattr(self, "model", None)  # the DDP wrapper goes before the process group
         self.ranks.close()
-
-    def _open_sink(self) -> None:
-        if self._sink_open:
-            return
-        cfg = self.config
-        self.sink = make_sink(cfg.report_to, self.run_id, self.run_dir, cfg.wandb_project, cfg.wandb_entity, cfg.to_dict())
-        self._sink_open = True
 
     def model_config(self) -> DyLoRAConfig:
         cfg = self.config
@@ -322,10 +301,7 @@ class Trainer:
         per-expert usage and gradient norms, and ``tokens``. The run's progress (``state``: step,
         data position, tokens seen) is the loop's to advance.
         """
-        n = len(micro_batches)
-        sums = {"lm_loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0, "entropy": 0.0, "max_prob": 0.0}
-        usage = torch.zeros(self.model.num_experts)
-        tokens = 0
+        n, metrics = len(micro_batches), StepMetrics(self.model.num_experts, len(micro_batches))
         for i, batch in enumerate(micro_batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             # with several ranks, gradients are averaged once per step: in the last micro-batch's backward
@@ -333,36 +309,20 @@ class Trainer:
                 out = self.train_model(batch["input_ids"], attention_mask=batch["attention_mask"],
                                        labels=batch["labels"], dataset_ids=batch.get("dataset_ids"))
                 (out.loss / n).backward()
-            tokens += int(batch["attention_mask"].sum())
-            sums["lm_loss"] += out.lm_loss.item() / n
-            sums["balance_loss"] += out.balance_loss.item() / n
-            sums["z_loss"] += out.z_loss.item() / n
-            if out.router_stats is not None:
-                sums["entropy"] += out.router_stats.entropy.item() / n
-                sums["max_prob"] += out.router_stats.max_prob.item() / n
-                usage += out.router_stats.expert_usage.detach().float().cpu() / n
+            metrics.add(out, batch["attention_mask"])
         grad_norms = self.model.expert_grad_norms()  # before clipping
         if self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ranks.enabled:  # the metrics of the whole global batch: means over ranks, tokens summed
-            world = self.ranks.world_size
-            reduced = self.ranks.sum([*sums.values(), *usage.tolist(), tokens])
-            sums = {k: v / world for k, v in zip(sums, reduced)}
-            usage = torch.tensor(reduced[len(sums): len(sums) + len(usage)]) / world
-            tokens = int(reduced[-1])
-        metrics = {f"train/{k}": v for k, v in sums.items()}
-        metrics.update({f"routing/usage_{e}": float(u) for e, u in enumerate(usage)})
-        metrics.update({f"grad_norm/expert_{e}": float(g) for e, g in enumerate(grad_norms)})
-        metrics["tokens"] = tokens
-        return metrics
+        return metrics.result(self.ranks, grad_norms)
 
     def train(self) -> dict[str, Any]:
+        """Train to the end of the run (``--max_steps``, epochs, early stopping or a signal): the summary."""
         st = self.state
         self.model.train()
-        try:
+        with self._closing_if_stopped():
             if st.eval_loss_base is None:
                 self.phase = "evaluating the base model"
                 st.eval_loss_base = self.evaluate()  # a fresh mixture is exactly the base model
@@ -370,16 +330,7 @@ class Trainer:
             if self.signals is None:
                 self.signals = SignalWatch().install()
             self.signals.defer()  # from here a signal means: finish the step, checkpoint, exit 75
-        except StartupInterrupted as stop:
-            self._abort(EXIT_PREEMPTED)
-            raise self._stopped_during_startup(stop) from None
-        try:
             return self._train_loop()
-        except (Preempted, UnpublishedCheckpoints):
-            raise  # everything is already closed
-        except BaseException:
-            self._abort()
-            raise
 
     def _train_loop(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
@@ -407,7 +358,7 @@ class Trainer:
             remaining = self.sampler.num_batches - start
             listed = self.sampler.rank_batches(st.epoch)[start:] if trace else []
             while remaining > 0 and self.stop_reason is None:
-                self.history.flush(st, self.sink)  # the previous step's row is complete: one row per step
+                self.history.flush(st)  # the previous step's row is complete: one row per step
                 n = min(self.plan.accumulation, remaining)
                 if trace:
                     trace.record(st.global_step + 1, listed[:n])
@@ -484,9 +435,9 @@ class Trainer:
     def _close_after_preemption(self) -> bool:
         """Rank 0: the checkpoint is written and was given the budget; close what is open. Whether it was published."""
         published = self.checkpointer.close(timeout_s=0)
-        self.history.flush(self.state, self.sink)
-        self.sink.finish(exit_code=EXIT_PREEMPTED)
-        self.lock.release()
+        self.history.flush(self.state)
+        self.history.sink.finish(exit_code=EXIT_PREEMPTED)
+        self.checkpointer.release()
         return published
 
     # ------------------------------------------------------------------ metrics
@@ -522,7 +473,7 @@ class Trainer:
         """What a checkpoint's manifest records about this run."""
         return RunRecord(run_id=self.run_id, training_config=self.config.to_dict(), seed=self.config.seed,
                          batches_per_epoch=self.sampler.global_num_batches, train_examples=len(self.train_data),
-                         wandb_run_id=self.sink.run_id, world_size=self.ranks.world_size,
+                         wandb_run_id=self.history.sink.run_id, world_size=self.ranks.world_size,
                          micro_batches_per_step=self.plan.micro_batches_per_step,
                          train_batch_size=self.config.train_batch_size)
 
@@ -539,7 +490,7 @@ class Trainer:
             final_loss = self.evaluate()
             self._log({"eval/loss": final_loss})
             self.early_stopping.record(st, final_loss)
-        self.history.flush(st, self.sink)
+        self.history.flush(st)
         if not saved_after_eval:
             self.save_checkpoint()
         weights, _ = self.ranks.full_state(self.model)  # whole, on rank 0
@@ -553,13 +504,8 @@ class Trainer:
         st = self.state
         # A signal now (the loop is over) only shortens the wait for the store to the preemption budget.
         wait_s = self.config.preemption_budget_s if self.signals.received is not None else self.config.publish_timeout_s
-        self.checkpointer.close(timeout_s=wait_s)
-        unpublished = self.checkpointer.unpublished()
-        model_dir = self.run_dir / "final"
-        with self.checkpointer.writing("the final model", model_dir):
-            self.model.save_pretrained(model_dir, state=trainable_weights(self.model, weights))
-            self.tokenizer.save_pretrained(model_dir)
-        self.checkpointer.publish_final_best(st.best_step)  # the seed's best-dylora-model-full
+        model_dir, unpublished = self.checkpointer.finish(self.model, self.tokenizer, trainable_weights(self.model, weights),
+                                                          st.best_step, timeout_s=wait_s)
         reports = end_of_run_reports(self.full_history(), self.model, self.eval_data, self.collator, self.run_dir,
                                      self.config.eval_batch_size, st.maturity_step, sharded=self.ranks.sharded)
         summary = run_summary(self.run_id, st, stop_reason=self.stop_reason, final_loss=final_loss,
@@ -568,8 +514,8 @@ class Trainer:
                               rank0_batches=self.sampler.rank_batches(0), model_dir=model_dir, reports=reports,
                               unpublished=unpublished)
         log.info("summary:\n%s", write_summary(self.run_dir, summary))
-        self.sink.finish()
-        self.lock.release()
+        self.history.sink.finish()
+        self.checkpointer.release()
         if unpublished:
             raise self.checkpointer.unpublished_error(model_dir, unpublished)
         return summary

@@ -60,5 +60,4 @@ def test_train_step_updates_the_trainable_weights_and_reports_the_step(small_mod
     assert all(n >= 0 for n in norms) and sum(norms) > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.trainable_parameters()))
     assert trainer.state.global_step == 0  # progress is the loop's to advance
-    trainer.checkpointer.close(timeout_s=5)
-    trainer.lock.release()
+    trainer.close()
