@@ -5,18 +5,20 @@ examples, spread over the ranks: each rank runs ``accumulation`` of them. A fres
 ``world_size x --gradient_accumulation_steps``. A resumed run keeps the checkpoint's number
 whatever its world size, by recomputing the accumulation, so the global batch and the order of
 the examples stay those of the run that saved it; a world size that cannot reproduce it is refused
-before anything trains.
+before anything trains. :meth:`BatchPlan.samplers` cuts the data into this rank's batches.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
+    from ..data import LengthGroupedBatchSampler
     from .checkpoint_payload import TrainingPayload
 
 log = logging.getLogger(__name__)
@@ -25,16 +27,17 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BatchPlan:
     world_size: int
+    rank: int
     micro_batches_per_step: int  # over every rank: world size x accumulation
     train_batch_size: int
     saved_world_size: int | None = None  # the checkpoint's, when resumed
 
     @classmethod
     def for_run(cls, world_size: int, gradient_accumulation_steps: int, train_batch_size: int,
-                saved: "TrainingPayload | None" = None) -> "BatchPlan":
-        """This run's plan: its own, or the checkpoint's global batch (``saved``) on ``world_size`` ranks."""
+                saved: "TrainingPayload | None" = None, rank: int = 0) -> "BatchPlan":
+        """This run's plan (on rank ``rank``): its own, or the checkpoint's global batch (``saved``)."""
         if saved is None:
-            return cls(world_size, world_size * gradient_accumulation_steps, train_batch_size)
+            return cls(world_size, rank, world_size * gradient_accumulation_steps, train_batch_size)
         micro_batches, saved_world = saved.micro_batches_per_step, saved.world_size
         saved_batch = saved.data_state.get("train_batch_size")
         if micro_batches % world_size:
@@ -47,7 +50,7 @@ class BatchPlan:
         if saved_batch and saved_batch != train_batch_size:
             log.warning("--train_batch_size %d differs from the checkpoint's %d: the global batch and the order of "
                         "the examples change from here on", train_batch_size, saved_batch)
-        return cls(world_size, micro_batches, train_batch_size, saved_world_size=saved_world)
+        return cls(world_size, rank, micro_batches, train_batch_size, saved_world_size=saved_world)
 
     @property
     def accumulation(self) -> int:
@@ -59,8 +62,23 @@ class BatchPlan:
         """Examples per optimizer step, over every rank."""
         return self.micro_batches_per_step * self.train_batch_size
 
-    def steps_per_epoch(self, global_micro_batches: int) -> int:
-        return global_micro_batches // self.micro_batches_per_step
+    def steps(self, global_micro_batches: int, max_steps: int, num_epochs: float) -> tuple[int, int]:
+        """Optimizer steps per epoch of ``global_micro_batches``, and in the run: ``max_steps`` if set, else
+        ``num_epochs`` epochs (at least one step)."""
+        per_epoch = global_micro_batches // self.micro_batches_per_step
+        return per_epoch, max_steps if max_steps > 0 else max(1, math.ceil(num_epochs * per_epoch))
+
+    def samplers(self, train_lengths: Sequence[int], eval_lengths: Sequence[int], eval_batch_size: int,
+                 seed: int) -> "tuple[LengthGroupedBatchSampler, LengthGroupedBatchSampler]":
+        """This rank's training and evaluation batch samplers. Training batches are grouped by length and
+        shuffled, each epoch padded to whole optimizer steps; every rank evaluates the same number of
+        batches (FSDP needs it): a rank short of one repeats a batch and leaves it out of the sums."""
+        from ..data import LengthGroupedBatchSampler
+
+        ranks = dict(num_replicas=self.world_size, rank=self.rank)
+        return (LengthGroupedBatchSampler(train_lengths, self.train_batch_size, seed=seed,
+                                          step_multiple=self.micro_batches_per_step, **ranks),
+                LengthGroupedBatchSampler(eval_lengths, eval_batch_size, shuffle=False, **ranks))
 
     def change(self, gradient_accumulation_steps: int) -> str:
         """For the resume's log line: how the ranks and accumulation changed from the checkpoint's ("" if not)."""

@@ -4,11 +4,12 @@
 - :class:`MaturitySchedule`: after each optimizer step, switch routing to top-k once the run
   has done ``--maturity_fraction`` of its steps;
 - :class:`StepMetrics`: one optimizer step's losses and router statistics, over its micro-batches
-  and then over the ranks;
+  and then over the ranks; :func:`validation_loss`: the held-out loss at an evaluation point;
 - :class:`MetricWindow`: the training metrics of the last ``--logging_steps`` steps, averaged.
 
 Preemption (signals, exit 75) is ``preemption.py``, the run directory's lock ``run_lock.py``.
-They read and write :class:`TrainerState` only, so they need neither the trainer nor each other.
+They are given what they work on (the state, the model, the ranks), so they need neither the trainer
+nor each other.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterable
 
 import torch
+import torch.nn.functional as F
 
 from ..model import DyLoRAMoE
 from .config import TrainConfig
@@ -67,6 +69,29 @@ class MaturitySchedule:
             model.set_maturity()
             state.maturity_step = state.global_step
             log.info("step %d: all experts mature, routing switches to top-%d", state.global_step, self.top_k)
+
+
+@torch.no_grad()
+def validation_loss(model: DyLoRAMoE, batches: Iterable[dict[str, torch.Tensor]], ranks: "Ranks", device: torch.device,
+                    autocast: Callable[[], ContextManager], real_batches: int) -> float:
+    """Token-weighted mean LM loss (response tokens only) over this rank's share of the validation
+    ``batches``, summed with every other rank's: the same on every rank. Of all ranks' batches the
+    first ``real_batches`` count; the rest are repeats that keep the ranks in step."""
+    was_training, total, count = model.training, 0.0, 0
+    model.eval()
+    for index, batch in enumerate(batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():  # per-example routing reads the prompt
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                           prompt_mask=batch["labels"] == -100).logits
+        if ranks.rank + index * ranks.world_size < real_batches:
+            labels = batch["labels"][:, 1:]
+            total += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                     reduction="sum").item()
+            count += int((labels != -100).sum())
+    model.train(was_training)
+    total, count = ranks.sum([total, count])
+    return total / max(count, 1)
 
 
 class StepMetrics:

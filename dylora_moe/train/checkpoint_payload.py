@@ -53,10 +53,10 @@ class RunRecord:
 @dataclass
 class GatheredState:
     """What the ranks hand to rank 0 for a checkpoint (None: take it from the process itself): every
-    rank's RNG states, the whole trainable weights by parameter name and the whole optimizer state
-    (``Ranks.full_state``), the fingerprint (taken before the model was distributed). So a checkpoint
-    is the same whether one process or several, with or without FSDP, wrote it: trainable-only and
-    independent of the world size."""
+    rank's RNG states, the whole trainable weights (:func:`trainable_weights`) and optimizer state
+    (``Ranks.full_optimizer_state``), the fingerprint (taken before the model was distributed). So a
+    checkpoint is the same whether one process or several, with or without FSDP, wrote it:
+    trainable-only and independent of the world size."""
 
     rng_states: list[dict] | None = None
     weights: dict[str, torch.Tensor] | None = None
@@ -64,12 +64,15 @@ class GatheredState:
     fingerprint: dict[str, Any] | None = None
 
 
-def trainable_weights(model: DyLoRAMoE, by_name: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Whole trainable weights keyed by parameter name (``Ranks.full_state``) in the layout of
-    ``DyLoRAMoE.trainable_state_dict``, which checkpoints and the final model hold: names relative
-    to the base model, and the routing state (the same on every rank) beside them."""
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    state = {name.removeprefix("base_model."): tensor for name, tensor in by_name.items() if name in trainable}
+def trainable_weights(model: DyLoRAMoE, ranks: Any) -> dict[str, torch.Tensor]:
+    """The model's trainable state whole, in ``DyLoRAMoE.trainable_state_dict``'s layout (what checkpoints
+    and the final model hold), on rank 0 (elsewhere only the routing state, the same on every rank).
+
+    A collective: every rank calls it (``ranks``: ``Ranks``). It gathers layer by layer, so nothing of
+    the frozen base travels: DCP leaves frozen parameters out by name, and of two tied ones (an output
+    embedding tied to the input's) it names one, so the model as a whole would gather the other."""
+    state = {f"{name}.{key}": tensor for name, layer in model.adapted_layers()
+             for key, tensor in ranks.full_weights(layer).items()}
     state[MATURITY_KEY] = model.routing.mature.clone()
     state[ADMISSION_KEY] = model.routing.admission.clone()
     return state
@@ -141,10 +144,9 @@ def save_training_checkpoint(parent: Path, model: DyLoRAMoE, optimizer: torch.op
     gathered = gathered or GatheredState()
     rng_states = gathered.rng_states or [rng_state()]
     fingerprint = gathered.fingerprint or ArchitectureFingerprint.of(model).to_dict()
-    weights = trainable_weights(model, gathered.weights) if gathered.weights is not None else None
 
     def write_files(staging: Path) -> None:
-        model.save_pretrained(staging, state=weights)
+        model.save_pretrained(staging, state=gathered.weights)
         torch.save(gathered.optimizer if gathered.optimizer is not None else optimizer.state_dict(),
                    staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")

@@ -126,7 +126,8 @@ class Checkpointer:
         model = build(model_config)
         if saved is None:
             return model, None
-        directory, payload = ranks.on_main(lambda: self._check_and_read(model), "checking the checkpoint to resume from")
+        directory, payload = ranks.on_main(lambda: self._check_and_read(model),
+                                           "checking the checkpoint to resume from")
         return model, Resumed(directory, payload, grown=restore_weights(payload, model))
 
     def _fetch(self) -> ArchitectureFingerprint | None:

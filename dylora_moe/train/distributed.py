@@ -16,10 +16,11 @@ The recipe's rules for several ranks, each written once here:
 - **distribution** is :meth:`Ranks.prepare` (DDP, or FSDP with ``--fsdp``): gradients of the
   trainable parameters only are exchanged, the frozen base never is; :meth:`Ranks.gradient_sync`
   holds them back during gradient accumulation;
-- **whole state out and in**: :meth:`Ranks.full_state` gives rank 0 the whole trainable weights
-  and optimizer state, and :meth:`Ranks.load_optimizer_state` spreads a whole optimizer state over
-  the ranks, with ``torch.distributed.checkpoint.state_dict`` for DDP, FSDP and one process alike;
-  so checkpoints hold whole tensors, trainable only, and resume on any number of ranks.
+- **whole state out and in**: :meth:`Ranks.full_weights` and :meth:`Ranks.full_optimizer_state`
+  give rank 0 the whole trainable weights and optimizer state, :meth:`Ranks.load_optimizer_state`
+  spreads a whole optimizer state over the ranks, with ``torch.distributed.checkpoint.state_dict``
+  for DDP, FSDP and one process alike; so checkpoints hold whole tensors, trainable only, and
+  resume on any number of ranks.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ import datetime
 import gc
 import logging
 import os
+import random
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -102,6 +105,20 @@ class Ranks:
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
 
+    def seed(self, seed: int) -> None:
+        """Seed Python's, numpy's and torch's RNGs with ``seed``, alike on every rank (the same initial weights)."""
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def diverge(self, seed: int) -> None:
+        """From here each rank draws its own random numbers (its dropout): every rank but 0 is seeded again
+        from ``seed`` and its rank; rank 0 goes on as it is."""
+        if self.rank > 0:
+            from ..data.mixing import derive_seed
+
+            self.seed(derive_seed(seed, "rank", self.rank))
+
     # ------------------------------------------------------------------ distribution
     def prepare(self, model: nn.Module, fsdp: bool = False) -> nn.Module:
         """The module to train: ``model`` itself for one process, in DistributedDataParallel for
@@ -155,25 +172,26 @@ class Ranks:
             train_model.set_requires_gradient_sync(enabled)
         return nullcontext()
 
-    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-        """The whole trainable weights (by parameter name) and, with ``optimizer``, its whole state in
-        ``optimizer.state_dict()``'s own layout, on the CPU of rank 0 (empty on the other ranks).
+    def full_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole trainable weights of ``module`` (named within it, frozen ones left out), on the CPU of
+        rank 0 and empty on the other ranks. A collective: every rank calls it."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        A collective: every rank calls it. ``model`` is the model itself, not its DDP wrapper; its
-        frozen parameters are left out (they are never gathered)."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        return get_model_state_dict(module, options=_whole_options())
 
-        weights = get_model_state_dict(model, options=_whole_options())
-        if optimizer is None:
-            return weights, None
+    def full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The whole state of ``optimizer`` over ``model``'s parameters in ``optimizer.state_dict()``'s own
+        layout (what checkpoints hold), on the CPU of rank 0 and empty on the other ranks. A collective.
+        ``model``: the model itself, not its DDP wrapper."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
         if not optimizer.state:  # nothing to gather (and DCP would take a step to create the state)
-            return weights, optimizer.state_dict()
+            return optimizer.state_dict()
         by_name = get_optimizer_state_dict(model, optimizer, options=_whole_options())
-        return weights, _by_index(by_name) if by_name else {}
+        return _by_index(by_name) if by_name else {}
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, whole: dict[str, Any]) -> None:
-        """Load a whole optimizer state (as :meth:`full_state` gives it, or a checkpoint holds it) into
+        """Load a whole optimizer state (as :meth:`full_optimizer_state` gives it, or a checkpoint holds it) into
         ``optimizer`` over ``model``'s prepared parameters; each rank keeps its own shards. Every rank
         passes the same whole state."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

@@ -1,17 +1,12 @@
 """The training recipe: ``setup()``, ``train()``, ``train_step()``, ``evaluate()``, ``finish()``.
 
-A plain PyTorch loop rather than HF ``Trainer``: exact resume needs the data position restored
-directly (epoch, batch within the epoch) and the whole state listed explicitly, which is simpler
-to own than to bend a framework into. ``setup()`` is a walk of steps that each return what they
-build; a resume is one value (:meth:`Checkpointer.resume`) restored in one place (``_restore``).
-The loop body reads in order: one optimizer step (``train_step``), then ``_after_step``: maturity,
-metric window, evaluation point, checkpoint, signals.
-
-The rest it calls: the :class:`Checkpointer` (store, resume, save, publish), :class:`BatchPlan`
-(the global batch over the ranks), :class:`Ranks` (everything distributed: rank 0 alone writes,
-DDP or FSDP, whole state out and in; ``distributed.py``), the loop's helpers (``callbacks.py``),
-the metric history (``history.py``) and the reports (``report.py``). The data position is counted
-in global micro-batches, so a checkpoint resumes on another number of ranks.
+A plain PyTorch loop: exact resume needs the data position restored directly and the whole state
+listed explicitly, simpler to own than to bend a framework into. ``setup()`` is a walk of steps that
+each return what they build; a resume is one value (``Checkpointer.resume``) restored in one place
+(``_restore``). The loop body reads in order: ``train_step``, then ``_after_step``. The rest it calls:
+the Checkpointer, the BatchPlan (the global batch over any number of ranks, counted in global
+micro-batches), Ranks (everything distributed), the loop's helpers (``callbacks.py``), the metric
+history and the reports.
 """
 
 from __future__ import annotations
@@ -19,16 +14,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
-import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..checkpoint.stores import CheckpointStore
@@ -36,7 +26,7 @@ from ..errors import ConfigError
 from ..model import DyLoRAConfig, DyLoRAMoE
 from ..model.config import DEFAULT_TARGET_MODULES
 from ..model.base import load_base_model, load_tokenizer
-from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow, StepMetrics
+from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow, StepMetrics, validation_loss
 from .checkpoint_payload import (GatheredState, RunRecord, fingerprint_of, restore_progress, rng_state,
                                  trainable_weights)
 from .checkpointing import EXIT_UNPUBLISHED, Checkpointer, Resumed, UnpublishedCheckpoints
@@ -54,12 +44,6 @@ log = logging.getLogger(__name__)
 __all__ = ["EXIT_PREEMPTED", "EXIT_UNPUBLISHED", "Preempted", "Trainer", "TrainerState", "UnpublishedCheckpoints"]
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 class Trainer:
     """``store``: a store object to publish to instead of the one ``--checkpoint_store`` names."""
 
@@ -67,9 +51,7 @@ class Trainer:
         self.config = config
         self.state = TrainerState()
         self.stop_reason: str | None = None
-        # The CLI's watch, installed before anything loads; without one (library use) signals are
-        # watched from the start of the training loop.
-        self.signals = signals
+        self.signals = signals  # the CLI's, installed before anything loads; else (library use) from train()
         self.phase = "starting"  # what start-up is doing, for the message if a signal stops it
         self.checkpointer: Checkpointer | None = None
         self._store = store
@@ -80,17 +62,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
-        """Build the run on this rank: the model (with a checkpoint's weights when resuming), the data
-        and its batching, the distributed model, the optimizer, then the rest of what a checkpoint
-        restores. Each step returns what it builds."""
-        from ..data.mixing import derive_seed
-
+        """Build the run on this rank, each step returning what it builds: the model (holding a checkpoint's
+        weights when resuming), the data and its batches, the distributed model, the optimizer, the rest."""
         cfg = self.config
         if cfg.fp16 and not torch.cuda.is_available():
             raise ConfigError("--fp16 needs a CUDA GPU and none is available; use --bf16 (works on CPU) or neither.")
         model_config = self.model_config()  # validates the mixture options before anything is loaded
         self.ranks = ranks = Ranks.from_environment()  # under a launcher: join the other ranks first
-        seed_everything(cfg.seed)
+        ranks.seed(cfg.seed)
         self.device = ranks.device()
         self.run_id = cfg.resolved_run_id()
         self.run_dir = Path(cfg.output_dir) / self.run_id
@@ -103,13 +82,13 @@ class Trainer:
             # only now: a refused resume never touches W&B
             ranks.on_main(lambda: self.history.open_sink(cfg, self.run_id), "opening the metrics run")
             self.plan = BatchPlan.for_run(ranks.world_size, cfg.gradient_accumulation_steps, cfg.train_batch_size,
-                                          resumed.payload if resumed is not None else None)
-            self.tokenizer, self.train_data, self.eval_data, self.data_report = self._setup_data()
-            self.collator, self.sampler, self.eval_sampler = self._setup_batches(self.plan)
-            self.steps_per_epoch = self.plan.steps_per_epoch(self.sampler.global_num_batches)
-            self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * self.steps_per_epoch))
-            if ranks.rank > 0:  # the same initial weights everywhere, but each rank its own dropout
-                seed_everything(derive_seed(cfg.seed, "rank", ranks.rank))
+                                          resumed.payload if resumed is not None else None, rank=ranks.rank)
+            self.tokenizer, self.train_data, self.eval_data, self.data_report, self.collator = self._setup_data()
+            self.sampler, self.eval_sampler = self.plan.samplers(self.train_data["length"], self.eval_data["length"],
+                                                                 cfg.eval_batch_size, cfg.seed)
+            self.steps_per_epoch, self.total_steps = self.plan.steps(self.sampler.global_num_batches, cfg.max_steps,
+                                                                     cfg.num_epochs)
+            ranks.diverge(cfg.seed)  # the same initial weights everywhere, but each rank its own dropout
             self.fingerprint = fingerprint_of(self.model)  # of the whole base, which checkpoints record
             self.train_model = ranks.prepare(self.model, fsdp=cfg.fsdp)
             self.optimizer, self.scheduler = self._setup_optimizer()
@@ -127,8 +106,12 @@ class Trainer:
             raise  # everything is already closed
         except StartupInterrupted as stop:
             self._abort(EXIT_PREEMPTED)
-            raise stop.as_preempted(f"while {self.phase}: nothing new was saved and {self._saved_so_far()}. Continue "
-                                    f"with the same command and --resume auto --run_id {self.run_id}.") from None
+            latest = self.checkpointer.latest() if self.checkpointer is not None and self.ranks.is_main else None
+            saved = (f"the newest checkpoint {latest} is intact" if latest is not None else
+                     f"run {self.run_id} has no local checkpoint yet" if self.ranks.is_main else
+                     "the run's checkpoints are rank 0's")
+            raise stop.as_preempted(f"while {self.phase}: nothing new was saved and {saved}. Continue with the same "
+                                    f"command and --resume auto --run_id {self.run_id}.") from None
         except BaseException:
             self._abort()
             raise
@@ -148,9 +131,9 @@ class Trainer:
         model.config.base_model_name_or_path = self.config.model_name
         return model.to(self.device)
 
-    def _setup_data(self) -> tuple[Any, Any, Any, Any]:
-        """The tokenizer, the training and validation splits, and the report of what was loaded."""
-        from ..data import build_datasets
+    def _setup_data(self) -> tuple[Any, Any, Any, Any, Any]:
+        """The tokenizer, the training and validation splits, the report of what was loaded, the collator."""
+        from ..data import PaddingCollator, build_datasets
 
         cfg = self.config
         self.phase = "loading the data"
@@ -163,25 +146,10 @@ class Trainer:
         log.info("data:\n%s", report.summary())
         if len(eval_data) == 0:
             raise ConfigError("the validation split is empty: raise --validation_fraction or --eval_subset.")
-        return tokenizer, train_data, eval_data, report
-
-    def _setup_batches(self, plan: BatchPlan) -> tuple[Any, Any, Any]:
-        """The collator and this rank's training and evaluation batch samplers."""
-        from ..data import LengthGroupedBatchSampler, PaddingCollator
-
-        cfg, ranks = self.config, self.ranks
         # the dataset-MI router loss needs each example's dataset as a number (same order on every rank)
-        sources = (sorted(set(self.train_data["source"]) | set(self.eval_data["source"]))
+        sources = (sorted(set(train_data["source"]) | set(eval_data["source"]))
                    if self.model.config.dataset_mi_coefficient else None)
-        collator = PaddingCollator.for_tokenizer(self.tokenizer, sources=sources)
-        sampler = LengthGroupedBatchSampler(self.train_data["length"], cfg.train_batch_size, seed=cfg.seed,
-                                            num_replicas=ranks.world_size, rank=ranks.rank,
-                                            step_multiple=plan.micro_batches_per_step)
-        # every rank evaluates the same number of batches (FSDP needs it): a rank short of one repeats
-        # a batch and leaves it out of the sums (see evaluate)
-        eval_sampler = LengthGroupedBatchSampler(self.eval_data["length"], cfg.eval_batch_size, shuffle=False,
-                                                 num_replicas=ranks.world_size, rank=ranks.rank)
-        return collator, sampler, eval_sampler
+        return tokenizer, train_data, eval_data, report, PaddingCollator.for_tokenizer(tokenizer, sources=sources)
 
     def _setup_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
         """AdamW over the trainable parameters (the distributed ones), and its learning-rate schedule."""
@@ -207,20 +175,12 @@ class Trainer:
         """The verified local checkpoint this run resumed from (rank 0; None: a fresh start)."""
         return self.checkpointer.resume_dir if self.checkpointer is not None else None
 
-    def _saved_so_far(self) -> str:
-        latest = self.checkpointer.latest() if self.checkpointer is not None and self.ranks.is_main else None
-        return (f"the newest checkpoint {latest} is intact" if latest is not None
-                else f"run {self.run_id} has no local checkpoint yet" if self.ranks.is_main
-                else "the run's checkpoints are rank 0's")
-
     def close(self) -> None:
-        """Release what ``setup()`` took without running ``train()`` (library use, benchmarks): the publisher
-        gets the preemption budget for what is queued, then the metrics run, the run lock and the
-        process group are closed."""
+        """Release what ``setup()`` took without running ``train()`` (library use, benchmarks): what is
+        queued gets the preemption budget to publish; the metrics run, run lock and process group close."""
         self._abort(exit_code=0)
 
     def _abort(self, exit_code: int = 1) -> None:
-        """Leave after an error or an early signal: what is queued gets the preemption budget to publish."""
         if self.checkpointer is not None:  # and the history with it
             self.checkpointer.close(timeout_s=self.config.preemption_budget_s)
             self.history.sink.finish(exit_code=exit_code)
@@ -256,51 +216,21 @@ class Trainer:
         return get_cosine_schedule_with_warmup(optimizer, warmup, self.total_steps)
 
     def autocast(self):
-        if self.config.bf16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        if self.config.fp16:
-            return torch.autocast(self.device.type, dtype=torch.float16)
-        return nullcontext()
+        dtype = torch.bfloat16 if self.config.bf16 else torch.float16 if self.config.fp16 else None
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Token-weighted mean LM loss over the validation set (response tokens only).
-
-        With several ranks each evaluates its share of the batches and the sums are added up, so
-        every rank gets the loss of the whole set.
-        """
-        was_training = self.model.training
-        self.model.eval()
+        """Token-weighted mean LM loss over the validation set (:func:`validation_loss`), the same on every rank."""
         loader = DataLoader(self.eval_data, batch_sampler=self.eval_sampler, collate_fn=self.collator,
                             generator=torch.Generator())  # own generator: never draw from the global RNG
-        total, count = 0.0, 0
-        real = self.eval_sampler.unpadded_num_batches  # over all ranks; the rest are repeats
-        for index, batch in enumerate(loader):
-            padding = self.ranks.rank + index * self.ranks.world_size >= real  # a repeat that keeps ranks in step
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self.autocast():
-                logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    prompt_mask=batch["labels"] == -100).logits  # per-example routing reads the prompt
-            labels = batch["labels"][:, 1:]
-            if padding:
-                continue
-            total += F.cross_entropy(
-                logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
-            ).item()
-            count += int((labels != -100).sum())
-        self.model.train(was_training)
-        total, count = self.ranks.sum([total, count])
-        return total / max(count, 1)
+        return validation_loss(self.model, loader, self.ranks, self.device, self.autocast,
+                               real_batches=self.eval_sampler.unpadded_num_batches)
 
     # ------------------------------------------------------------------ training
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """One optimizer step over ``micro_batches`` (gradient accumulation): forward, backward, clip, update.
-
-        Returns the step's metrics: losses and router statistics averaged over the micro-batches,
-        per-expert usage and gradient norms, and ``tokens``. The run's progress (``state``: step,
-        data position, tokens seen) is the loop's to advance.
-        """
+        """One optimizer step over ``micro_batches`` (gradient accumulation): forward, backward, clip, update;
+        its metrics (:class:`StepMetrics`). The run's progress (``state``) is the loop's to advance."""
         n, metrics = len(micro_batches), StepMetrics(self.model.num_experts, len(micro_batches))
         for i, batch in enumerate(micro_batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -356,13 +286,13 @@ class Trainer:
             batches = iter(DataLoader(self.train_data, batch_sampler=self.sampler, collate_fn=self.collator,
                                       generator=torch.Generator()))
             remaining = self.sampler.num_batches - start
-            listed = self.sampler.rank_batches(st.epoch)[start:] if trace else []
+            if trace:
+                trace.start_epoch(self.sampler.rank_batches(st.epoch)[start:])
             while remaining > 0 and self.stop_reason is None:
                 self.history.flush(st)  # the previous step's row is complete: one row per step
                 n = min(self.plan.accumulation, remaining)
                 if trace:
-                    trace.record(st.global_step + 1, listed[:n])
-                    listed = listed[n:]
+                    trace.record(st.global_step + 1, n)
                 metrics = self.train_step([next(batches) for _ in range(n)])
                 st.batch_in_epoch += n * world
                 remaining -= n
@@ -390,10 +320,9 @@ class Trainer:
             self._evaluation_point(bar)
         pass_at_1_every = cfg.eval_every or cfg.eval_steps
         if cfg.eval_benchmarks and pass_at_1_every and st.global_step % pass_at_1_every == 0 and self.ranks.is_main:
-            from ..eval.during_training import evaluate_during_training
+            from ..eval.during_training import evaluate_during_training  # pass@1, run in the sandbox
 
-            # real pass@1 on --eval_benchmarks (greedy completions run in the sandbox; the global RNG is left as
-            # it was), logged by rank 0 alone: the others wait in the next step
+            # logged by rank 0 alone (the others wait in the next step); the global RNG is left as it was
             self._log(evaluate_during_training(self.model, self.tokenizer, cfg.eval_benchmark_list, cfg.eval_max_tasks,
                                                data_dir=cfg.data_dir))
         if cfg.save_steps and st.global_step % cfg.save_steps == 0:
@@ -406,11 +335,9 @@ class Trainer:
             self.stop_reason = "max steps reached"
 
     def _evaluation_point(self, bar) -> None:
-        """Every ``--eval_steps`` optimizer steps: the validation loss, and early stopping on it.
-
-        Other evaluations during training belong here too (before the checkpoint of this step is
-        written, so it records them); like ``evaluate`` they must not draw from the global RNG.
-        """
+        """Every ``--eval_steps`` optimizer steps: the validation loss, and early stopping on it. Other
+        evaluations belong here too (before this step's checkpoint, which records them), drawing nothing
+        from the global RNG."""
         loss = self.evaluate()
         self._log({"eval/loss": loss})
         shown = getattr(bar, "postfix", None)  # a disabled bar (--progress false) has none
@@ -461,8 +388,9 @@ class Trainer:
 
         Every rank calls it: the ranks hand rank 0 their RNG states and the whole weights and optimizer
         state (gathered from the shards under FSDP); rank 0 writes; all get its directory."""
-        weights, optimizer = self.ranks.full_state(self.model, self.optimizer)
-        gathered = GatheredState(rng_states=self.ranks.gather(rng_state()), weights=weights, optimizer=optimizer,
+        gathered = GatheredState(rng_states=self.ranks.gather(rng_state()),
+                                 weights=trainable_weights(self.model, self.ranks),
+                                 optimizer=self.ranks.full_optimizer_state(self.model, self.optimizer),
                                  fingerprint=fingerprint_of(self.model, known=self.fingerprint))
         return self.ranks.on_main(
             lambda: self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state, self.history,
@@ -493,7 +421,7 @@ class Trainer:
         self.history.flush(st)
         if not saved_after_eval:
             self.save_checkpoint()
-        weights, _ = self.ranks.full_state(self.model)  # whole, on rank 0
+        weights = trainable_weights(self.model, self.ranks)  # whole, on rank 0
         try:
             return self.ranks.on_main(lambda: self._finish_on_main(final_loss, weights), "finishing the run")
         finally:
@@ -504,8 +432,7 @@ class Trainer:
         st = self.state
         # A signal now (the loop is over) only shortens the wait for the store to the preemption budget.
         wait_s = self.config.preemption_budget_s if self.signals.received is not None else self.config.publish_timeout_s
-        model_dir, unpublished = self.checkpointer.finish(self.model, self.tokenizer, trainable_weights(self.model, weights),
-                                                          st.best_step, timeout_s=wait_s)
+        model_dir, unpublished = self.checkpointer.finish(self.model, self.tokenizer, weights, st.best_step, wait_s)
         reports = end_of_run_reports(self.full_history(), self.model, self.eval_data, self.collator, self.run_dir,
                                      self.config.eval_batch_size, st.maturity_step, sharded=self.ranks.sharded)
         summary = run_summary(self.run_id, st, stop_reason=self.stop_reason, final_loss=final_loss,

@@ -19,7 +19,17 @@ def saved(world_size: int, micro_batches_per_step: int, train_batch_size: int = 
 def test_a_fresh_run_takes_ranks_times_accumulation():
     plan = BatchPlan.for_run(world_size=2, gradient_accumulation_steps=3, train_batch_size=4)
     assert (plan.micro_batches_per_step, plan.accumulation, plan.global_batch) == (6, 3, 24)
-    assert plan.steps_per_epoch(25) == 4 and plan.change(3) == ""
+    assert plan.steps(25, max_steps=0, num_epochs=1.5) == (4, 6) and plan.steps(25, 10, 1.5) == (4, 10)
+    assert plan.change(3) == ""
+
+
+def test_the_samplers_give_each_rank_its_share_in_whole_optimizer_steps():
+    plans = [BatchPlan.for_run(world_size=2, gradient_accumulation_steps=2, train_batch_size=2, rank=r) for r in (0, 1)]
+    train = [p.samplers(list(range(1, 22)), list(range(1, 6)), eval_batch_size=2, seed=0) for p in plans]
+    assert train[0][0].global_num_batches % 4 == 0 and train[0][0].num_batches == train[1][0].num_batches
+    mine = [set(i for batch in sampler.rank_batches(0) for i in batch) for sampler, _ in train]
+    assert mine[0] | mine[1] == set(range(21)) and mine[0] != mine[1]  # each rank its share of every example
+    assert train[0][1].num_batches == train[1][1].num_batches  # every rank evaluates as many batches
 
 
 def test_a_resume_keeps_the_checkpoints_global_batch_on_another_world_size():
