@@ -1,10 +1,11 @@
 """The run's checkpoints, in one object the trainer calls: :class:`Checkpointer`.
 
-It owns the store (opened and probed at start-up), the resume (:meth:`Checkpointer.resume`:
-resolve the reference, fetch and verify it, adopt the settings it implies, compare fingerprints,
-read it; one value, :class:`Resumed`, for the trainer to restore), the save (a durable local write, with a
-full disk reported as one paragraph), publishing in the background, retention, re-publishing the
-checkpoints an earlier process never got confirmed, and flush/close at the end of the run. What a
+It owns the run directory's lock, the store (opened and probed at start-up), the resume
+(:meth:`Checkpointer.resume`: resolve the reference, fetch and verify it, adopt the settings it
+implies, compare fingerprints, read it: one value, :class:`Resumed`, for the trainer to restore),
+the save (a durable local write, with a full disk reported as one paragraph), publishing in the
+background, retention, re-publishing the checkpoints an earlier process never got confirmed, and
+at the end of the run the final model, flush and close. What a
 checkpoint holds is ``checkpoint_payload.py``; the formats and stores are ``dylora_moe.checkpoint``,
 which knows nothing of training.
 """
