@@ -80,7 +80,7 @@ class Trainer:
             self.phase = "fetching the checkpoint to resume from"
             self.model, resumed = self.checkpointer.resume(ranks, model_config, build=self._setup_model)
             # only now: a refused resume never touches W&B
-            ranks.on_main(lambda: self.history.open_sink(cfg, self.run_id), "opening the metrics run")
+            ranks.on_main(functools.partial(self.history.open_sink, cfg, self.run_id), "opening the metrics run")
             self.plan = BatchPlan.for_run(ranks.world_size, cfg.gradient_accumulation_steps, cfg.train_batch_size,
                                           resumed.payload if resumed is not None else None, rank=ranks.rank)
             self.tokenizer, self.train_data, self.eval_data, self.data_report, self.collator = self._setup_data()
@@ -93,7 +93,8 @@ class Trainer:
             self.train_model = ranks.prepare(self.model, fsdp=cfg.fsdp)
             self.optimizer, self.scheduler = self._setup_optimizer()
             self.state = self._restore(resumed)
-            ranks.on_main(lambda: self.checkpointer.start_publishing(self.state.best_step), "starting the publisher")
+            ranks.on_main(functools.partial(self.checkpointer.start_publishing, self.state.best_step),
+                          "starting the publisher")
             return self
 
     @contextlib.contextmanager
@@ -323,8 +324,8 @@ class Trainer:
             from ..eval.during_training import evaluate_during_training  # pass@1, run in the sandbox
 
             # logged by rank 0 alone (the others wait in the next step); the global RNG is left as it was
-            self._log(evaluate_during_training(self.model, self.tokenizer, cfg.eval_benchmark_list, cfg.eval_max_tasks,
-                                               data_dir=cfg.data_dir))
+            self.history.log(st, evaluate_during_training(self.model, self.tokenizer, cfg.eval_benchmark_list,
+                                                          cfg.eval_max_tasks, data_dir=cfg.data_dir))
         if cfg.save_steps and st.global_step % cfg.save_steps == 0:
             self.save_checkpoint()
         bar.update(1)
@@ -339,7 +340,7 @@ class Trainer:
         evaluations belong here too (before this step's checkpoint, which records them), drawing nothing
         from the global RNG."""
         loss = self.evaluate()
-        self._log({"eval/loss": loss})
+        self.history.log(self.state, {"eval/loss": loss})
         shown = getattr(bar, "postfix", None)  # a disabled bar (--progress false) has none
         bar.set_postfix_str(f"{shown} val={loss:.3f}" if shown else f"val={loss:.3f}")
         if self.early_stopping.record(self.state, loss):
@@ -368,17 +369,13 @@ class Trainer:
         return published
 
     # ------------------------------------------------------------------ metrics
-    def _log(self, metrics: dict[str, float]) -> None:
-        """Add metrics to this step's row; the sink gets one row per step."""
-        self.history.log(self.state, metrics)
-
     def full_history(self) -> list[dict[str, Any]]:
         """Every logged row of the run, including those before a resume."""
         return self.history.full(self.state)
 
     def _log_window(self, window: MetricWindow, bar) -> None:
         mean = window.close(self.scheduler.get_last_lr()[0], self.model.routing.dense)
-        self._log(mean)
+        self.history.log(self.state, mean)
         if bar is not None:
             bar.set_postfix_str(f"loss={mean['train/lm_loss']:.3f} tok/s={mean['train/tokens_per_s']:.0f}")
 
@@ -416,7 +413,7 @@ class Trainer:
             final_loss = st.last_eval_loss
         else:
             final_loss = self.evaluate()
-            self._log({"eval/loss": final_loss})
+            self.history.log(self.state, {"eval/loss": final_loss})
             self.early_stopping.record(st, final_loss)
         self.history.flush(st)
         if not saved_after_eval:
