@@ -102,11 +102,11 @@ def run_worker(args: argparse.Namespace) -> None:
     t.sampler.set_epoch(0)
     loader = iter(DataLoader(t.train_data, batch_sampler=t.sampler, collate_fn=t.collator,
                              generator=torch.Generator()))
-    needed = (args.warmup + args.steps) * t.accumulation
+    needed = (args.warmup + args.steps) * t.plan.accumulation
     if needed > t.sampler.num_batches:
         raise SystemExit(f"only {t.sampler.num_batches} micro-batches per rank in an epoch; ask for fewer steps")
     batches = [next(loader) for _ in range(needed)]
-    steps = [batches[i:i + t.accumulation] for i in range(0, needed, t.accumulation)]
+    steps = [batches[i:i + t.plan.accumulation] for i in range(0, needed, t.plan.accumulation)]
 
     for micro_batches in steps[:args.warmup]:  # DDP rebuilds its buckets after the first step
         t.train_step(micro_batches)

@@ -274,6 +274,18 @@ class DyLoRAMoE(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def expert_grad_norms(self) -> torch.Tensor:
+        """The gradient norm of each routed expert (its slices of A and B over every adapted layer), on
+        the CPU; zeros before a backward pass. Sharded gradients are gathered: every rank calls it."""
+        squares = torch.zeros(self.num_experts)
+        for _, layer in self.adapted_layers():
+            E, r = layer.num_experts, layer.r
+            if layer.lora_A.grad is not None:
+                squares += whole_tensor(layer.lora_A.grad).float().unflatten(0, (E, r)).pow(2).sum((1, 2)).cpu()
+            if layer.lora_B.grad is not None:
+                squares += whole_tensor(layer.lora_B.grad).float().unflatten(1, (E, r)).pow(2).sum((0, 2)).cpu()
+        return squares.sqrt()
+
     def save_pretrained(self, directory: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> None:
         """Write the config and the trainable state (``state``: one already gathered, e.g. from FSDP shards)."""
         self._sync_config()

@@ -32,6 +32,7 @@ from ..checkpoint.commit import write_checkpoint
 from ..checkpoint.format import checkpoint_name
 from ..errors import CheckpointError
 from ..model import DyLoRAMoE
+from ..model.dylora import ADMISSION_KEY, MATURITY_KEY
 from .state import TrainerState
 
 
@@ -52,15 +53,30 @@ class RunRecord:
 
 @dataclass
 class GatheredState:
-    """What the ranks of a distributed run hand to rank 0 for a checkpoint (None: take it from the
-    process itself). Under FSDP the weights and optimizer state are whole tensors gathered from the
-    shards and the fingerprint was computed before sharding, so the checkpoint is the same as one
-    written by a single process: trainable-only and independent of the world size."""
+    """What the ranks hand to rank 0 for a checkpoint (None: take it from the process itself): every
+    rank's RNG states, the whole trainable weights (:func:`trainable_weights`) and optimizer state
+    (``Ranks.full_optimizer_state``), the fingerprint (taken before the model was distributed). So a
+    checkpoint is the same whether one process or several, with or without FSDP, wrote it:
+    trainable-only and independent of the world size."""
 
     rng_states: list[dict] | None = None
     weights: dict[str, torch.Tensor] | None = None
     optimizer: dict[str, Any] | None = None
     fingerprint: dict[str, Any] | None = None
+
+
+def trainable_weights(model: DyLoRAMoE, ranks: Any) -> dict[str, torch.Tensor]:
+    """The model's trainable state whole, in ``DyLoRAMoE.trainable_state_dict``'s layout (what checkpoints
+    and the final model hold), on rank 0 (elsewhere only the routing state, the same on every rank).
+
+    A collective: every rank calls it (``ranks``: ``Ranks``). It gathers layer by layer, so nothing of
+    the frozen base travels: DCP leaves frozen parameters out by name, and of two tied ones (an output
+    embedding tied to the input's) it names one, so the model as a whole would gather the other."""
+    state = {f"{name}.{key}": tensor for name, layer in model.adapted_layers()
+             for key, tensor in ranks.full_weights(layer).items()}
+    state[MATURITY_KEY] = model.routing.mature.clone()
+    state[ADMISSION_KEY] = model.routing.admission.clone()
+    return state
 
 
 @dataclass
@@ -122,8 +138,8 @@ def save_training_checkpoint(parent: Path, model: DyLoRAMoE, optimizer: torch.op
                              gathered: "GatheredState | None" = None) -> Path:
     """Write the checkpoint of ``state.global_step`` durably under ``parent``; its directory.
 
-    ``gathered``: what several ranks contributed (every rank's RNG states; under FSDP the whole
-    weights, optimizer state and fingerprint). Default: this process's own.
+    ``gathered``: what the ranks contributed (their RNG states, the whole weights and optimizer state,
+    the fingerprint). Default: this process's own.
     """
     progress = state.progress(history_rows)
     gathered = gathered or GatheredState()
@@ -192,8 +208,8 @@ def restore_progress(payload: TrainingPayload, optimizer: torch.optim.Optimizer,
 
     After growth the optimizer's moments no longer fit the parameters and start afresh.
     ``load_optimizer``: how to load a whole optimizer state (default ``optimizer.load_state_dict``;
-    FSDP spreads it over the shards). A rank the saving run did not have (resuming on more ranks)
-    keeps the RNG it was seeded with.
+    ``Ranks.load_optimizer_state`` spreads it over the ranks). A rank the saving run did not have
+    (resuming on more ranks) keeps the RNG it was seeded with.
     """
     state = TrainerState.from_progress(payload.progress)
     if not grown:

@@ -1,9 +1,11 @@
 """The run's checkpoints, in one object the trainer calls: :class:`Checkpointer`.
 
-It owns the store (opened and probed at start-up), the resume (resolve the reference, fetch and
-verify it, compare fingerprints, restore the payload), the save (a durable local write, with a
-full disk reported as one paragraph), publishing in the background, retention, re-publishing the
-checkpoints an earlier process never got confirmed, and flush/close at the end of the run. What a
+It owns the run directory's lock, the store (opened and probed at start-up), the resume
+(:meth:`Checkpointer.resume`: resolve the reference, fetch and verify it, adopt the settings it
+implies, compare fingerprints, read it: one value, :class:`Resumed`, for the trainer to restore),
+the save (a durable local write, with a full disk reported as one paragraph), publishing in the
+background, retention, re-publishing the checkpoints an earlier process never got confirmed, and
+at the end of the run the final model, flush and close. What a
 checkpoint holds is ``checkpoint_payload.py``; the formats and stores are ``dylora_moe.checkpoint``,
 which knows nothing of training.
 """
@@ -11,10 +13,12 @@ which knows nothing of training.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -26,28 +30,41 @@ from ..checkpoint.resume import resolve_resume
 from ..checkpoint.stores import BackgroundPublisher, CheckpointStore, open_store
 from ..checkpoint.stores.download import free_bytes
 from ..checkpoint.stores.probe import probe_store
-from ..errors import CheckpointError, ConfigError, DyLoRAError
-from ..model import DyLoRAMoE
-from .checkpoint_payload import GatheredState, RunRecord, TrainingPayload, read_training_checkpoint, save_training_checkpoint
+from ..errors import CheckpointError, ConfigError, UnpublishedCheckpoints
+from ..model import DyLoRAConfig, DyLoRAMoE
+from .checkpoint_payload import (GatheredState, RunRecord, TrainingPayload, read_training_checkpoint, restore_weights,
+                                 save_training_checkpoint)
 from .config import TrainConfig
 from .history import MetricHistory
+from .run_lock import RunDirLock
 from .state import TrainerState
+
+if TYPE_CHECKING:
+    from .distributed import Ranks
 
 log = logging.getLogger(__name__)
 
-EXIT_UNPUBLISHED = 3  # training finished, but some checkpoints never reached the store (local copies kept)
 DISK_FULL_FREE_BYTES = 16 << 20  # below this much free space a failed write is reported as a full disk
 
 
-class UnpublishedCheckpoints(DyLoRAError):
-    """The run finished but the store did not confirm every checkpoint; exit status 3."""
+@dataclass
+class Resumed:
+    """A checkpoint this run continues from, the same on every rank: what the trainer restores.
 
-    exit_code = EXIT_UNPUBLISHED
+    Its weights are already in the model :meth:`Checkpointer.resume` returned with it (before the
+    model is distributed); the rest of ``payload`` (optimizer, schedule, RNGs, progress) is the
+    trainer's to put back once its optimizer exists."""
+
+    directory: Path  # rank 0's verified local copy
+    payload: TrainingPayload
+    grown: bool  # the model has more experts than the checkpoint (--grow_experts): the new ones start fresh
 
 
 class Checkpointer:
     """Checkpoints of run ``run_id`` in ``RUN_DIR/checkpoints``, published to the run's store.
 
+    Every rank has one; rank 0 alone writes, publishes and reads the store (the trainer calls those
+    parts through ``Ranks.on_main``; :meth:`resume` does so itself).
     ``store``: a store object to use instead of the one ``--checkpoint_store`` names (library use).
     """
 
@@ -57,10 +74,19 @@ class Checkpointer:
         self.store: CheckpointStore | None = store
         self.publisher: BackgroundPublisher | None = None
         self.resume_dir: Path | None = None
+        self.lock: RunDirLock | None = None  # rank 0's, from claim() to release()
 
     # ------------------------------------------------------------------ start-up
-    def clean_leftovers(self) -> None:
-        """Remove the staging folders of writes a crash interrupted."""
+    def claim(self) -> None:
+        """Rank 0: lock the run directory (a second process on it is refused) before anything in it is
+        touched, then remove the staging folders of writes a crash interrupted."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = RunDirLock(self.run_dir).acquire()
+        except OSError as err:
+            raise ConfigError(
+                f"cannot write to --output_dir {self.config.output_dir!r} (run directory {self.run_dir}): "
+                f"{err.strerror or err}. Give a writable directory with --output_dir.") from None
         for leftovers in (self.checkpoint_dir, self.run_dir / "downloads"):
             cleanup_partial(leftovers)
 
@@ -74,23 +100,51 @@ class Checkpointer:
         probe_store(self.store, self.config.store_timeout_s)
         return self.store
 
-    def fetch_resume(self) -> Path | None:
-        """Resolve ``--resume`` (or ``auto``/``--start_from``) to a verified local checkpoint; None: fresh start."""
+    def resume(self, ranks: "Ranks", model_config: DyLoRAConfig,
+               build: Callable[[DyLoRAConfig], DyLoRAMoE]) -> tuple[DyLoRAMoE, Resumed | None]:
+        """The model, built by ``build`` on every rank, and what to restore into it (None: a fresh start).
+
+        Every rank calls it. Rank 0 resolves ``--resume`` (``auto``, ``--start_from``) to a verified
+        local checkpoint. Its settings shape the model: an unset ``--lora_alpha`` is the checkpoint's
+        (derived from its experts and rank, so ``--grow_experts`` keeps the scale the experts were
+        trained with), unset ``--target_modules`` are its layers (a run started before the default
+        changed resumes as it was trained). Rank 0 then compares the checkpoint's fingerprint with the
+        built model's (a mismatch raises here, before anything is trained or W&B is opened) and reads
+        it; every rank gets it and loads its weights into the model, which is not distributed yet.
+        """
+        saved = ranks.on_main(self._fetch, "fetching the checkpoint to resume from")
+        if saved is not None:
+            if not self.config.lora_alpha:
+                model_config = dataclasses.replace(model_config, alpha=saved.alpha)
+            if self.config.target_modules is None:
+                model_config = dataclasses.replace(model_config, target_modules=tuple(saved.target_modules))
+        model = build(model_config)
+        if saved is None:
+            return model, None
+        directory, payload = ranks.on_main(lambda: self._check_and_read(model),
+                                           "checking the checkpoint to resume from")
+        return model, Resumed(directory, payload, grown=restore_weights(payload, model))
+
+    def _fetch(self) -> ArchitectureFingerprint | None:
+        """Rank 0: the fingerprint of the checkpoint to resume from, fetched and verified; None: none."""
         cfg = self.config
         reference, bare_is_wandb = cfg.resume_reference
         self.resume_dir = resolve_resume(
             reference, self.run_dir, self.store, bare_is_wandb=bare_is_wandb, allow_fresh_start=cfg.allow_fresh_start,
             start_from=cfg.start_from, timeout_s=cfg.store_timeout_s,
         )
-        return self.resume_dir
-
-    def saved_fingerprint(self) -> ArchitectureFingerprint:
-        """The fingerprint of the fetched checkpoint."""
+        if self.resume_dir is None:
+            return None
         return ArchitectureFingerprint.from_dict(read_manifest(self.resume_dir).fingerprint)
+
+    def _check_and_read(self, model: DyLoRAMoE) -> tuple[Path, TrainingPayload]:
+        """Rank 0: refuse the fetched checkpoint if it does not fit ``model``, else read it into memory."""
+        self.check_fingerprint(model)
+        return self.resume_dir, read_training_checkpoint(self.resume_dir)
 
     def check_fingerprint(self, model: DyLoRAMoE) -> None:
         """Refuse a checkpoint whose architecture or base weights differ from ``model``'s."""
-        saved = self.saved_fingerprint()
+        saved = ArchitectureFingerprint.from_dict(read_manifest(self.resume_dir).fingerprint)
         requested = ArchitectureFingerprint.of(model)
         diffs = saved.differences(requested, grow_experts=self.config.grow_experts)
         if diffs:
@@ -104,10 +158,6 @@ class Checkpointer:
             reference = self.config.resume_reference[0]
             source = str(reference) if reference not in (None, "auto") else str(self.resume_dir)
             raise FingerprintMismatch(source, diffs, hint)
-
-    def read_resume(self) -> TrainingPayload:
-        """The fetched checkpoint, read into memory (to restore on this rank and to share with the others)."""
-        return read_training_checkpoint(self.resume_dir)
 
     def start_publishing(self, best_step: int | None) -> None:
         """Start the background publisher; first in its queue, what an earlier process left unconfirmed."""
@@ -186,11 +236,30 @@ class Checkpointer:
         return self.publisher.flush(timeout_s)
 
     # ------------------------------------------------------------------ end of the run
+    def finish(self, model: DyLoRAMoE, tokenizer: Any, weights: dict[str, torch.Tensor], best_step: int | None,
+               timeout_s: float | None) -> tuple[Path, list[Path]]:
+        """Rank 0: give what is queued ``timeout_s`` to reach the store, write the final model (``weights``
+        and the tokenizer) into ``RUN_DIR/final``, publish the best checkpoint as the final artifact
+        where the store has one. The final model's directory, and the checkpoints never confirmed."""
+        self.close(timeout_s=timeout_s)
+        unpublished = self.unpublished()
+        model_dir = self.run_dir / "final"
+        with self.writing("the final model", model_dir):
+            model.save_pretrained(model_dir, state=weights)
+            tokenizer.save_pretrained(model_dir)
+        self.publish_final_best(best_step)  # the seed's best-dylora-model-full
+        return model_dir, unpublished
+
     def close(self, timeout_s: float | None) -> bool:
         """Give what is queued ``timeout_s`` to reach the store; whether everything did."""
         if self.publisher is None:
             return True
         return self.publisher.close(timeout_s=timeout_s)
+
+    def release(self) -> None:
+        """Unlock the run directory (the last thing a run does)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def unpublished(self) -> list[Path]:
         """Local checkpoints the store has not confirmed (after ``close``: never will, in this process)."""

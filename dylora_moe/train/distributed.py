@@ -13,28 +13,46 @@ The recipe's rules for several ranks, each written once here:
 - **ranks agree** on every decision that changes the loop: a signal seen by any rank stops all of
   them after the same optimizer step (:meth:`Ranks.first_signal`); the evaluation loss is the sum
   over every rank's share (:meth:`Ranks.sum`), so early stopping decides alike;
-- **gradients** of the trainable parameters only are averaged by DDP
-  (:func:`wrap_for_gradient_sync`); the frozen base is never registered for synchronisation.
+- **distribution** is :meth:`Ranks.prepare` (DDP, or FSDP with ``--fsdp``): gradients of the
+  trainable parameters only are exchanged, the frozen base never is; :meth:`Ranks.gradient_sync`
+  holds them back during gradient accumulation;
+- **whole state out and in**: :meth:`Ranks.full_weights` and :meth:`Ranks.full_optimizer_state`
+  give rank 0 the whole trainable weights and optimizer state, :meth:`Ranks.load_optimizer_state`
+  spreads a whole optimizer state over the ranks, with ``torch.distributed.checkpoint.state_dict``
+  for DDP, FSDP and one process alike; so checkpoints hold whole tensors, trainable only, and
+  resume on any number of ranks.
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
+import random
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from ..errors import EXIT_PREEMPTED, DyLoRAError
+from ..errors import EXIT_PREEMPTED, ConfigError, DyLoRAError
 from ..runtime.launcher import launched_world_size
 from ..runtime.signals import StartupInterrupted
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def _whole_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # whole tensors (gathered from the shards), on the CPU of rank 0 only; the frozen base left out
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
 
 class RankZeroFailed(DyLoRAError):
@@ -48,12 +66,14 @@ class RankZeroFailed(DyLoRAError):
 
 @dataclass
 class Ranks:
-    """This process's place among the ranks: ``world_size``, ``rank``, ``local_rank``."""
+    """This process's place among the ranks (``world_size``, ``rank``, ``local_rank``), and how the
+    model is distributed over them (``sharded``: by :meth:`prepare` with FSDP)."""
 
     world_size: int = 1
     rank: int = 0
     local_rank: int = 0
     backend: str | None = None
+    sharded: bool = False
 
     @classmethod
     def from_environment(cls, timeout_s: float = 1800.0) -> "Ranks":
@@ -84,6 +104,107 @@ class Ranks:
         if torch.cuda.is_available():
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
+
+    def seed(self, seed: int) -> None:
+        """Seed Python's, numpy's and torch's RNGs with ``seed``, alike on every rank (the same initial weights)."""
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def diverge(self, seed: int) -> None:
+        """From here each rank draws its own random numbers (its dropout): every rank but 0 is seeded again
+        from ``seed`` and its rank; rank 0 goes on as it is."""
+        if self.rank > 0:
+            from ..data.mixing import derive_seed
+
+            self.seed(derive_seed(seed, "rank", self.rank))
+
+    # ------------------------------------------------------------------ distribution
+    def prepare(self, model: nn.Module, fsdp: bool = False) -> nn.Module:
+        """The module to train: ``model`` itself for one process, in DistributedDataParallel for
+        several, or (``fsdp``) sharded over them in place by FSDP's ``fully_shard``.
+
+        DDP registers only parameters with ``requires_grad``: the experts and the routers. The frozen
+        base is replicated by loading it on every rank and is never all-reduced. Buffers (the
+        routing maturity) change identically on every rank, so they are not broadcast at each forward.
+
+        With FSDP each decoder layer (the classes the base names in ``_no_split_modules``) becomes
+        one unit, and the whole mixture the root unit: a rank holds 1/world of every parameter,
+        frozen or not, and gathers a layer only while it computes it; gradients are reduce-scattered,
+        so only the trainable ones travel. The weights must be whole (loaded) before this.
+        """
+        if not self.enabled:
+            if fsdp:
+                log.warning("--fsdp has no effect in a single process (start the run with torchrun)")
+            return model
+        if fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            base = model.base_model
+            layer_classes = set(getattr(base, "_no_split_modules", None) or [])
+            blocks = [m for m in base.modules() if type(m).__name__ in layer_classes]
+            if not blocks:
+                raise ConfigError(f"--fsdp: the base model ({type(base).__name__}) names no decoder-layer class in "
+                                  "_no_split_modules, so it cannot be sharded layer by layer; train without --fsdp.")
+            for block in blocks:
+                fully_shard(block)
+            fully_shard(model)
+            self.sharded = True
+            log.info("FSDP: %d decoder layers sharded over %d ranks", len(blocks), self.world_size)
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.local_rank] if self.backend == "nccl" else None
+        with warnings.catch_warnings():  # torch 2.13 renames it; the new name still syncs at init, which is fine too
+            warnings.simplefilter("ignore", FutureWarning)
+            return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+    @staticmethod
+    def gradient_sync(train_model: nn.Module, enabled: bool):
+        """A context in which backward does (``enabled``) or does not yet exchange gradients: DDP's
+        ``no_sync``, FSDP's ``set_requires_gradient_sync``; nothing for one process."""
+        from torch.distributed.fsdp import FSDPModule
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(train_model, DistributedDataParallel):
+            return nullcontext() if enabled else train_model.no_sync()
+        if isinstance(train_model, FSDPModule):
+            train_model.set_requires_gradient_sync(enabled)
+        return nullcontext()
+
+    def full_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole trainable weights of ``module`` (named within it, frozen ones left out), on the CPU of
+        rank 0 and empty on the other ranks. A collective: every rank calls it."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(module, options=_whole_options())
+
+    def full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The whole state of ``optimizer`` over ``model``'s parameters in ``optimizer.state_dict()``'s own
+        layout (what checkpoints hold), on the CPU of rank 0 and empty on the other ranks. A collective.
+        ``model``: the model itself, not its DDP wrapper."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        if not optimizer.state:  # nothing to gather (and DCP would take a step to create the state)
+            return optimizer.state_dict()
+        by_name = get_optimizer_state_dict(model, optimizer, options=_whole_options())
+        return _by_index(by_name) if by_name else {}
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, whole: dict[str, Any]) -> None:
+        """Load a whole optimizer state (as :meth:`full_optimizer_state` gives it, or a checkpoint holds it) into
+        ``optimizer`` over ``model``'s prepared parameters; each rank keeps its own shards. Every rank
+        passes the same whole state."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if not whole["state"]:  # no moments yet: nothing to spread (and DCP would take a step to create them)
+            optimizer.load_state_dict(whole)
+            return
+        names = {id(p): name for name, p in model.named_parameters()}
+        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        set_optimizer_state_dict(model, optimizer, _by_name(whole, order),
+                                 options=StateDictOptions(full_state_dict=True))
+        for group, saved in zip(optimizer.param_groups, whole["param_groups"]):  # DCP turns tuples (betas) into lists
+            group.update({key: value for key, value in saved.items() if key != "params"})
 
     # ------------------------------------------------------------------ agreement
     def on_main(self, work: Callable[[], T], what: str) -> T:
@@ -153,7 +274,10 @@ class Ranks:
             dist.barrier()
 
     def close(self) -> None:
+        """Leave the process group. Drop the DDP wrapper first: it holds the group, and freeing it after
+        the group is destroyed deadlocks gloo."""
         if self.enabled and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
 
     def _broadcast(self, box: list[Any]) -> None:
@@ -163,91 +287,18 @@ class Ranks:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
 
-def wrap_for_gradient_sync(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
-    """``model`` in DistributedDataParallel when there are several ranks (``model`` itself otherwise).
-
-    DDP registers only parameters with ``requires_grad``: the LoRA experts and the routers. The
-    frozen base is replicated by loading it on every rank and is never all-reduced. Buffers (the
-    routing maturity) change identically on every rank, so they are not broadcast at each forward.
-    """
-    if not ranks.enabled:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    device_ids = [ranks.local_rank] if ranks.backend == "nccl" else None
-    with warnings.catch_warnings():  # torch 2.13 renames it; the new name still syncs at init, which is fine too
-        warnings.simplefilter("ignore", FutureWarning)
-        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+def _by_index(by_name: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name (DCP's layout) in ``optimizer.state_dict()``'s own:
+    parameters numbered in the order of the parameter groups (the layout checkpoints hold)."""
+    order = [name for group in by_name["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    return {"state": {index[name]: by_name["state"][name] for name in order if name in by_name["state"]},
+            "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                             for group in by_name["param_groups"]]}
 
 
-def shard_parameters(model: torch.nn.Module, ranks: Ranks) -> None:
-    """Shard the base and the experts over the ranks with FSDP (torch's ``fully_shard``), in place.
-
-    Each decoder layer (the classes the base names in ``_no_split_modules``) becomes one FSDP
-    unit, and the whole mixture the root unit: a rank holds 1/world of every parameter, frozen or
-    not, and gathers a layer only while it computes it. Gradients are reduce-scattered, so only the
-    trainable parameters' gradients travel. Checkpoints gather the trainable tensors whole
-    (:func:`whole_optimizer_state`, ``DyLoRAMoE.trainable_state_dict``): they stay trainable-only
-    and resume on any number of ranks, with or without FSDP.
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    base = model.base_model
-    layer_classes = set(getattr(base, "_no_split_modules", None) or [])
-    blocks = [m for m in base.modules() if type(m).__name__ in layer_classes]
-    if not blocks:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"--fsdp: the base model ({type(base).__name__}) names no decoder-layer class in "
-                          "_no_split_modules, so it cannot be sharded layer by layer; train without --fsdp.")
-    for block in blocks:
-        fully_shard(block)
-    fully_shard(model)
-    log.info("FSDP: %d decoder layers sharded over %d ranks", len(blocks), ranks.world_size)
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def gradient_sync(model: torch.nn.Module, enabled: bool):
-    """A context in which backward does (``enabled``) or does not yet exchange gradients: DDP's
-    ``no_sync``, FSDP's ``set_requires_gradient_sync``; nothing for one process."""
-    from contextlib import nullcontext
-
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(model, DistributedDataParallel):
-        return nullcontext() if enabled else model.no_sync()
-    if is_sharded(model):
-        model.set_requires_gradient_sync(enabled)
-    return nullcontext()
-
-
-def whole_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer state with every sharded tensor gathered whole, on every rank (a collective), in
-    ``optimizer.state_dict()``'s own layout: the same file a single process writes."""
-    from torch.distributed.tensor import DTensor
-
-    saved = optimizer.state_dict()
-    saved["state"] = {index: {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in entry.items()}
-                      for index, entry in saved["state"].items()}
-    return saved
-
-
-def load_whole_optimizer_state(optimizer: torch.optim.Optimizer, whole: dict[str, Any]) -> None:
-    """Load a whole optimizer state (as :func:`whole_optimizer_state` or one process writes it) into
-    an optimizer over sharded parameters: each rank keeps the slices of its own shards."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    state = {}
-    for index, entry in whole["state"].items():
-        param = params[int(index)]
-        state[index] = {
-            k: distribute_tensor(v.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-            if isinstance(param, DTensor) and torch.is_tensor(v) and v.dim() > 0 else v
-            for k, v in entry.items()}
-    optimizer.load_state_dict({**whole, "state": state})
+def _by_name(by_index: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    """The inverse of :func:`_by_index`, for an optimizer whose parameters are named ``order``."""
+    return {"state": {order[int(i)]: entry for i, entry in by_index["state"].items()},
+            "param_groups": [{**group, "params": [order[int(i)] for i in group["params"]]}
+                             for group in by_index["param_groups"]]}

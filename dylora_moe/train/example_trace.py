@@ -22,13 +22,20 @@ class ExampleTrace:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f"examples-rank{rank}.jsonl"
         self.rank, self.world_size = rank, world_size
+        self.pending: list[list[int]] = []
 
     @classmethod
     def from_environment(cls, rank: int, world_size: int) -> "ExampleTrace | None":
         directory = os.environ.get(ENV)
         return cls(Path(directory), rank, world_size) if directory else None
 
-    def record(self, step: int, batches: list[list[int]]) -> None:
+    def start_epoch(self, batches: list[list[int]]) -> None:
+        """This rank's micro-batches (row numbers) left in the epoch, in order."""
+        self.pending = list(batches)
+
+    def record(self, step: int, micro_batches: int) -> None:
+        """Step ``step`` consumed the next ``micro_batches`` of the epoch's."""
+        batches, self.pending = self.pending[:micro_batches], self.pending[micro_batches:]
         row = {"step": step, "rank": self.rank, "world_size": self.world_size,
                "examples": [int(i) for batch in batches for i in batch]}
         with self.path.open("a") as f:

@@ -1,4 +1,5 @@
-"""The run's metric history: one row per optimizer step, for the sink and the routing picture.
+"""The run's metric history: one row per optimizer step, for the sink (W&B or none) and the routing
+picture.
 
 The rows of this process are in ``TrainerState.history``; the rows before a resume stay in
 ``RUN_DIR/history.jsonl``, written whole before each checkpoint (the checkpoint records how many
@@ -12,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..runtime.tracking import MetricsSink
+from ..runtime.tracking import MetricsSink, make_sink
 from .state import TrainerState
 
 HISTORY_NAME = "history.jsonl"
@@ -33,11 +34,21 @@ def read_history(run_dir: Path, rows: int) -> list[dict]:
 
 
 class MetricHistory:
-    """Adds metrics to the current step's row; the sink gets each row once it is complete."""
+    """Adds metrics to the current step's row; the sink gets each row once it is complete.
+
+    The sink is rank 0's (:meth:`open_sink`); until it is open, and on the other ranks, rows go nowhere."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
+        self.sink, self.sink_open = MetricsSink(), False
         self._unflushed = False  # the last row has metrics the sink has not seen
+
+    def open_sink(self, config, run_id: str) -> None:
+        """Open ``--report_to``'s sink (once; ``config``: the run's ``TrainConfig``)."""
+        if not self.sink_open:
+            self.sink = make_sink(config.report_to, run_id, self.run_dir, config.wandb_project, config.wandb_entity,
+                                  config.to_dict())
+            self.sink_open = True
 
     def log(self, state: TrainerState, metrics: dict[str, float]) -> None:
         history, step = state.history, state.global_step
@@ -47,10 +58,10 @@ class MetricHistory:
             history.append({"step": step, **metrics})
         self._unflushed = True
 
-    def flush(self, state: TrainerState, sink: MetricsSink) -> None:
+    def flush(self, state: TrainerState) -> None:
         if self._unflushed:
             row = dict(state.history[-1])
-            sink.log({k: v for k, v in row.items() if k != "step"}, row["step"])
+            self.sink.log({k: v for k, v in row.items() if k != "step"}, row["step"])
             self._unflushed = False
 
     def full(self, state: TrainerState) -> list[dict[str, Any]]:

@@ -1,10 +1,71 @@
-"""End-of-run artefacts: the summary (JSON + text) and the routing picture (PNG)."""
+"""End-of-run artefacts: the summary (JSON + text), the routing picture (PNG) and, with several
+datasets, the routing report (which dataset each expert serves).
+
+Rank 0 writes them once the model is final; nothing here knows the trainer: it is given the run's
+pieces.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .state import TrainerState
+
+if TYPE_CHECKING:
+    from .batch_plan import BatchPlan
+
+log = logging.getLogger(__name__)
+
+
+def end_of_run_reports(history: list[dict[str, Any]], model, eval_data, collator, run_dir: Path, eval_batch_size: int,
+                       maturity_step: int | None, sharded: bool) -> dict[str, Any]:
+    """Reports written into the run directory; their paths and headline numbers go into the summary."""
+    from .routing_report import write_run_routing_report
+
+    png = plot_routing(history, model.num_experts, run_dir / "routing.png", maturity_step)
+    routing = None
+    if sharded:  # its forward passes would need every rank; the final model can be reported on
+        log.info("routing report: not written under --fsdp; run `dylora report routing --model %s`", run_dir / "final")
+    else:  # several datasets: who serves whom
+        routing = write_run_routing_report(model, eval_data, collator, run_dir, eval_batch_size)
+    return {"routing_png": str(png) if png else None,
+            "routing_mutual_information_bits": routing.mi_mean if routing is not None else None}
+
+
+def run_summary(run_id: str, state: TrainerState, *, stop_reason: str | None, final_loss: float, steps_per_epoch: int,
+                plan: "BatchPlan", num_experts: int, train_data, eval_data, data_report, rank0_batches: list[list[int]],
+                model_dir: Path, reports: dict[str, Any], unpublished: list[Path]) -> dict[str, Any]:
+    """What ``summary.json`` holds: the run's outcome, its throughput, its data and where its outputs are."""
+    from ..data import padding_waste
+
+    st = state
+    return {
+        "run_id": run_id,
+        "steps": st.global_step,
+        "epochs": st.global_step / max(steps_per_epoch, 1),
+        "stop_reason": stop_reason,
+        "eval_loss_base": st.eval_loss_base,
+        "eval_loss_final": final_loss,
+        "eval_loss_best": st.best_eval_loss,
+        "best_step": st.best_step,
+        "train_time_s": st.train_time_s,
+        "tokens_seen": st.tokens_seen,
+        "tokens_per_s": st.tokens_seen / max(st.train_time_s, 1e-9),
+        "padding_waste": padding_waste(train_data["length"], rank0_batches),
+        "maturity_step": st.maturity_step,
+        "num_experts": num_experts,
+        "world_size": plan.world_size,
+        "global_batch": plan.global_batch,
+        "train_examples": len(train_data),
+        "eval_examples": len(eval_data),
+        "model_dir": str(model_dir),
+        **reports,
+        "unpublished_checkpoints": [str(p) for p in unpublished],
+        "data": data_report.to_dict(),
+    }
 
 
 def plot_routing(history: list[dict[str, Any]], num_experts: int, path: Path, maturity_step: int | None) -> Path | None:

@@ -1,73 +1,46 @@
-"""The training recipe: ``setup()``, ``train()``, ``train_step()``, ``evaluate()``.
+"""The training recipe: ``setup()``, ``train()``, ``train_step()``, ``evaluate()``, ``finish()``.
 
-A plain PyTorch loop rather than HF ``Trainer``: exact resume needs the data position restored
-directly (epoch, batch within the epoch) and the whole state listed explicitly, which is simpler
-to own than to bend a framework into. Everything that a resume must restore is in
-:class:`TrainerState` (``state.py``) plus the model's trainable state, the optimizer, the
-scheduler and the RNGs (``checkpoint_payload.py``).
-
-The recipe owns the loop; the rest it calls: the :class:`Checkpointer` (store, resume, save,
-publish, retention), the metric history (``history.py``), the loop's helpers (``callbacks.py``:
-early stopping, maturity, metric windows) and the signal watch (``preemption.py``). The loop
-body reads in order: one optimizer step (``train_step``), then ``_after_step``: maturity, metric
-window, evaluation point, checkpoint, signals. The end of the run is ``finish()``.
-
-Under a launcher (``torchrun``, ``accelerate launch``) the same recipe runs on every rank
-(``distributed.py``): batches are sharded by rank, gradients of the trainable parameters are
-averaged by DDP, the evaluation is summed over the ranks, rank 0 alone writes, publishes and
-logs, and all ranks agree after every step on whether a signal arrived. The data position is
-counted in global micro-batches, so a checkpoint resumes on another number of ranks with the
-accumulation recomputed to keep the global batch and the order of the examples.
+A plain PyTorch loop: exact resume needs the data position restored directly and the whole state
+listed explicitly, simpler to own than to bend a framework into. ``setup()`` is a walk of steps that
+each return what they build; a resume is one value (``Checkpointer.resume``) restored in one place
+(``_restore``). The loop body reads in order: ``train_step``, then ``_after_step``. The rest it calls:
+the Checkpointer, the BatchPlan (the global batch over any number of ranks, counted in global
+micro-batches), Ranks (everything distributed), the loop's helpers (``callbacks.py``), the metric
+history and the reports.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import gc
+import contextlib
+import functools
 import logging
-import math
-import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..checkpoint.stores import CheckpointStore
-from ..errors import EXIT_PREEMPTED, EXIT_UNPUBLISHED, ConfigError, Preempted
+from ..errors import EXIT_PREEMPTED, EXIT_UNPUBLISHED, ConfigError, Preempted, UnpublishedCheckpoints
 from ..model import DyLoRAConfig, DyLoRAMoE
-from ..model.config import DEFAULT_TARGET_MODULES
-from ..model.dylora import whole_tensor
 from ..model.base import load_base_model, load_tokenizer
 from ..runtime.signals import SignalWatch, StartupInterrupted, signal_name
-from ..runtime.tracking import MetricsSink, make_sink
-from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow
-from .checkpoint_payload import (GatheredState, RunRecord, TrainingPayload, fingerprint_of, restore_progress,
-                                 restore_weights, rng_state)
-from .checkpointing import Checkpointer, UnpublishedCheckpoints
+from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow, StepMetrics, validation_loss
+from .checkpoint_payload import (GatheredState, RunRecord, fingerprint_of, restore_progress, rng_state,
+                                 trainable_weights)
+from .checkpointing import Checkpointer, Resumed
+from .batch_plan import BatchPlan
 from .config import TrainConfig
-from .distributed import (Ranks, gradient_sync, load_whole_optimizer_state, shard_parameters, whole_optimizer_state,
-                          wrap_for_gradient_sync)
+from .distributed import Ranks
 from .example_trace import ExampleTrace
 from .history import MetricHistory
-from .report import plot_routing, write_summary
-from .routing_report import write_run_routing_report
-from .run_lock import RunDirLock
+from .report import end_of_run_reports, run_summary, write_summary
 from .state import TrainerState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EXIT_PREEMPTED", "EXIT_UNPUBLISHED", "Preempted", "Trainer", "TrainerState", "UnpublishedCheckpoints"]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+__all__ = ["Trainer", "TrainerState"]
 
 
 class Trainer:
@@ -77,349 +50,195 @@ class Trainer:
         self.config = config
         self.state = TrainerState()
         self.stop_reason: str | None = None
-        # The CLI's watch, installed before anything loads; without one (library use) signals are
-        # watched from the start of the training loop.
-        self.signals = signals
+        self.signals = signals  # the CLI's, installed before anything loads; else (library use) from train()
         self.phase = "starting"  # what start-up is doing, for the message if a signal stops it
-        self.lock: RunDirLock | None = None
         self.checkpointer: Checkpointer | None = None
         self._store = store
-        self.sink, self._sink_open = MetricsSink(), False
+        self.history: MetricHistory | None = None  # with the sink (W&B), rank 0's
         self.early_stopping = EarlyStopping.for_config(config)
         self.maturity = MaturitySchedule.for_config(config)
         self.ranks = Ranks()
-        self.sharded = False  # the parameters sharded over the ranks (--fsdp under a launcher)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
+        """Build the run on this rank, each step returning what it builds: the model (holding a checkpoint's
+        weights when resuming), the data and its batches, the distributed model, the optimizer, the rest."""
         cfg = self.config
         if cfg.fp16 and not torch.cuda.is_available():
             raise ConfigError("--fp16 needs a CUDA GPU and none is available; use --bf16 (works on CPU) or neither.")
-        model_config = self.model_config()  # validates the mixture options before anything is loaded
-        self.ranks = Ranks.from_environment()  # under a launcher: join the other ranks first
-        seed_everything(cfg.seed)
-        self.device = self.ranks.device()
+        model_config = self.config.model_config()  # validates the mixture options before anything is loaded
+        self.ranks = ranks = Ranks.from_environment()  # under a launcher: join the other ranks first
+        ranks.seed(cfg.seed)
+        self.device = ranks.device()
         self.run_id = cfg.resolved_run_id()
         self.run_dir = Path(cfg.output_dir) / self.run_id
         self.history = MetricHistory(self.run_dir)
+        self.checkpointer = Checkpointer(cfg, self.run_id, self.run_dir, store=self._store)
+        with self._closing_if_stopped():
+            ranks.on_main(self._start_on_main, "claiming the run directory")
+            self.phase = "fetching the checkpoint to resume from"
+            self.model, resumed = self.checkpointer.resume(ranks, model_config, build=self._setup_model)
+            # only now: a refused resume never touches W&B
+            ranks.on_main(functools.partial(self.history.open_sink, cfg, self.run_id), "opening the metrics run")
+            self.plan = BatchPlan.for_run(ranks.world_size, cfg.gradient_accumulation_steps, cfg.train_batch_size,
+                                          resumed.payload if resumed is not None else None, rank=ranks.rank)
+            self.tokenizer, self.train_data, self.eval_data, self.data_report, self.collator = self._setup_data()
+            self.sampler, self.eval_sampler = self.plan.samplers(self.train_data["length"], self.eval_data["length"],
+                                                                 cfg.eval_batch_size, cfg.seed)
+            self.steps_per_epoch, self.total_steps = self.plan.steps(self.sampler.global_num_batches, cfg.max_steps,
+                                                                     cfg.num_epochs)
+            ranks.diverge(cfg.seed)  # the same initial weights everywhere, but each rank its own dropout
+            self.fingerprint = fingerprint_of(self.model)  # of the whole base, which checkpoints record
+            self.train_model = ranks.prepare(self.model, fsdp=cfg.fsdp)
+            self.optimizer, self.scheduler = self._setup_optimizer()
+            self.state = self._restore(resumed)
+            ranks.on_main(functools.partial(self.checkpointer.start_publishing, self.state.best_step),
+                          "starting the publisher")
+            return self
+
+    @contextlib.contextmanager
+    def _closing_if_stopped(self) -> Iterator[None]:
+        """Around start-up and training: an error or a signal closes what is open (the publisher gets the
+        preemption budget for what is queued); a signal during start-up exits 75, saying what is saved."""
         try:
-            self.ranks.on_main(self._claim_run_dir, "claiming the run directory")
-            return self._setup_rest(model_config)
+            yield
+        except (Preempted, UnpublishedCheckpoints):
+            raise  # everything is already closed
         except StartupInterrupted as stop:
             self._abort(EXIT_PREEMPTED)
-            raise self._stopped_during_startup(stop) from None
+            latest = self.checkpointer.latest() if self.checkpointer is not None and self.ranks.is_main else None
+            saved = (f"the newest checkpoint {latest} is intact" if latest is not None else
+                     f"run {self.run_id} has no local checkpoint yet" if self.ranks.is_main else
+                     "the run's checkpoints are rank 0's")
+            raise stop.as_preempted(f"while {self.phase}: nothing new was saved and {saved}. Continue with the same "
+                                    f"command and --resume auto --run_id {self.run_id}.") from None
         except BaseException:
             self._abort()
             raise
 
-    def _claim_run_dir(self) -> None:
-        """Rank 0: lock the run directory, clean what a crash left, open W&B when it is the store."""
-        cfg = self.config
-        self.checkpointer = Checkpointer(cfg, self.run_id, self.run_dir, store=self._store)
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.lock = RunDirLock(self.run_dir).acquire()  # before anything in the run directory is touched
-        except OSError as err:
-            raise ConfigError(
-                f"cannot write to --output_dir {cfg.output_dir!r} (run directory {self.run_dir}): "
-                f"{err.strerror or err}. Give a writable directory with --output_dir.") from None
-        self.checkpointer.clean_leftovers()
-        if cfg.checkpoint_store == "wandb":  # the store is this run's artifact: open the run first
-            self._open_sink()
-
-    def _open_store_and_fetch(self) -> Any:
-        """Rank 0: check the store, fetch the checkpoint to resume from (if any); its fingerprint
-        (``Checkpointer.saved_fingerprint``), or None without one."""
+    def _start_on_main(self) -> None:
+        """Rank 0: claim the run directory, open W&B when it is the store, open and probe the store."""
+        self.checkpointer.claim()
+        if self.config.checkpoint_store == "wandb":  # the store is this run's artifact: open the run first
+            self.history.open_sink(self.config, self.run_id)
         self.phase = "checking the checkpoint store"
-        self.checkpointer.open_store(wandb_run=getattr(self.sink, "run", None))
-        self.phase = "fetching the checkpoint to resume from"
-        if self.checkpointer.fetch_resume() is None:
-            return None
-        return self.checkpointer.saved_fingerprint()
+        self.checkpointer.open_store(wandb_run=getattr(self.history.sink, "run", None))
 
-    def _check_and_read_resume(self) -> TrainingPayload | None:
-        """Rank 0: compare fingerprints, read the checkpoint (shared with every rank), open the sink."""
-        payload = None
-        if self.checkpointer.resume_dir is not None:
-            self.checkpointer.check_fingerprint(self.model)
-            payload = self.checkpointer.read_resume()
-        if not self._sink_open:
-            self._open_sink()  # only now: a refused resume must not touch the W&B run
-        return payload
-
-    def _setup_rest(self, model_config: DyLoRAConfig) -> "Trainer":
-        from ..data import LengthGroupedBatchSampler, PaddingCollator, build_datasets
-        from ..data.mixing import derive_seed
-
-        cfg, ranks = self.config, self.ranks
-        saved = ranks.on_main(self._open_store_and_fetch, "checking the checkpoint store")
-        if saved is not None:
-            if not cfg.lora_alpha:
-                # an alpha the user did not set is the checkpoint's (derived from its experts and rank), so a
-                # resume with --grow_experts keeps the scale the experts were trained with
-                model_config = dataclasses.replace(model_config, alpha=saved.alpha)
-            if cfg.target_modules is None:
-                # layers the user did not name are the checkpoint's: a run started before the default changed
-                # resumes as it was trained
-                model_config = dataclasses.replace(model_config, target_modules=tuple(saved.target_modules))
+    def _setup_model(self, model_config: DyLoRAConfig) -> DyLoRAMoE:
+        """The mixture of ``model_config`` on the base model, on this rank's device."""
         self.phase = "loading the base model"
-        self.tokenizer = load_tokenizer(cfg.model_name)
-        base = load_base_model(cfg.model_name).to(self.device)
-        self.model = DyLoRAMoE(base, model_config)
-        self.model.config.base_model_name_or_path = cfg.model_name
-        self.model.to(self.device)
-        payload = ranks.on_main(self._check_and_read_resume, "checking the checkpoint to resume from")
+        model = DyLoRAMoE(load_base_model(self.config.model_name).to(self.device), model_config)
+        model.config.base_model_name_or_path = self.config.model_name
+        return model.to(self.device)
 
+    def _setup_data(self) -> tuple[Any, Any, Any, Any, Any]:
+        """The tokenizer, the training and validation splits, the report of what was loaded, the collator."""
+        from ..data import PaddingCollator, build_datasets
+
+        cfg = self.config
         self.phase = "loading the data"
-        self.train_data, self.eval_data, self.data_report = build_datasets(
-            cfg.datasets, self.tokenizer, cfg.max_seq_length, data_dir=cfg.data_dir, seed=cfg.seed,
+        tokenizer = load_tokenizer(cfg.model_name)
+        train_data, eval_data, report = build_datasets(
+            cfg.datasets, tokenizer, cfg.max_seq_length, data_dir=cfg.data_dir, seed=cfg.seed,
             validation_fraction=cfg.validation_fraction, training_subset=cfg.training_subset,
-            eval_subset=cfg.eval_subset, mixing=self._mixing(),
-        )
-        log.info("data:\n%s", self.data_report.summary())
-        if len(self.eval_data) == 0:
+            eval_subset=cfg.eval_subset, mixing="interleave" if cfg.interleaved_sampling else "concat",
+        )  # weights written into --datasets ("a:2,b:1") win over either mixing
+        log.info("data:\n%s", report.summary())
+        if len(eval_data) == 0:
             raise ConfigError("the validation split is empty: raise --validation_fraction or --eval_subset.")
-
         # the dataset-MI router loss needs each example's dataset as a number (same order on every rank)
-        sources = (sorted(set(self.train_data["source"]) | set(self.eval_data["source"]))
-                   if model_config.dataset_mi_coefficient else None)
-        self.collator = PaddingCollator.for_tokenizer(self.tokenizer, sources=sources)
-        self.micro_batches_per_step = self._micro_batches_per_step(payload)
-        self.accumulation = self.micro_batches_per_step // ranks.world_size
-        self.sampler = LengthGroupedBatchSampler(
-            self.train_data["length"], cfg.train_batch_size, seed=cfg.seed, num_replicas=ranks.world_size,
-            rank=ranks.rank, step_multiple=self.micro_batches_per_step)
-        # every rank evaluates the same number of batches (FSDP needs it): a rank short of one repeats
-        # a batch and leaves it out of the sums (see evaluate)
-        self.eval_sampler = LengthGroupedBatchSampler(self.eval_data["length"], cfg.eval_batch_size, shuffle=False,
-                                                      num_replicas=ranks.world_size, rank=ranks.rank)
-        steps_per_epoch = self.sampler.global_num_batches // self.micro_batches_per_step
-        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
-        self.steps_per_epoch = steps_per_epoch
-        if ranks.rank > 0:  # the same initial weights everywhere, but each rank its own dropout
-            seed_everything(derive_seed(cfg.seed, "rank", ranks.rank))
-        grown = restore_weights(payload, self.model) if payload is not None else False
-        self.sharded = cfg.fsdp and ranks.enabled
-        self.fingerprint = None
-        if self.sharded:  # the weights are whole until here; from here each rank holds its shards
-            self.fingerprint = fingerprint_of(self.model)  # of the base, which checkpoints record
-            shard_parameters(self.model, ranks)
-            self.train_model = self.model
-        else:
-            if cfg.fsdp:
-                log.warning("--fsdp has no effect in a single process (start the run with torchrun)")
-            self.train_model = wrap_for_gradient_sync(self.model, ranks)
-        self.optimizer = torch.optim.AdamW(
-            self.model.trainable_parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
-        )
-        self.scheduler = self._make_scheduler()
-        if payload is not None:
-            load = (lambda whole: load_whole_optimizer_state(self.optimizer, whole)) if self.sharded else None
-            self.state = restore_progress(payload, self.optimizer, self.scheduler, ranks.rank, grown, load)
-            log.info("resumed from %s at step %d (epoch %d, micro-batch %d of %d)%s", self.resume_dir,
-                     self.state.global_step, self.state.epoch, self.state.batch_in_epoch,
-                     self.sampler.global_num_batches, self._world_change(payload))
-        ranks.on_main(lambda: self.checkpointer.start_publishing(self.state.best_step), "starting the publisher")
-        return self
+        sources = (sorted(set(train_data["source"]) | set(eval_data["source"]))
+                   if self.model.config.dataset_mi_coefficient else None)
+        return tokenizer, train_data, eval_data, report, PaddingCollator.for_tokenizer(tokenizer, sources=sources)
 
-    def _micro_batches_per_step(self, payload: TrainingPayload | None) -> int:
-        """Global micro-batches per optimizer step: this run's ranks x accumulation, or the checkpoint's.
+    def _setup_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+        """AdamW over the trainable parameters (the distributed ones), and its learning-rate schedule."""
+        cfg = self.config
+        optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=cfg.learning_rate,
+                                      weight_decay=cfg.weight_decay)
+        return optimizer, self._make_scheduler(optimizer)
 
-        A resumed run keeps the checkpoint's global batch whatever its world size, by recomputing
-        the accumulation; a world size that cannot reproduce it is refused before training.
-        """
-        cfg, world = self.config, self.ranks.world_size
-        if payload is None:
-            return world * cfg.gradient_accumulation_steps
-        saved, saved_world = payload.micro_batches_per_step, payload.world_size
-        if saved % world:
-            raise ConfigError(
-                f"the checkpoint was trained with a global batch of {saved} micro-batches per optimizer step "
-                f"({saved_world} rank(s) x {saved // saved_world} accumulation step(s) x --train_batch_size "
-                f"{payload.data_state.get('train_batch_size') or cfg.train_batch_size}), which {world} ranks cannot "
-                f"reproduce: resume on a number of ranks that divides {saved} (e.g. "
-                f"{', '.join(str(n) for n in range(1, saved + 1) if saved % n == 0)}).")
-        saved_batch = payload.data_state.get("train_batch_size")
-        if saved_batch and saved_batch != cfg.train_batch_size:
-            log.warning("--train_batch_size %d differs from the checkpoint's %d: the global batch and the order of "
-                        "the examples change from here on", cfg.train_batch_size, saved_batch)
-        return saved
-
-    def _world_change(self, payload: TrainingPayload) -> str:
-        saved_world = payload.world_size
-        accumulation = self.micro_batches_per_step // saved_world
-        if saved_world == self.ranks.world_size and accumulation == self.config.gradient_accumulation_steps:
-            return ""
-        return (f"; saved by {saved_world} rank(s) x {accumulation} accumulation, continued on "
-                f"{self.ranks.world_size} rank(s) x {self.accumulation} accumulation: the same global batch of "
-                f"{self.micro_batches_per_step} micro-batches")
+    def _restore(self, resumed: Resumed | None) -> TrainerState:
+        """The progress to continue from: a fresh one, or the checkpoint's, with its optimizer state (not
+        after growth), the schedule's position and this rank's RNGs put back (its weights already are)."""
+        if resumed is None:
+            return TrainerState()
+        load = functools.partial(self.ranks.load_optimizer_state, self.model, self.optimizer)
+        state = restore_progress(resumed.payload, self.optimizer, self.scheduler, self.ranks.rank, resumed.grown, load)
+        log.info("resumed from %s at step %d (epoch %d, micro-batch %d of %d)%s", resumed.directory, state.global_step,
+                 state.epoch, state.batch_in_epoch, self.sampler.global_num_batches,
+                 self.plan.change(self.config.gradient_accumulation_steps))
+        return state
 
     @property
     def resume_dir(self) -> Path | None:
         """The verified local checkpoint this run resumed from (rank 0; None: a fresh start)."""
         return self.checkpointer.resume_dir if self.checkpointer is not None else None
 
-    def _stopped_during_startup(self, stop: StartupInterrupted) -> Preempted:
-        latest = self.checkpointer.latest() if self.checkpointer is not None else None
-        saved = (f"the newest checkpoint {latest} is intact" if latest is not None
-                 else f"run {self.run_id} has no local checkpoint yet" if self.ranks.is_main
-                 else "the run's checkpoints are rank 0's")
-        return stop.as_preempted(f"while {self.phase}: nothing new was saved and {saved}. Continue with the same "
-                                 f"command and --resume auto --run_id {self.run_id}.")
-
     def close(self) -> None:
-        """Release what ``setup()`` took without running ``train()`` (library use, benchmarks): the publisher
-        gets the preemption budget for what is queued, then the metrics run, the run lock and the
-        process group are closed."""
+        """Release what ``setup()`` took without running ``train()`` (library use, benchmarks): what is
+        queued gets the preemption budget to publish; the metrics run, run lock and process group close."""
         self._abort(exit_code=0)
 
     def _abort(self, exit_code: int = 1) -> None:
-        """Leave after an error or an early signal: what is queued gets the preemption budget to publish."""
-        if self.checkpointer is not None:
+        if self.checkpointer is not None:  # and the history with it
             self.checkpointer.close(timeout_s=self.config.preemption_budget_s)
-        self.sink.finish(exit_code=exit_code)
-        if self.lock is not None:
-            self.lock.release()
+            self.history.sink.finish(exit_code=exit_code)
+            self.checkpointer.release()
         self._leave_ranks()
 
     def _leave_ranks(self) -> None:
-        """Leave the process group; the DDP wrapper goes first (it holds the group, and freeing it after
-        the group is destroyed deadlocks gloo)."""
-        if self.ranks.enabled:
-            self.train_model = getattr(self, "model", None)
-            gc.collect()
+        self.train_model = getattr(self, "model", None)  # the DDP wrapper goes before the process group
         self.ranks.close()
 
-    def _open_sink(self) -> None:
-        cfg = self.config
-        self.sink = make_sink(cfg.report_to, self.run_id, self.run_dir, cfg.wandb_project, cfg.wandb_entity, cfg.to_dict())
-        self._sink_open = True
-
-    def _mixing(self) -> str:
-        """Balanced or concatenated; weights written into --datasets ("a:2,b:1") win over both."""
-        return "interleave" if self.config.interleaved_sampling else "concat"
-
-    def model_config(self) -> DyLoRAConfig:
-        cfg = self.config
-        return DyLoRAConfig(
-            num_experts=cfg.num_experts, shared_experts=cfg.shared_experts, r=cfg.lora_r, alpha=cfg.lora_alpha,
-            dropout=cfg.lora_dropout,
-            target_modules=DEFAULT_TARGET_MODULES if cfg.target_modules is None else cfg.target_modules,
-            top_k=cfg.top_k,
-            router_temperature=cfg.router_temperature,
-            balance_coefficient=cfg.balance_coefficient, z_loss_coefficient=cfg.z_loss_coefficient,
-            router_mi_coefficient=cfg.router_mi_coefficient, dataset_mi_coefficient=cfg.dataset_mi_coefficient,
-            gate_floor=cfg.gate_floor,
-            routing=cfg.routing, router_scale=cfg.router_scale,
-        )
-
-    def _make_scheduler(self):
+    def _make_scheduler(self, optimizer: torch.optim.Optimizer | None = None):
+        """Cosine decay over ``total_steps`` after ``--warmup_ratio`` of them (with ``--cosine_restarts``)."""
         from transformers import get_cosine_schedule_with_warmup, get_cosine_with_hard_restarts_schedule_with_warmup
 
-        warmup = int(self.config.warmup_ratio * self.total_steps)
+        optimizer, warmup = optimizer or self.optimizer, int(self.config.warmup_ratio * self.total_steps)
         if self.config.cosine_restarts > 0:
             return get_cosine_with_hard_restarts_schedule_with_warmup(
-                self.optimizer, warmup, self.total_steps, num_cycles=self.config.cosine_restarts + 1
-            )
-        return get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
+                optimizer, warmup, self.total_steps, num_cycles=self.config.cosine_restarts + 1)
+        return get_cosine_schedule_with_warmup(optimizer, warmup, self.total_steps)
 
     def autocast(self):
-        if self.config.bf16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        if self.config.fp16:
-            return torch.autocast(self.device.type, dtype=torch.float16)
-        return nullcontext()
+        dtype = torch.bfloat16 if self.config.bf16 else torch.float16 if self.config.fp16 else None
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Token-weighted mean LM loss over the validation set (response tokens only).
-
-        With several ranks each evaluates its share of the batches and the sums are added up, so
-        every rank gets the loss of the whole set.
-        """
-        was_training = self.model.training
-        self.model.eval()
+        """Token-weighted mean LM loss over the validation set (:func:`validation_loss`), the same on every rank."""
         loader = DataLoader(self.eval_data, batch_sampler=self.eval_sampler, collate_fn=self.collator,
                             generator=torch.Generator())  # own generator: never draw from the global RNG
-        total, count = 0.0, 0
-        real = self.eval_sampler.unpadded_num_batches  # over all ranks; the rest are repeats
-        for index, batch in enumerate(loader):
-            padding = self.ranks.rank + index * self.ranks.world_size >= real  # a repeat that keeps ranks in step
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self.autocast():
-                logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    prompt_mask=batch["labels"] == -100).logits  # per-example routing reads the prompt
-            labels = batch["labels"][:, 1:]
-            if padding:
-                continue
-            total += F.cross_entropy(
-                logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
-            ).item()
-            count += int((labels != -100).sum())
-        self.model.train(was_training)
-        total, count = self.ranks.sum([total, count])
-        return total / max(count, 1)
+        return validation_loss(self.model, loader, self.ranks, self.device, self.autocast,
+                               real_batches=self.eval_sampler.unpadded_num_batches)
 
     # ------------------------------------------------------------------ training
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """One optimizer step over ``micro_batches`` (gradient accumulation): forward, backward, clip, update.
-
-        Returns the step's metrics: losses and router statistics averaged over the micro-batches,
-        per-expert usage and gradient norms, and ``tokens``. The run's progress (``state``: step,
-        data position, tokens seen) is the loop's to advance.
-        """
-        n = len(micro_batches)
-        sums = {"lm_loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0, "entropy": 0.0, "max_prob": 0.0}
-        usage = torch.zeros(self.model.num_experts)
-        tokens = 0
+        """One optimizer step over ``micro_batches`` (gradient accumulation): forward, backward, clip, update;
+        its metrics (:class:`StepMetrics`). The run's progress (``state``) is the loop's to advance."""
+        n, metrics = len(micro_batches), StepMetrics(self.model.num_experts, len(micro_batches))
         for i, batch in enumerate(micro_batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             # with several ranks, gradients are averaged once per step: in the last micro-batch's backward
-            with gradient_sync(self.train_model, enabled=i == n - 1), self.autocast():
+            with self.ranks.gradient_sync(self.train_model, enabled=i == n - 1), self.autocast():
                 out = self.train_model(batch["input_ids"], attention_mask=batch["attention_mask"],
                                        labels=batch["labels"], dataset_ids=batch.get("dataset_ids"))
                 (out.loss / n).backward()
-            tokens += int(batch["attention_mask"].sum())
-            sums["lm_loss"] += out.lm_loss.item() / n
-            sums["balance_loss"] += out.balance_loss.item() / n
-            sums["z_loss"] += out.z_loss.item() / n
-            if out.router_stats is not None:
-                sums["entropy"] += out.router_stats.entropy.item() / n
-                sums["max_prob"] += out.router_stats.max_prob.item() / n
-                usage += out.router_stats.expert_usage.detach().float().cpu() / n
-        grad_norms = self._expert_grad_norms()
+            metrics.add(out, batch["attention_mask"])
+        grad_norms = self.model.expert_grad_norms()  # before clipping
         if self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ranks.enabled:  # the metrics of the whole global batch: means over ranks, tokens summed
-            world = self.ranks.world_size
-            reduced = self.ranks.sum([*sums.values(), *usage.tolist(), tokens])
-            sums = {k: v / world for k, v in zip(sums, reduced)}
-            usage = torch.tensor(reduced[len(sums): len(sums) + len(usage)]) / world
-            tokens = int(reduced[-1])
-        metrics = {f"train/{k}": v for k, v in sums.items()}
-        metrics.update({f"routing/usage_{e}": float(u) for e, u in enumerate(usage)})
-        metrics.update({f"grad_norm/expert_{e}": float(g) for e, g in enumerate(grad_norms)})
-        metrics["tokens"] = tokens
-        return metrics
-
-    def _expert_grad_norms(self) -> torch.Tensor:
-        squares = torch.zeros(self.model.num_experts)
-        for _, layer in self.model.adapted_layers():
-            E, r = layer.num_experts, layer.r
-            if layer.lora_A.grad is not None:
-                squares += whole_tensor(layer.lora_A.grad).float().unflatten(0, (E, r)).pow(2).sum((1, 2)).cpu()
-            if layer.lora_B.grad is not None:
-                squares += whole_tensor(layer.lora_B.grad).float().unflatten(1, (E, r)).pow(2).sum((0, 2)).cpu()
-        return squares.sqrt()
+        return metrics.result(self.ranks, grad_norms)
 
     def train(self) -> dict[str, Any]:
+        """Train to the end of the run (``--max_steps``, epochs, early stopping or a signal): the summary."""
         st = self.state
         self.model.train()
-        try:
+        with self._closing_if_stopped():
             if st.eval_loss_base is None:
                 self.phase = "evaluating the base model"
                 st.eval_loss_base = self.evaluate()  # a fresh mixture is exactly the base model
@@ -427,16 +246,7 @@ class Trainer:
             if self.signals is None:
                 self.signals = SignalWatch().install()
             self.signals.defer()  # from here a signal means: finish the step, checkpoint, exit 75
-        except StartupInterrupted as stop:
-            self._abort(EXIT_PREEMPTED)
-            raise self._stopped_during_startup(stop) from None
-        try:
             return self._train_loop()
-        except (Preempted, UnpublishedCheckpoints):
-            raise  # everything is already closed
-        except BaseException:
-            self._abort()
-            raise
 
     def _train_loop(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
@@ -462,13 +272,13 @@ class Trainer:
             batches = iter(DataLoader(self.train_data, batch_sampler=self.sampler, collate_fn=self.collator,
                                       generator=torch.Generator()))
             remaining = self.sampler.num_batches - start
-            listed = self.sampler.rank_batches(st.epoch)[start:] if trace else []
+            if trace:
+                trace.start_epoch(self.sampler.rank_batches(st.epoch)[start:])
             while remaining > 0 and self.stop_reason is None:
-                self.history.flush(st, self.sink)  # the previous step's row is complete: one row per step
-                n = min(self.accumulation, remaining)
+                self.history.flush(st)  # the previous step's row is complete: one row per step
+                n = min(self.plan.accumulation, remaining)
                 if trace:
-                    trace.record(st.global_step + 1, listed[:n])
-                    listed = listed[n:]
+                    trace.record(st.global_step + 1, n)
                 metrics = self.train_step([next(batches) for _ in range(n)])
                 st.batch_in_epoch += n * world
                 remaining -= n
@@ -496,7 +306,11 @@ class Trainer:
             self._evaluation_point(bar)
         pass_at_1_every = cfg.eval_every or cfg.eval_steps
         if cfg.eval_benchmarks and pass_at_1_every and st.global_step % pass_at_1_every == 0 and self.ranks.is_main:
-            self._log(self.pass_at_1())  # logged by rank 0 alone; the others wait in the next step
+            from ..eval.during_training import evaluate_during_training  # pass@1, run in the sandbox
+
+            # logged by rank 0 alone (the others wait in the next step); the global RNG is left as it was
+            self.history.log(st, evaluate_during_training(self.model, self.tokenizer, cfg.eval_benchmark_list,
+                                                          cfg.eval_max_tasks, data_dir=cfg.data_dir))
         if cfg.save_steps and st.global_step % cfg.save_steps == 0:
             self.save_checkpoint()
         bar.update(1)
@@ -507,26 +321,15 @@ class Trainer:
             self.stop_reason = "max steps reached"
 
     def _evaluation_point(self, bar) -> None:
-        """Every ``--eval_steps`` optimizer steps: the validation loss, and early stopping on it.
-
-        Other evaluations during training belong here too (before the checkpoint of this step is
-        written, so it records them); like ``evaluate`` they must not draw from the global RNG.
-        """
+        """Every ``--eval_steps`` optimizer steps: the validation loss, and early stopping on it. Other
+        evaluations belong here too (before this step's checkpoint, which records them), drawing nothing
+        from the global RNG."""
         loss = self.evaluate()
-        self._log({"eval/loss": loss})
+        self.history.log(self.state, {"eval/loss": loss})
         shown = getattr(bar, "postfix", None)  # a disabled bar (--progress false) has none
         bar.set_postfix_str(f"{shown} val={loss:.3f}" if shown else f"val={loss:.3f}")
         if self.early_stopping.record(self.state, loss):
             self.stop_reason = self.early_stopping.reason()
-
-    def pass_at_1(self) -> dict[str, float]:
-        """Real pass@1 of the model as it is now on ``--eval_benchmarks`` (``dylora_moe.eval``: greedy
-        completions executed in the sandbox; the global RNG is left as it was)."""
-        from ..eval.during_training import evaluate_during_training
-
-        cfg = self.config
-        return evaluate_during_training(self.model, self.tokenizer, cfg.eval_benchmark_list, cfg.eval_max_tasks,
-                                        data_dir=cfg.data_dir)
 
     def _preempt(self, bar, signum: int, rank: int) -> None:
         started = time.perf_counter()
@@ -545,23 +348,19 @@ class Trainer:
     def _close_after_preemption(self) -> bool:
         """Rank 0: the checkpoint is written and was given the budget; close what is open. Whether it was published."""
         published = self.checkpointer.close(timeout_s=0)
-        self.history.flush(self.state, self.sink)
-        self.sink.finish(exit_code=EXIT_PREEMPTED)
-        self.lock.release()
+        self.history.flush(self.state)
+        self.history.sink.finish(exit_code=EXIT_PREEMPTED)
+        self.checkpointer.release()
         return published
 
     # ------------------------------------------------------------------ metrics
-    def _log(self, metrics: dict[str, float]) -> None:
-        """Add metrics to this step's row; the sink gets one row per step."""
-        self.history.log(self.state, metrics)
-
     def full_history(self) -> list[dict[str, Any]]:
         """Every logged row of the run, including those before a resume."""
         return self.history.full(self.state)
 
     def _log_window(self, window: MetricWindow, bar) -> None:
         mean = window.close(self.scheduler.get_last_lr()[0], self.model.routing.dense)
-        self._log(mean)
+        self.history.log(self.state, mean)
         if bar is not None:
             bar.set_postfix_str(f"loss={mean['train/lm_loss']:.3f} tok/s={mean['train/tokens_per_s']:.0f}")
 
@@ -569,13 +368,12 @@ class Trainer:
     def save_checkpoint(self, wait_s: float | None = None) -> Path:
         """Write a durable checkpoint and publish it (in the background unless ``wait_s`` is given).
 
-        Every rank calls it: rank 0 writes, with every rank's RNG states (under FSDP also the whole
-        weights and optimizer state, gathered from the shards); all get its directory."""
-        gathered = GatheredState(rng_states=self.ranks.gather(rng_state()))
-        if self.sharded:
-            gathered = dataclasses.replace(gathered, weights=self.model.trainable_state_dict(),
-                                           optimizer=whole_optimizer_state(self.optimizer),
-                                           fingerprint=fingerprint_of(self.model, known=self.fingerprint))
+        Every rank calls it: the ranks hand rank 0 their RNG states and the whole weights and optimizer
+        state (gathered from the shards under FSDP); rank 0 writes; all get its directory."""
+        gathered = GatheredState(rng_states=self.ranks.gather(rng_state()),
+                                 weights=trainable_weights(self.model, self.ranks),
+                                 optimizer=self.ranks.full_optimizer_state(self.model, self.optimizer),
+                                 fingerprint=fingerprint_of(self.model, known=self.fingerprint))
         return self.ranks.on_main(
             lambda: self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state, self.history,
                                            self.run_record(), wait_s=wait_s, gathered=gathered),
@@ -585,8 +383,8 @@ class Trainer:
         """What a checkpoint's manifest records about this run."""
         return RunRecord(run_id=self.run_id, training_config=self.config.to_dict(), seed=self.config.seed,
                          batches_per_epoch=self.sampler.global_num_batches, train_examples=len(self.train_data),
-                         wandb_run_id=self.sink.run_id, world_size=self.ranks.world_size,
-                         micro_batches_per_step=self.micro_batches_per_step,
+                         wandb_run_id=self.history.sink.run_id, world_size=self.ranks.world_size,
+                         micro_batches_per_step=self.plan.micro_batches_per_step,
                          train_batch_size=self.config.train_batch_size)
 
     def finish(self) -> dict[str, Any]:
@@ -600,75 +398,33 @@ class Trainer:
             final_loss = st.last_eval_loss
         else:
             final_loss = self.evaluate()
-            self._log({"eval/loss": final_loss})
+            self.history.log(self.state, {"eval/loss": final_loss})
             self.early_stopping.record(st, final_loss)
-        self.history.flush(st, self.sink)
+        self.history.flush(st)
         if not saved_after_eval:
             self.save_checkpoint()
-        weights = self.model.trainable_state_dict() if self.sharded else None  # gathered from the shards
+        weights = trainable_weights(self.model, self.ranks)  # whole, on rank 0
         try:
             return self.ranks.on_main(lambda: self._finish_on_main(final_loss, weights), "finishing the run")
         finally:
             self._leave_ranks()
 
-    def _finish_on_main(self, final_loss: float, weights: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    def _finish_on_main(self, final_loss: float, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Rank 0: publishing, the model, the reports and the summary."""
-        from ..data import padding_waste
-
         st = self.state
         # A signal now (the loop is over) only shortens the wait for the store to the preemption budget.
         wait_s = self.config.preemption_budget_s if self.signals.received is not None else self.config.publish_timeout_s
-        self.checkpointer.close(timeout_s=wait_s)
-        unpublished = self.checkpointer.unpublished()
-        model_dir = self.run_dir / "final"
-        with self.checkpointer.writing("the final model", model_dir):
-            self.model.save_pretrained(model_dir, state=weights)
-            self.tokenizer.save_pretrained(model_dir)
-        self.checkpointer.publish_final_best(st.best_step)  # the seed's best-dylora-model-full
-        reports = self._end_of_run_reports()
-        lengths = self.train_data["length"]
-        summary = {
-            "run_id": self.run_id,
-            "steps": st.global_step,
-            "epochs": st.global_step / max(self.steps_per_epoch, 1),
-            "stop_reason": self.stop_reason,
-            "eval_loss_base": st.eval_loss_base,
-            "eval_loss_final": final_loss,
-            "eval_loss_best": st.best_eval_loss,
-            "best_step": st.best_step,
-            "train_time_s": st.train_time_s,
-            "tokens_seen": st.tokens_seen,
-            "tokens_per_s": st.tokens_seen / max(st.train_time_s, 1e-9),
-            "padding_waste": padding_waste(lengths, self.sampler.rank_batches(0)),
-            "maturity_step": st.maturity_step,
-            "num_experts": self.model.num_experts,
-            "world_size": self.ranks.world_size,
-            "global_batch": self.micro_batches_per_step * self.config.train_batch_size,
-            "train_examples": len(self.train_data),
-            "eval_examples": len(self.eval_data),
-            "model_dir": str(model_dir),
-            **reports,
-            "unpublished_checkpoints": [str(p) for p in unpublished],
-            "data": self.data_report.to_dict(),
-        }
-        text = write_summary(self.run_dir, summary)
-        log.info("summary:\n%s", text)
-        self.sink.finish()
-        self.lock.release()
+        model_dir, unpublished = self.checkpointer.finish(self.model, self.tokenizer, weights, st.best_step, wait_s)
+        reports = end_of_run_reports(self.full_history(), self.model, self.eval_data, self.collator, self.run_dir,
+                                     self.config.eval_batch_size, st.maturity_step, sharded=self.ranks.sharded)
+        summary = run_summary(self.run_id, st, stop_reason=self.stop_reason, final_loss=final_loss,
+                              steps_per_epoch=self.steps_per_epoch, plan=self.plan, num_experts=self.model.num_experts,
+                              train_data=self.train_data, eval_data=self.eval_data, data_report=self.data_report,
+                              rank0_batches=self.sampler.rank_batches(0), model_dir=model_dir, reports=reports,
+                              unpublished=unpublished)
+        log.info("summary:\n%s", write_summary(self.run_dir, summary))
+        self.history.sink.finish()
+        self.checkpointer.release()
         if unpublished:
             raise self.checkpointer.unpublished_error(model_dir, unpublished)
         return summary
-
-    def _end_of_run_reports(self) -> dict[str, Any]:
-        """Reports written into the run directory once the model is final; their paths go into the summary."""
-        png = plot_routing(self.full_history(), self.model.num_experts, self.run_dir / "routing.png",
-                           self.state.maturity_step)
-        routing = None
-        if self.sharded:  # its forward passes would need every rank; the final model can be reported on
-            log.info("routing report: not written under --fsdp; run `dylora report routing --model %s`",
-                     self.run_dir / "final")
-        else:
-            routing = write_run_routing_report(self.model, self.eval_data, self.collator, self.run_dir,
-                                               self.config.eval_batch_size)  # several datasets: who serves whom
-        return {"routing_png": str(png) if png else None,
-                "routing_mutual_information_bits": routing.mi_mean if routing is not None else None}

@@ -7,12 +7,11 @@ import pytest
 
 from dylora_moe.cli import build_parser
 from dylora_moe.train.config import config_from_args
-from dylora_moe.train.trainer import Trainer
 from tests.conftest import REPO_ROOT
 
 
 def model_alpha(argv):
-    return Trainer(config_from_args(build_parser().parse_args(["train", *argv]))).model_config().alpha
+    return config_from_args(build_parser().parse_args(["train", *argv])).model_config().alpha
 
 
 @pytest.mark.parametrize(("argv", "alpha"), [

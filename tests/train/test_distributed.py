@@ -1,8 +1,9 @@
-"""`dylora train` under real `torchrun` processes (gloo on CPU): DDP, signals, exact and elastic resume.
+"""`dylora train` under real `torchrun` processes (gloo on CPU): DDP, FSDP, signals, exact and elastic resume.
 
 Every run here is a real launcher with real worker processes, on the small random Llama and the
 built-in dataset. `DYLORA_TRACE_EXAMPLES` records which training examples each optimizer step
-consumed on each rank, so the sample order can be compared across world sizes.
+consumed on each rank, so the sample order can be compared across world sizes. The first tests
+check Ranks' whole state in one process: what several ranks gather must be what one process holds.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from dylora_moe.checkpoint.stores import open_store
 from dylora_moe.errors import EXIT_PREEMPTED
 from dylora_moe.train.example_trace import read_trace
 from tests.conftest import REPO_ROOT, free_port
-
-pytestmark = pytest.mark.slow
 
 STEPS = 12
 
@@ -83,6 +82,52 @@ def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
     return workers
 
 
+def one_step_mixture(model_dir: str):
+    """A small mixture (shared expert too) and its AdamW after one optimizer step."""
+    from dylora_moe.model import DyLoRAConfig, DyLoRAMoE
+    from dylora_moe.model.base import load_base_model
+
+    torch.manual_seed(0)
+    model = DyLoRAMoE(load_base_model(model_dir), DyLoRAConfig(num_experts=3, r=2, shared_experts=1))
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+    ids = torch.randint(0, 100, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # as train_step leaves it
+    return model, optimizer
+
+
+def test_the_whole_state_of_one_process_is_its_own_state_in_the_checkpoint_layout(small_model_dir):
+    from dylora_moe.train.checkpoint_payload import trainable_weights
+    from dylora_moe.train.distributed import Ranks
+
+    model, optimizer = one_step_mixture(small_model_dir)
+    ranks, own = Ranks(), model.trainable_state_dict()
+    weights = trainable_weights(model, ranks)  # layer by layer: the tied output embedding is never gathered
+    assert weights.keys() == own.keys() and all(torch.equal(weights[k], own[k]) for k in own)
+    whole, saved = ranks.full_optimizer_state(model, optimizer), optimizer.state_dict()
+    assert whole["param_groups"] == saved["param_groups"] and list(whole["state"]) == list(saved["state"])
+    assert all(torch.equal(whole["state"][i][k], saved["state"][i][k]) for i in saved["state"] for k in saved["state"][i])
+
+    fresh = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+    ranks.load_optimizer_state(model, fresh, whole)
+    loaded = fresh.state_dict()
+    assert loaded["param_groups"] == saved["param_groups"]  # tuples (betas) stay tuples
+    assert all(torch.equal(loaded["state"][i][k], saved["state"][i][k]) for i in saved["state"] for k in saved["state"][i])
+
+
+def test_an_optimizer_without_state_is_passed_through_untouched(small_model_dir):
+    from dylora_moe.train.distributed import Ranks
+
+    model, _ = one_step_mixture(small_model_dir)
+    fresh = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in model.trainable_parameters()]
+    empty = Ranks().full_optimizer_state(model, fresh)
+    assert empty["state"] == {} and not fresh.state  # no step was taken to create moments
+    Ranks().load_optimizer_state(model, torch.optim.AdamW(model.trainable_parameters(), lr=1e-2), empty)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.trainable_parameters()))
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(small_model_dir, tmp_path_factory):
     """A 2-rank run of STEPS steps, the reference for the others."""
@@ -91,6 +136,7 @@ def uninterrupted(small_model_dir, tmp_path_factory):
     return out, log
 
 
+@pytest.mark.slow
 def test_two_ranks_train_with_rank_0_alone_writing_and_publishing(uninterrupted):
     out, log = uninterrupted
     run_dir = out / "full"
@@ -109,6 +155,7 @@ def test_two_ranks_train_with_rank_0_alone_writing_and_publishing(uninterrupted)
     assert sorted(trace) == list(range(1, STEPS + 1)) and all(4 < len(ids) <= 8 for ids in trace.values())
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_resume_is_bit_identical(
         uninterrupted, small_model_dir):
     out, _ = uninterrupted
@@ -140,6 +187,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_resume_is
     assert train_losses(out / "full") == train_losses(out / "cut")
 
 
+@pytest.mark.slow
 def test_evaluation_over_two_ranks_equals_one_process(uninterrupted, small_model_dir, tmp_path):
     out, _ = uninterrupted
     run(0, train_argv(small_model_dir, tmp_path, "one", "--max_steps", "1", "--save_steps", "0"))
@@ -148,6 +196,7 @@ def test_evaluation_over_two_ranks_equals_one_process(uninterrupted, small_model
     assert one == pytest.approx(two, rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)], ids=["2-to-1", "1-to-2"])
 def test_elastic_resume_keeps_the_global_batch_and_the_order_of_the_examples(
         uninterrupted, small_model_dir, tmp_path, first, then):
@@ -168,6 +217,7 @@ def test_elastic_resume_keeps_the_global_batch_and_the_order_of_the_examples(
     assert read_manifest(newest).data_state["micro_batches_per_step"] == 2
 
 
+@pytest.mark.slow
 def test_a_global_batch_the_new_world_size_cannot_reproduce_is_refused_before_training(small_model_dir, tmp_path):
     argv = train_argv(small_model_dir, tmp_path, "odd", "--gradient_accumulation_steps", "3")
     run(0, [*argv, "--max_steps", "4"])  # one rank x 3 micro-batches per step
@@ -181,6 +231,7 @@ def test_a_global_batch_the_new_world_size_cannot_reproduce_is_refused_before_tr
         verify_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_fsdp_trains_like_ddp_and_its_checkpoints_resume_in_one_process(uninterrupted, small_model_dir, tmp_path):
     out, _ = uninterrupted
     log = run(2, train_argv(small_model_dir, tmp_path, "fsdp", "--fsdp"), trace=tmp_path / "trace")
@@ -203,6 +254,12 @@ def test_fsdp_trains_like_ddp_and_its_checkpoints_resume_in_one_process(uninterr
         assert all(getattr(flat_a[k], "shape", None) == getattr(flat_b[k], "shape", None) for k in flat_a)
     assert read_manifest(tmp_path / "fsdp" / step8).fingerprint == read_manifest(out / "full" / step8).fingerprint
 
+    # a sharded run resumed from its step-8 checkpoint, sharded again, ends bit-identical to the run that went on
+    run(2, train_argv(small_model_dir, tmp_path, "fsdp-resumed", "--fsdp", "--resume", str(tmp_path / "fsdp" / step8)))
+    a, b = final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "fsdp-resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert train_losses(tmp_path / "fsdp-resumed")[-4:] == train_losses(tmp_path / "fsdp")[-4:]
+
     # ... and resumes in one process, without FSDP, with the accumulation recomputed: the same examples
     # at steps 9-12 (dropout now draws both micro-batches from one RNG, so the weights are not bit-equal)
     log = run(0, train_argv(small_model_dir, tmp_path, "one", "--resume", str(tmp_path / "fsdp" / step8)),
@@ -224,6 +281,7 @@ def _flatten(tree, prefix=""):
     return {prefix: tree}
 
 
+@pytest.mark.slow
 def test_the_readme_torchrun_examples_run_as_written(tmp_path):
     """Each `torchrun` line of README.md, in order, in one directory (the second continues the first on
     another number of ranks), with flags appended that make it a few steps on the shipped model."""

@@ -165,7 +165,8 @@ def test_retention_keeps_checkpoints_from_before_a_restart_until_the_store_confi
     """In process, with a store that holds back the re-published checkpoint: it must survive retention."""
     from dylora_moe.checkpoint.stores import LocalStore
     from dylora_moe.train.config import TrainConfig
-    from dylora_moe.train.trainer import Trainer, UnpublishedCheckpoints
+    from dylora_moe.errors import UnpublishedCheckpoints
+    from dylora_moe.train.trainer import Trainer
 
     def config(**kw):
         return TrainConfig(model_name=small_model_dir, output_dir=str(tmp_path), run_id="keep", report_to="none",

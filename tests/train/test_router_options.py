@@ -49,7 +49,7 @@ def test_shared_experts_train_and_are_saved_with_the_final_model(small_model_dir
     trainer, _, losses = run(small_model_dir, tmp_path, "shared", num_experts=3, shared_experts=1)
     final = trainer.run_dir / "final"
     assert json.loads((final / "dylora_config.json").read_text())["shared_experts"] == 1
-    assert trainer.model.config.alpha == 2 * 4 * 16  # derived from all four experts
+    assert trainer.model.config.alpha == 32 * 4 * 16  # derived from all four experts
     weights = load_file(str(final / "dylora_model.safetensors"))
     shared_B = [v for k, v in weights.items() if k.endswith(".shared_B")]
     assert len(shared_B) == len(list(trainer.model.adapted_layers())) and all(b.abs().sum() > 0 for b in shared_B)
