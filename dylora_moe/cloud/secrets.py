@@ -79,7 +79,7 @@ def secret_manager_client() -> Any:
         from google.cloud import secretmanager_v1
     except ImportError as e:
         raise SecretError("resolving --secret references needs google-cloud-secret-manager "
-                          "(pip install 'dylora-moe[cloud]'), which is not installed.") from e
+                          "(pip install google-cloud-secret-manager: the cloud extra), which is not installed.") from e
     endpoint = os.environ.get(ENDPOINT_ENV)
     options = ClientOptions(api_endpoint=endpoint) if endpoint else None
     return secretmanager_v1.SecretManagerServiceClient(transport="rest", client_options=options)

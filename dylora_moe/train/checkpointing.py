@@ -129,6 +129,8 @@ class Checkpointer:
         """Rank 0: the fingerprint of the checkpoint to resume from, fetched and verified; None: none."""
         cfg = self.config
         reference, bare_is_wandb = cfg.resume_reference
+        if reference is None:
+            self._refuse_to_start_over()
         self.resume_dir = resolve_resume(
             reference, self.run_dir, self.store, bare_is_wandb=bare_is_wandb, allow_fresh_start=cfg.allow_fresh_start,
             start_from=cfg.start_from, timeout_s=cfg.store_timeout_s,
@@ -136,6 +138,18 @@ class Checkpointer:
         if self.resume_dir is None:
             return None
         return ArchitectureFingerprint.from_dict(read_manifest(self.resume_dir).fingerprint)
+
+    def _refuse_to_start_over(self) -> None:
+        """A fresh start under a run id that already has checkpoints would mix two runs' lineages (steps
+        from both beside each other, ``latest`` in the store still the old run's): refused, nothing changed."""
+        latest = self.latest()
+        if latest is None:
+            return
+        step = read_manifest(latest).global_step
+        raise ConfigError(
+            f"run {self.run_id} already has checkpoints up to step {step} ({self.checkpoint_dir}): add --resume auto "
+            f"to continue it, or choose another --run_id. To start over under this id, delete {self.run_dir} (and "
+            "its store) first. Nothing was changed.")
 
     def _check_and_read(self, model: DyLoRAMoE) -> tuple[Path, TrainingPayload]:
         """Rank 0: refuse the fetched checkpoint if it does not fit ``model``, else read it into memory."""

@@ -38,8 +38,10 @@ def run(args: argparse.Namespace) -> int:
     with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
         summary = Trainer(config, signals=args.signals).setup().train()
     if main_process:
+        from .report import next_steps
+
         print(
             f"done: held-out loss {summary['eval_loss_base']:.4f} (base) -> {summary['eval_loss_final']:.4f} "
-            f"(trained) in {summary['steps']} steps; model in {summary['model_dir']}"
+            f"(trained) in {summary['steps']} steps; model in {summary['model_dir']}\n{next_steps(summary)}"
         )
     return 0

@@ -26,12 +26,13 @@ def end_of_run_reports(history: list[dict[str, Any]], model, eval_data, collator
     from .routing_report import write_run_routing_report
 
     png = plot_routing(history, model.num_experts, run_dir / "routing.png", maturity_step)
+    loss_png = plot_loss(history, run_dir / "loss.png")
     routing = None
     if sharded:  # its forward passes would need every rank; the final model can be reported on
         log.info("routing report: not written under --fsdp; run `dylora report routing --model %s`", run_dir / "final")
     else:  # several datasets: who serves whom
         routing = write_run_routing_report(model, eval_data, collator, run_dir, eval_batch_size)
-    return {"routing_png": str(png) if png else None,
+    return {"routing_png": str(png) if png else None, "loss_png": str(loss_png) if loss_png else None,
             "routing_mutual_information_bits": routing.mi_mean if routing is not None else None}
 
 
@@ -94,6 +95,50 @@ def plot_routing(history: list[dict[str, Any]], num_experts: int, path: Path, ma
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_loss(history: list[dict[str, Any]], path: Path) -> Path | None:
+    """Training loss per step (and its running mean) with the held-out loss at each evaluation point."""
+    train = [(h["step"], h["train/lm_loss"]) for h in history if "train/lm_loss" in h]
+    held_out = [(h["step"], h["eval/loss"]) for h in history if "eval/loss" in h]
+    if not train and not held_out:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="training loss (response tokens)")
+        window = max(1, len(losses) // 20)
+        smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+                  for i in range(len(losses))]
+        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"training loss, mean of {window} steps")
+    if held_out:
+        steps, losses = zip(*held_out)
+        ax.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title("Loss over training")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def next_steps(summary: dict[str, Any]) -> str:
+    """The end-of-run block: what the run wrote to look at, and the commands that come next."""
+    run_dir = Path(summary["model_dir"]).parent
+    pictures = [p for p in (summary.get("loss_png"), summary.get("routing_png")) if p]
+    lines = [f"pictures: {', '.join(pictures)}" if pictures else None,
+             f"next: dylora generate --model {summary['model_dir']} \"Write a function that reverses a string.\"",
+             f"      dylora eval --model {summary['model_dir']} --baseline --limit 10 --max_new_tokens 64",
+             f"      dylora report routing --model {summary['model_dir']}",
+             f"      tensorboard --logdir {run_dir}" if any(run_dir.rglob("events.out.tfevents*")) else None]
+    return "\n".join(line for line in lines if line)
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> str:

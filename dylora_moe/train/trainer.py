@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,8 +22,9 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from ..checkpoint.format import checkpoint_name
 from ..checkpoint.stores import CheckpointStore
-from ..errors import EXIT_PREEMPTED, EXIT_UNPUBLISHED, ConfigError, Preempted, UnpublishedCheckpoints
+from ..errors import EXIT_PREEMPTED, ConfigError, Preempted, UnpublishedCheckpoints
 from ..model import DyLoRAConfig, DyLoRAMoE
 from ..model.base import load_base_model, load_tokenizer
 from ..runtime.signals import SignalWatch, StartupInterrupted, signal_name
@@ -50,6 +52,7 @@ class Trainer:
         self.config = config
         self.state = TrainerState()
         self.stop_reason: str | None = None
+        self._saved_step: int | None = None  # the step of the last checkpoint this process wrote
         self.signals = signals  # the CLI's, installed before anything loads; else (library use) from train()
         self.phase = "starting"  # what start-up is doing, for the message if a signal stops it
         self.checkpointer: Checkpointer | None = None
@@ -302,7 +305,9 @@ class Trainer:
         self.maturity.update(self.model, st, self.total_steps)
         if cfg.logging_steps and st.global_step % cfg.logging_steps == 0:
             self._log_window(window, bar)
-        if cfg.eval_steps and st.global_step % cfg.eval_steps == 0:
+        # the last step is an evaluation point too, before its checkpoint: finish() then neither evaluates
+        # nor writes (and publishes) that step a second time
+        if (cfg.eval_steps and st.global_step % cfg.eval_steps == 0) or st.global_step >= self.total_steps:
             self._evaluation_point(bar)
         pass_at_1_every = cfg.eval_every or cfg.eval_steps
         if cfg.eval_benchmarks and pass_at_1_every and st.global_step % pass_at_1_every == 0 and self.ranks.is_main:
@@ -326,15 +331,20 @@ class Trainer:
         from the global RNG."""
         loss = self.evaluate()
         self.history.log(self.state, {"eval/loss": loss})
-        shown = getattr(bar, "postfix", None)  # a disabled bar (--progress false) has none
-        bar.set_postfix_str(f"{shown} val={loss:.3f}" if shown else f"val={loss:.3f}")
+        shown = re.sub(r",?\s*val=\S+", "", getattr(bar, "postfix", None) or "")  # a disabled bar has none
+        bar.set_postfix_str(f"{shown} val={loss:.3f}".strip())
         if self.early_stopping.record(self.state, loss):
             self.stop_reason = self.early_stopping.reason()
 
     def _preempt(self, bar, signum: int, rank: int) -> None:
         started = time.perf_counter()
         bar.close()
-        directory = self.save_checkpoint(wait_s=self.config.preemption_budget_s)
+        budget = self.config.preemption_budget_s
+        if self._saved_step == self.state.global_step:  # this step's checkpoint was just written: not again
+            directory = self.checkpointer.checkpoint_dir / checkpoint_name(self.state.global_step)
+            self.ranks.on_main(lambda: self.checkpointer.flush(budget), "publishing the checkpoint of this step")
+        else:
+            directory = self.save_checkpoint(wait_s=budget)
         published = self.ranks.on_main(self._close_after_preemption, "publishing the preemption checkpoint")
         self._leave_ranks()
         name = signal_name(signum)
@@ -370,6 +380,7 @@ class Trainer:
 
         Every rank calls it: the ranks hand rank 0 their RNG states and the whole weights and optimizer
         state (gathered from the shards under FSDP); rank 0 writes; all get its directory."""
+        self._saved_step = self.state.global_step
         gathered = GatheredState(rng_states=self.ranks.gather(rng_state()),
                                  weights=trainable_weights(self.model, self.ranks),
                                  optimizer=self.ranks.full_optimizer_state(self.model, self.optimizer),

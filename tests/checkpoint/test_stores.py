@@ -164,7 +164,7 @@ def test_s3_endpoint_from_environment(s3_endpoint, ckpts, monkeypatch):
 
 
 def test_open_store_errors(without_gcsfs):
-    with pytest.raises(CheckpointError, match=r"needs the package gcsfs .*dylora-moe\[gcs\]"):
+    with pytest.raises(CheckpointError, match=r"needs the package gcsfs .*pip install gcsfs"):
         open_store("gs://bucket/run1")
     with pytest.raises(CheckpointError, match=r"unsupported scheme; accepted: file://"):
         open_store("ftp://host/run1")

@@ -2,12 +2,15 @@
 
 import json
 
+import pytest
+
 from dylora_moe.cli import main
 
 FAST = ["--report_to", "none", "--progress", "false", "--save_steps", "0", "--max_seq_length", "128",
         "--training_subset", "5", "--eval_subset", "10", "--train_batch_size", "4"]
 
 
+@pytest.mark.slow  # a training run with real pass@1 in the sandbox: about a minute
 def test_training_logs_real_pass_at_1_at_evaluation_points(tmp_path, capsys):
     code = main(["train", "--output_dir", str(tmp_path), "--run_id", "ev", *FAST, "--max_steps", "2",
                  "--eval_steps", "2", "--eval_benchmarks", "humaneval", "--eval_every", "1", "--eval_max_tasks", "2"])

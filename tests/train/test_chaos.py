@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.test_distributed import STEPS, final_weights, launch, run, train_argv
+from tests.train.test_distributed import final_weights, launch, run, train_argv
 
 pytestmark = pytest.mark.slow
 
 KILLS = ("rank", "launcher", "rank", "launcher")
+STEPS = 40  # long enough for every kill to land mid-run; a checkpoint every 2 steps gives many moments
+LONGER = ("--max_steps", str(STEPS), "--save_steps", "2", "--eval_steps", "10")
 
 
 def worker_pids(launcher) -> dict[int, int]:
@@ -60,11 +62,11 @@ def saved_steps(run_dir: Path) -> int:
 
 def test_sigkills_of_ranks_and_of_the_launcher_then_resume_auto_end_with_the_uninterrupted_weights(
         small_model_dir, tmp_path):
-    run(2, train_argv(small_model_dir, tmp_path, "full"))
+    run(2, train_argv(small_model_dir, tmp_path, "full", *LONGER))
     expected = final_weights(tmp_path / "full")
 
     chaos_dir = tmp_path / "chaos"
-    argv = train_argv(small_model_dir, tmp_path, "chaos", "--resume", "auto")
+    argv = train_argv(small_model_dir, tmp_path, "chaos", "--resume", "auto", *LONGER)
     moments = random.Random(20261204)
     kills = []
     for target in KILLS:
@@ -75,7 +77,7 @@ def test_sigkills_of_ranks_and_of_the_launcher_then_resume_auto_end_with_the_uni
                                                            saved_steps(chaos_dir) > before), "the next checkpoint")
         if launcher.poll() is not None:  # it finished before this kill: nothing left to interrupt
             break
-        time.sleep(moments.uniform(0.0, 3.0))
+        time.sleep(moments.uniform(0.0, 1.5))
         workers = worker_pids(launcher)
         if target == "rank":
             os.kill(workers[moments.choice(sorted(workers))], signal.SIGKILL)

@@ -92,6 +92,9 @@ def test_every_readme_command_runs_as_written(workdir, s3):
     run = dylora("dylora train " + shlex.join(["--run_id", "RUN_ID", *SHORT, "--max_steps", "4", "--save_steps", "1",
                                                "--checkpoint_store", "s3://bucket/run1/store"]), workdir, s3)
     assert run.returncode == 0, run.stderr
+    # what `make demo` runs (shortened), for the examples that use its runs/demo
+    demo = dylora("dylora train --run_id demo --resume auto " + shlex.join(SHORT), workdir)
+    assert demo.returncode == 0, demo.stderr
     for command in readme_commands("generate", "ckpt"):
         if "runs/RUN_ID/store" in command:  # this run's store is the S3 one
             command = command.replace("runs/RUN_ID/store", "s3://bucket/run1/store")

@@ -26,8 +26,8 @@ from dylora_moe.checkpoint.stores.object_store import ObjectCheckpointStore
 from dylora_moe.errors import CheckpointError
 
 PROTOCOLS = ("file", "memory", "s3", "gs", "gcs")
-_GCSFS = "gcsfs (pip install 'dylora-moe[gcs]')"
-_EXTRAS = {"s3": "s3fs (pip install 'dylora-moe[s3]')", "gs": _GCSFS, "gcs": _GCSFS}
+_GCSFS = "gcsfs (pip install gcsfs: the gcs extra)"
+_EXTRAS = {"s3": "s3fs (pip install s3fs: the s3 extra)", "gs": _GCSFS, "gcs": _GCSFS}
 
 
 def _options(protocol: str, storage_options: dict[str, Any] | None,

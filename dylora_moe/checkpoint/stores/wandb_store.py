@@ -37,7 +37,7 @@ def _wandb():
         import wandb
     except ImportError as e:
         raise CheckpointError("W&B checkpoints need the wandb package, which is not installed; "
-                              "install it with pip install 'dylora-moe[wandb]'.") from e
+                              "install it with pip install wandb (the wandb extra).") from e
     return wandb
 
 
