@@ -315,3 +315,17 @@ def test_unreachable_endpoint_and_missing_credentials_are_one_line_errors(google
     status, _, err = dylora("submit", "status", NAME)
     assert status == 1 and err.startswith("dylora submit: error: cannot create a Vertex AI client: ")
     assert err.strip().endswith("(run `gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS).")
+
+
+def test_a_secret_given_by_reference_never_travels_from_the_shell_too(google, dylora, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_KEY)
+    monkeypatch.setenv("HF_TOKEN", "hf-token-from-the-shell")
+    reference = "WANDB_API_KEY=projects/proj/secrets/wandb/versions/3"
+    status, out, err = dylora("submit", *BASE, "--secret", reference, "--pass_env_secrets")
+    assert status == 0, err
+    [job] = google.sent_jobs()
+    container = job.job_spec.worker_pool_specs[0].container_spec
+    # the referenced secret is resolved in the job from Secret Manager; only the other one comes from the shell
+    assert [(v.name, v.value) for v in container.env] == [("HF_TOKEN", "hf-token-from-the-shell")]
+    assert WANDB_KEY not in str(job) + out + err
+    assert list(container.args[:2]) == ["--secret", reference]
