@@ -55,6 +55,7 @@ class SignalWatch:
     def install(self) -> "SignalWatch":
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        _quiet_when_swallowed()
         return self
 
     def restore(self) -> None:
@@ -64,7 +65,12 @@ class SignalWatch:
         self._previous.clear()
 
     def defer(self) -> None:
-        """From now on a signal is recorded, and acted on at the next optimizer-step boundary."""
+        """From now on a signal is recorded, and acted on at the next optimizer-step boundary.
+
+        A signal that arrived during start-up and whose StartupInterrupted was swallowed (raised while
+        a finalizer ran, where Python can only print it) stops the start-up here, before training."""
+        if self.received is not None and not self.deferred:
+            raise StartupInterrupted(self.received)
         self.deferred = True
 
     def _handle(self, signum: int, frame) -> None:
@@ -74,3 +80,22 @@ class SignalWatch:
         if not self.deferred:
             raise StartupInterrupted(signum)
         log.warning("received %s: finishing the current optimizer step, then checkpointing", signal_name(signum))
+
+
+def _quiet_when_swallowed() -> None:
+    """A StartupInterrupted raised while a ``__del__`` runs cannot propagate: Python hands it to
+    ``sys.unraisablehook``, which would print a traceback. The watch keeps the signal and acts on it at
+    ``defer``, so that hook stays silent for it (and handles everything else as before)."""
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_dylora_quiet", False):
+        return
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, StartupInterrupted):
+            return
+        previous(unraisable)
+
+    hook._dylora_quiet = True
+    sys.unraisablehook = hook
