@@ -24,8 +24,8 @@ import torch
 
 from dylora_moe.checkpoint.format import read_manifest
 from dylora_moe.checkpoint.references import fetch
-from dylora_moe.train.config import TrainConfig
 from dylora_moe.train.checkpoint_payload import restore_training_checkpoint, save_training_checkpoint
+from dylora_moe.train.config import TrainConfig
 from dylora_moe.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dylora_moe.eval.sandbox import Sandbox, SandboxLimits  # noqa: E402
 from dylora_moe.eval.benchmarks import load_tasks  # noqa: E402
+from dylora_moe.eval.sandbox import Sandbox, SandboxLimits  # noqa: E402
 
 
 def human_eval_rate(samples: Path, workers: int) -> tuple[float, float]:

@@ -53,8 +53,8 @@ sys.path.insert(0, str(REPO))
 from dylora_moe.data import LengthGroupedBatchSampler, PaddingCollator, build_datasets  # noqa: E402
 from dylora_moe.model import DyLoRAConfig, DyLoRAMoE  # noqa: E402
 from dylora_moe.model.base import load_base_model, load_tokenizer  # noqa: E402
-from dylora_moe.train.routing_report import collect_routing, eval_batches  # noqa: E402
 from dylora_moe.train.config import TrainConfig  # noqa: E402
+from dylora_moe.train.routing_report import collect_routing, eval_batches  # noqa: E402
 
 DATASETS = ["stdlib_functions", "code_alpaca", "mbpp", "evol_instruct"]
 
@@ -339,8 +339,8 @@ def run_jobs(args, jobs: list[tuple], out: list[dict], then=None) -> None:
 
     ``then(out)``, called after each result, returns further jobs to run in the same pool (an arm's
     seeds once its grid is done), so no worker waits for a slower arm's grid."""
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     def record(result):
         out.append(result)

@@ -31,8 +31,17 @@ from ..errors import EXIT_BAD_INPUT, EXIT_STATUS_HELP, ConfigError, DyLoRAError
 from ..runtime.flags import parse_bool  # the same true/false words as `dylora train`
 from ..runtime.signals import StartupInterrupted
 from .secrets import SECRET_ENV_NAMES, parse_secret_refs
-from .vertex import (VertexError, VertexJobs, VertexSettings, build_custom_job, job_name, job_to_json,
-                     parse_labels, region_of, state_name)
+from .vertex import (
+    VertexError,
+    VertexJobs,
+    VertexSettings,
+    build_custom_job,
+    job_name,
+    job_to_json,
+    parse_labels,
+    region_of,
+    state_name,
+)
 
 log = logging.getLogger(__name__)
 

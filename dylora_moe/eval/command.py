@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 
 from ..errors import EXIT_STATUS_HELP
+from .benchmarks import KNOWN_BENCHMARKS
 from .config import REPORT_TO, config_from_args, default_of
 from .sandbox import ISOLATION_MODES
-from .benchmarks import KNOWN_BENCHMARKS
 
 EVAL_DESCRIPTION = """Score a model on HumanEval and MBPP by running its code. Completions are generated (batched,
 left-padded, KV cache), cut at each benchmark's stop sequences, syntax-checked, executed with the benchmark's

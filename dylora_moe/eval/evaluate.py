@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError
+from .benchmarks import load_tasks, select_tasks
 from .config import EvalConfig
 from .generation import SamplingSettings, generate_completions
 from .loading import attach_mixture, choose_threads, download_dir, load_base, load_tokenizer_for, resolve_model
@@ -22,7 +23,6 @@ from .report import log_to_wandb, write_results, write_summary
 from .sample_files import read_samples, write_samples
 from .sandbox import Sandbox
 from .scoring import BenchmarkScore, score_completions
-from .benchmarks import load_tasks, select_tasks
 from .task import Task
 
 log = logging.getLogger(__name__)

@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..model.gates import GateSpec, fixed_gates
 from ..train.routing_report import HeldOut, training_config
 
+
 @dataclass
 class Gated:
     """One adapter to write: ``gates`` (layers x experts), what they are (``dataset:mbpp``) and the

@@ -11,12 +11,11 @@ import uuid
 import pytest
 
 pytest.importorskip("gcsfs")
-from tests.cloud.gcs_emulator import gcs_emulator  # noqa: E402  (sets GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT first)
-
 from dylora_moe.checkpoint.format import verify_checkpoint  # noqa: E402
 from dylora_moe.checkpoint.references import fetch, find_auto  # noqa: E402
 from dylora_moe.checkpoint.stores import FsspecStore, open_store  # noqa: E402
 from dylora_moe.errors import CheckpointError  # noqa: E402
+from tests.cloud.gcs_emulator import gcs_emulator  # noqa: E402  (sets GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT first)
 
 
 @pytest.fixture(scope="module")

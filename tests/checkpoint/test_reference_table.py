@@ -30,8 +30,7 @@ from dylora_moe.cloud.command import _start_from, _train_config
 from dylora_moe.errors import ConfigError, DyLoRAError
 from dylora_moe.eval.loading import resolve_model
 from dylora_moe.train.config import config_from_args
-
-from .conftest import payload
+from tests.checkpoint.conftest import payload
 
 RUN = "runs/exp1"  # relative to the test's working directory: looks like the seed's bare E/P/NAME
 

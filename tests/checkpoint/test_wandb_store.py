@@ -15,7 +15,8 @@ from dylora_moe.checkpoint.references import fetch
 from dylora_moe.checkpoint.stores import open_store
 from dylora_moe.checkpoint.stores.wandb_store import FINAL_BEST_NAME, WandbStore
 from dylora_moe.errors import CheckpointError
-from tests.checkpoint.conftest import free_port, make_checkpoint
+from tests.checkpoint.conftest import make_checkpoint
+from tests.conftest import free_port
 from tests.fakes.wandb_client import client_env
 from tests.fakes.wandb_server import ENTITY, FakeWandb
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from google.cloud import aiplatform_v1
 
+from dylora_moe.errors import ConfigError
 from dylora_moe.job.entrypoint import machine_rendezvous
 from dylora_moe.job.launch import describe_failures, job_exit_status
 from dylora_moe.job.rendezvous import Rendezvous, from_environment, is_chief, is_launched_rank
-from dylora_moe.errors import ConfigError
 from tests.cloud.conftest import run_dylora
 from tests.conftest import REPO_ROOT, free_port
 

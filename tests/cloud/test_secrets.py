@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from dylora_moe.job.entrypoint import expand_variables
 from dylora_moe.cloud.secrets import SecretError, parse_secret_refs, resolve_secrets
 from dylora_moe.errors import ConfigError
+from dylora_moe.job.entrypoint import expand_variables
 from tests.conftest import REPO_ROOT
 
 WANDB = "projects/proj/secrets/wandb/versions/latest"

@@ -1,8 +1,8 @@
 import pytest
 
+from dylora_moe.eval.benchmarks import load_tasks
 from dylora_moe.eval.during_training import evaluate_during_training
 from dylora_moe.eval.generation import SamplingSettings, generate_completions
-from dylora_moe.eval.benchmarks import load_tasks
 
 
 @pytest.fixture(scope="module")

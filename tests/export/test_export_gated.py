@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM
 from dylora_moe.errors import ConfigError
 from dylora_moe.model.export import GATES_NAME, check_mergeable, merge_adapter
 from dylora_moe.model.gates import uniform_gates
-from tests.conftest import REPO_ROOT
 from tests.export.conftest import BASES, mixture
 from tests.model.helpers import assert_exported_experts_give_the_forced_logits
 

@@ -1,5 +1,4 @@
 import collections
-import copy
 
 import pytest
 import torch
@@ -8,7 +7,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dylora_moe.model import DyLoRAConfig, DyLoRAMoE
 from dylora_moe.model.moe_lora import MoELoRALinear
-
 from tests.model.helpers import randomize_experts, tiny_gpt2, tiny_llama
 
 

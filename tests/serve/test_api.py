@@ -2,7 +2,7 @@
 
 import pytest
 
-from .conftest import PROMPTS
+from tests.serve.conftest import PROMPTS
 
 MAX_TOKENS = 12
 

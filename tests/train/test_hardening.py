@@ -164,8 +164,8 @@ def test_a_checkpoint_never_confirmed_by_the_store_is_published_after_the_restar
 def test_retention_keeps_checkpoints_from_before_a_restart_until_the_store_confirms_them(small_model_dir, tmp_path):
     """In process, with a store that holds back the re-published checkpoint: it must survive retention."""
     from dylora_moe.checkpoint.stores import LocalStore
-    from dylora_moe.train.config import TrainConfig
     from dylora_moe.errors import UnpublishedCheckpoints
+    from dylora_moe.train.config import TrainConfig
     from dylora_moe.train.trainer import Trainer
 
     def config(**kw):

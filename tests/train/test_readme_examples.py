@@ -57,7 +57,7 @@ def s3(workdir):
     pytest.importorskip("s3fs")
     from moto.server import ThreadedMotoServer
 
-    from tests.checkpoint.conftest import free_port
+    from tests.conftest import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
