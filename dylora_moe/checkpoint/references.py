@@ -263,7 +263,8 @@ def fetch(ref: str, dest_root: Path, *, run_dir: Path | None = None, bare_is_wan
                             deadline.what, retryable=lambda e: isinstance(e, StoreUnreachableError),
                             backoff_s=backoff_s, max_attempts=retries + 1)
     except StoreUnreachableError as e:
-        raise CheckpointError(f"Cannot fetch checkpoint {ref!r} after {deadline.attempts} attempt(s): {e}{_read_as(parsed)}") from e
+        raise CheckpointError(f"Cannot fetch checkpoint {ref!r} after {deadline.attempts} attempt(s): "
+                              f"{e}{_read_as(parsed)}") from e
     except CheckpointError as e:
         raise CheckpointError(f"Cannot fetch checkpoint {ref!r}: {e}{_read_as(parsed)}") from e
 

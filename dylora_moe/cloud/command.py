@@ -250,7 +250,8 @@ def _check_job_command(train_args: list[str]) -> None:
     """The command the job will run must pass `dylora train`'s own validation (with a sample id)."""
     from ..train.config import config_from_args
 
-    config_from_args(_train_parser("dylora train").parse_args([a.replace(JOB_ID, "1234567890") for a in train_args[1:]]))
+    example_args = [a.replace(JOB_ID, "1234567890") for a in train_args[1:]]
+    config_from_args(_train_parser("dylora train").parse_args(example_args))
 
 
 def build_job(args: argparse.Namespace) -> tuple[Any, VertexSettings, dict[str, str]]:
