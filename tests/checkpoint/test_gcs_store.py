@@ -55,7 +55,8 @@ def test_resume_from_gs_latest(gcs, ckpts, tmp_path):
     # `--resume auto` with no local checkpoint finds the store's newest version.
     assert find_auto(tmp_path / "fresh-run", store) == f"{prefix}:v1"
     # A version that does not exist is an error that lists what does.
-    with pytest.raises(CheckpointError, match=r"'v9' is not a complete version or alias.*available versions: \['v0', 'v1'\]"):
+    with pytest.raises(CheckpointError,
+                       match=r"'v9' is not a complete version or alias.*available versions: \['v0', 'v1'\]"):
         fetch(f"{prefix}:v9", tmp_path / "downloads")
 
 

@@ -117,7 +117,8 @@ def world(tmp_path_factory, s3_endpoint):
     with gcs_emulator("ckpt"):
         _forget_gcs_clients()  # an earlier module's emulator (another port) may be cached
         for store in (LocalStore(tmp / RUN / "store"),
-                      open_store(f"s3://ckpt/{prefix}/store", storage_options={"client_kwargs": {"endpoint_url": s3_endpoint}}),
+                      open_store(f"s3://ckpt/{prefix}/store",
+                                 storage_options={"client_kwargs": {"endpoint_url": s3_endpoint}}),
                       open_store(f"gs://ckpt/{prefix}/store")):
             assert store.publish(sources[10], 10, ["latest", "best"]) == "v0"
             assert store.publish(sources[20], 20, ["latest"]) == "v1"

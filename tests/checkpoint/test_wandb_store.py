@@ -246,7 +246,8 @@ def test_refused_api_key_is_a_login_error_not_retried(tmp_path, monkeypatch):
             monkeypatch.setenv(name, value)
         try:
             with pytest.raises(CheckpointError, match=r"Cannot fetch checkpoint 'wandb://team/dylora/run1-"
-                                                      r"checkpoint:latest': Cannot reach W&B .*not logged in\. Log in \(wandb login"):
+                                                      r"checkpoint:latest': Cannot reach W&B .*not logged in\. "
+                                                      r"Log in \(wandb login"):
                 fetch("wandb://team/dylora/run1-checkpoint:latest", tmp_path, retries=2, backoff_s=0.01)
         finally:
             wandb.teardown()

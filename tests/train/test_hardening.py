@@ -98,7 +98,8 @@ def _wait_for(predicate, proc, what, timeout=240):
 
 @pytest.mark.slow
 def test_a_second_run_on_the_same_run_dir_is_refused_and_kill_9_leaves_no_stale_lock(small_model_dir, tmp_path):
-    holder = subprocess.Popen(train_argv(small_model_dir, tmp_path, "shared", "--num_epochs", "50", "--save_steps", "1"),
+    holder = subprocess.Popen(train_argv(small_model_dir, tmp_path, "shared", "--num_epochs", "50",
+                                         "--save_steps", "1"),
                               cwd=REPO_ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
     try:
         first_step = tmp_path / "shared" / "checkpoints" / "step-00000001"
@@ -233,7 +234,8 @@ def test_an_unusable_store_fails_before_training(small_model_dir, tmp_path, s3_e
         elapsed = time.monotonic() - started
     finally:
         silent.close()
-    assert_clean_failure(done, 1, "checkpoint store s3://ckpt/silent", "did not answer within 5 s", "Nothing was trained")
+    assert_clean_failure(done, 1, "checkpoint store s3://ckpt/silent", "did not answer within 5 s",
+                         "Nothing was trained")
     assert not (tmp_path / "silent" / "checkpoints").exists()
     assert elapsed < 60  # start-up (imports, base model) plus the 5 s bound; not minutes of retries
 
