@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 
-.PHONY: install system-packages test test-fast demo bench clean
+.PHONY: install system-packages lint test test-fast demo bench clean
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
+# Lint and import order (ruff, configured in pyproject.toml); `make test` runs it first.
+lint: install
+	$(VENV)/bin/ruff check dylora_moe tests benchmarks scripts
+
 # The whole suite (what CI runs), slow end-to-end tests included.
-test: install system-packages
+test: install system-packages lint
 	$(OFFLINE) $(PY) -m pytest -q tests
 
 # For every edit: everything but the tests marked slow.

@@ -24,8 +24,8 @@ import torch
 
 from dylora_moe.checkpoint.format import read_manifest
 from dylora_moe.checkpoint.references import fetch
-from dylora_moe.train.config import TrainConfig
 from dylora_moe.train.checkpoint_payload import restore_training_checkpoint, save_training_checkpoint
+from dylora_moe.train.config import TrainConfig
 from dylora_moe.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +53,8 @@ def train_steps(t: Trainer, steps: int) -> float:
 
     t.model.train()
     t.sampler.set_epoch(0)
-    batches = iter(DataLoader(t.train_data, batch_sampler=t.sampler, collate_fn=t.collator, generator=torch.Generator()))
+    batches = iter(DataLoader(t.train_data, batch_sampler=t.sampler, collate_fn=t.collator,
+                              generator=torch.Generator()))
     t.train_step([next(batches)])  # warm-up
     start = time.perf_counter()
     for _ in range(steps):
@@ -86,9 +87,12 @@ def main() -> None:
     share = save_s / (cadence * step_s)
     ckpt = t.checkpointer.checkpoint_dir / f"step-{t.state.global_step:08d}"
     files = read_manifest(ckpt).total_size + (ckpt / "manifest.json").stat().st_size
-    payload = sum(p.numel() * p.element_size() for p in t.model.trainable_parameters()) + tensor_bytes(t.optimizer.state_dict()["state"])
-    print(f"1. size: checkpoint {files:,} B / (trainable + optimizer state) {payload:,} B = {files / payload:.3f} (target <= 1.05)")
-    print(f"2. blocking save {save_s * 1000:.0f} ms, training step {step_s * 1000:.0f} ms: share at save_steps={cadence} "
+    payload = (sum(p.numel() * p.element_size() for p in t.model.trainable_parameters())
+               + tensor_bytes(t.optimizer.state_dict()["state"]))
+    print(f"1. size: checkpoint {files:,} B / (trainable + optimizer state) {payload:,} B = {files / payload:.3f} "
+          "(target <= 1.05)")
+    print(f"2. blocking save {save_s * 1000:.0f} ms, training step {step_s * 1000:.0f} ms: "
+          f"share at save_steps={cadence} "
           f"= {share * 100:.2f}% (target <= 2%)")
 
     # 3. resume at step 10 vs step 10,000 (history of one logged row per 10 steps, as by default)
@@ -96,7 +100,8 @@ def main() -> None:
     for step in (10, 10_000):
         t.state.global_step = step
         t.state.epoch, t.state.batch_in_epoch = divmod(step, t.sampler.num_batches)
-        row = {k: 1.0 for k in ("train/lm_loss", "train/balance_loss", "train/z_loss", "train/entropy", "train/max_prob",
+        row = {k: 1.0 for k in ("train/lm_loss", "train/balance_loss", "train/z_loss", "train/entropy",
+                                "train/max_prob",
                                 "routing/usage_0", "routing/usage_1", "routing/usage_2", "routing/usage_3")}
         t.state.history, t.state.history_base = [{"step": s, **row} for s in range(10, step + 1, 10)], 0
         rows = t.history.write(t.state)  # what a save writes: the history beside, then the checkpoint
@@ -106,13 +111,15 @@ def main() -> None:
     for _ in range(args.repeats):
         for step, directory in dirs.items():
             start = time.perf_counter()
-            t.state = restore_training_checkpoint(fetch(str(directory), out / "downloads"), t.model, t.optimizer, t.scheduler)
+            t.state = restore_training_checkpoint(fetch(str(directory), out / "downloads"), t.model, t.optimizer,
+                                                  t.scheduler)
             assert t.state.global_step == step
             t.sampler.set_epoch(t.state.epoch, start_batch=t.state.batch_in_epoch)
             next(iter(t.sampler))  # the first batch after the resume point, without replaying
             times[step].append(time.perf_counter() - start)
     r10, r10k = statistics.median(times[10]), statistics.median(times[10_000])
-    print(f"3. resume at step 10: {r10 * 1000:.0f} ms, at step 10,000: {r10k * 1000:.0f} ms, ratio {r10k / r10:.2f} (target <= 1.1)")
+    print(f"3. resume at step 10: {r10 * 1000:.0f} ms, at step 10,000: {r10k * 1000:.0f} ms, "
+          f"ratio {r10k / r10:.2f} (target <= 1.1)")
 
     # 4. SIGTERM to durable, on a real `dylora train` subprocess
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -129,7 +136,8 @@ def main() -> None:
     code = proc.wait()
     durable = time.perf_counter() - sent
     latest = out / "spot" / "store" / "aliases" / "latest.json"
-    print(f"4. SIGTERM to durable: {durable:.2f} s, exit status {code}, published latest: {latest.is_file()} (target <= 10 s)")
+    print(f"4. SIGTERM to durable: {durable:.2f} s, exit status {code}, published latest: {latest.is_file()} "
+          "(target <= 10 s)")
 
 
 if __name__ == "__main__":

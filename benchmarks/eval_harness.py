@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dylora_moe.eval.sandbox import Sandbox, SandboxLimits  # noqa: E402
 from dylora_moe.eval.benchmarks import load_tasks  # noqa: E402
+from dylora_moe.eval.sandbox import Sandbox, SandboxLimits  # noqa: E402
 
 
 def human_eval_rate(samples: Path, workers: int) -> tuple[float, float]:
@@ -108,7 +108,8 @@ def main() -> None:
         print(f"\n`dylora eval --baseline --limit {args.tasks_e2e} --max_new_tokens {args.max_new_tokens}` "
               f"({'--model ' + args.model if args.model else 'a fresh mixture on tiny-python-lm'}): {seconds:.1f} s "
               f"end to end (2 models x {args.tasks_e2e} tasks)")
-        print("\n".join("  " + line for line in proc.stdout.splitlines() if line.strip() and not line.startswith("results:")))
+        print("\n".join("  " + line for line in proc.stdout.splitlines()
+                        if line.strip() and not line.startswith("results:")))
 
 
 if __name__ == "__main__":

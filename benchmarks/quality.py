@@ -28,7 +28,8 @@ loss on a validation split carved from the training data (--val_fraction, seed -
 each arm's best re-run with --seeds and reported best against best on the held-out split (mean and
 min-max over seeds, per dataset, paired differences, MI). --resume_json F skips runs already in F
 (to widen a grid, or to reuse an arm's grid); an arm's seeds start as soon as its grid is done, and
---guess ARM=LR,SCALE starts them with the grid (kept only if the grid chooses that setting). Results and the command used: docs/benchmarks.md.
+--guess ARM=LR,SCALE starts them with the grid (kept only if the grid chooses that setting). Results and the
+command used: docs/benchmarks.md.
 
 Outside --tune every LoRA uses alpha = 2 * rank and dropout 0.05. In training, mixtures
 get each example's dataset (``dataset_ids``), which only the dataset-expert loss reads
@@ -53,14 +54,15 @@ sys.path.insert(0, str(REPO))
 from dylora_moe.data import LengthGroupedBatchSampler, PaddingCollator, build_datasets  # noqa: E402
 from dylora_moe.model import DyLoRAConfig, DyLoRAMoE  # noqa: E402
 from dylora_moe.model.base import load_base_model, load_tokenizer  # noqa: E402
-from dylora_moe.train.routing_report import collect_routing, eval_batches  # noqa: E402
 from dylora_moe.train.config import TrainConfig  # noqa: E402
+from dylora_moe.train.routing_report import collect_routing, eval_batches  # noqa: E402
 
 DATASETS = ["stdlib_functions", "code_alpaca", "mbpp", "evol_instruct"]
 
 # name -> (kind, options). Mixture options are DyLoRAConfig fields plus "maturity_fraction" (share of
 # the steps after which routing turns top-k; 1: dense throughout) and "router_lr_mult" (router lr factor,
-# as a second optimizer group) and "dmi_until" (share of the steps after which the dataset term is off). Every mixture design spells out what it changes from the defaults this
+# as a second optimizer group) and "dmi_until" (share of the steps after which the dataset term is off).
+# Every mixture design spells out what it changes from the defaults this
 # project had before issue 11 (OLD), so a design means the same whatever the current defaults are.
 OLD = {"routing": "token", "alpha": 32.0, "maturity_fraction": 0.5, "router_scale": 1.0}
 EXAMPLE_DENSE = {**OLD, "routing": "example", "maturity_fraction": 1.0}
@@ -92,17 +94,22 @@ DESIGNS: dict[str, tuple[str, dict]] = {
     "moe_example_dense_a128": ("moe", EXAMPLE_DENSE_A128),
     "moe_example_dense_a128_rlr10": ("moe", {**EXAMPLE_DENSE_A128, "router_lr_mult": 10.0}),
     "moe_example_dense_a128_rlr30": ("moe", {**EXAMPLE_DENSE_A128, "router_lr_mult": 30.0}),
-    "moe_example_dense_a128_rlr30_t1": ("moe", {**EXAMPLE_DENSE_A128, "router_lr_mult": 30.0, "router_temperature": 1.0}),
+    "moe_example_dense_a128_rlr30_t1": ("moe", {**EXAMPLE_DENSE_A128, "router_lr_mult": 30.0,
+                                                "router_temperature": 1.0}),
     "moe_example_dense_a128_rlr100": ("moe", {**EXAMPLE_DENSE_A128, "router_lr_mult": 100.0}),
     # the router learning-rate factor as the model's router_scale (no second optimizer group)
     "moe_example_dense_a128_rs30": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0}),
-    "moe_example_dense_a128_rs30_bal0.1": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0, "balance_coefficient": 0.1}),
-    "moe_example_dense_a128_rs30_bal0": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0, "balance_coefficient": 0.0}),
+    "moe_example_dense_a128_rs30_bal0.1": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0,
+                                                   "balance_coefficient": 0.1}),
+    "moe_example_dense_a128_rs30_bal0": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0,
+                                                 "balance_coefficient": 0.0}),
     # + the router's mutual-information term (mean gate entropy - entropy of the mean gate), weight N
-    **{f"moe_example_dense_a128_rs30_mi{c:g}": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0, "router_mi_coefficient": c})
+    **{f"moe_example_dense_a128_rs30_mi{c:g}": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0,
+                                                        "router_mi_coefficient": c})
        for c in (0.01, 0.03, 0.1, 0.3, 1.0)},
     # + minus the mutual information dataset;expert in the batch (the dataset ids train the router only)
-    **{f"moe_example_dense_a128_rs30_dmi{c:g}": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0, "dataset_mi_coefficient": c})
+    **{f"moe_example_dense_a128_rs30_dmi{c:g}": ("moe", {**EXAMPLE_DENSE_A128, "router_scale": 30.0,
+                                                         "dataset_mi_coefficient": c})
        for c in (0.01, 0.03, 0.1, 0.2, 0.3, 1.0)},
     # the same without the Switch balance loss: the dataset term's H(E) keeps all experts in use, and a
     # batch where one dataset dominates is no longer pushed to spread that dataset over the experts
@@ -144,7 +151,8 @@ DESIGNS: dict[str, tuple[str, dict]] = {
     # more of the update shared: S shared experts (gate 1/N each) and E routed ones of rank r, E·r + S·r = 64
     **{f"moe_e{e}s{sh}r{r}_example_dense_a128_rs30{dmi}": ("moe", {
         **EXAMPLE_DENSE_A128, "router_scale": 30.0, "num_experts": e, "shared_experts": sh, "r": r, **dmi_options(dmi)})
-       for e, sh, r in ((4, 4, 8), (2, 2, 16), (6, 2, 8)) for dmi in ("_dmi0.03", "_dmi0.1", "_dmi0.3", "_dmi0.3_bal0")},
+       for e, sh, r in ((4, 4, 8), (2, 2, 16), (6, 2, 8))
+       for dmi in ("_dmi0.03", "_dmi0.1", "_dmi0.3", "_dmi0.3_bal0")},
     # the experts on the MLP projections or on every linear layer (compare with lora_r64_mlp / lora_r64_all)
     **{f"moe_{where}_example_dense_a128_rs30{dmi}": ("moe", {
         **EXAMPLE_DENSE_A128, "router_scale": 30.0, "target_modules": targets, **dmi_options(dmi)})
@@ -180,9 +188,11 @@ def evaluate(model, kind: str, eval_data, collator, device) -> tuple[float, dict
             if kind == "lora":
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             else:  # labels tell per-example routing where the prompt ends; the loss is recomputed below
-                logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).logits
+                logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                               labels=batch["labels"]).logits
             labels = batch["labels"][:, 1:]
-            per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100,
+                                        reduction="none")
             for row, source in enumerate(sources):
                 sums[source] = sums.get(source, 0.0) + float(per_token[row].sum())
                 counts[source] = counts.get(source, 0) + int((labels[row] != -100).sum())
@@ -238,14 +248,16 @@ def train_and_evaluate(name: str, args, data, learning_rate: float | None = None
         for indices in sampler:
             if step >= args.steps:
                 break
-            if kind == "moe" and maturity_fraction < 1 and step >= maturity_fraction * args.steps and model.routing.dense:
+            if (kind == "moe" and maturity_fraction < 1 and step >= maturity_fraction * args.steps
+                    and model.routing.dense):
                 model.set_maturity()
             if kind == "moe" and step == int(dmi_until * args.steps):
                 model.config.dataset_mi_coefficient = 0.0
             examples = [train_data[i] for i in indices]
             batch = {k: v.to(device) for k, v in collator(examples).items()}
             if kind == "lora":
-                loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+                loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             labels=batch["labels"]).loss
             else:
                 dataset_ids = torch.tensor([DATASETS.index(e["source"]) for e in examples], device=device)
                 loss = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
@@ -339,8 +351,8 @@ def run_jobs(args, jobs: list[tuple], out: list[dict], then=None) -> None:
 
     ``then(out)``, called after each result, returns further jobs to run in the same pool (an arm's
     seeds once its grid is done), so no worker waits for a slower arm's grid."""
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     def record(result):
         out.append(result)
@@ -550,7 +562,8 @@ def main() -> None:
         if args.json:
             with open(args.json, "a") as fh:
                 fh.write(json.dumps(result) + "\n")
-        print(f"  [{name}] done: loss {result['loss_all']:.4f} in {result['train_s']:.0f} s", file=sys.stderr, flush=True)
+        print(f"  [{name}] done: loss {result['loss_all']:.4f} in {result['train_s']:.0f} s",
+              file=sys.stderr, flush=True)
 
     print(f"\nseed {args.seed}, {args.steps} steps x batch {args.batch_size}, max_seq_length {args.max_seq_length}, "
           f"lr {args.learning_rate}, datasets interleaved: {', '.join(DATASETS)}")

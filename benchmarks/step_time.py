@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--targets", default=None,
                         help="modules a and b adapt (names, 'mlp' or 'all-linear'; default: the mixture's default)")
     args = parser.parse_args()
-    targets = DyLoRAConfig(target_modules=args.targets).target_modules if args.targets else DyLoRAConfig().target_modules
+    targets = (DyLoRAConfig(target_modules=args.targets) if args.targets else DyLoRAConfig()).target_modules
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}x{args.seq}, "

@@ -13,7 +13,6 @@ import argparse
 import logging
 import signal
 import sys
-
 from types import ModuleType
 
 from . import __version__

@@ -65,7 +65,8 @@ def lazy_exports(init_source: str, package: str, modules: set[str]) -> dict[str,
                 table = ast.literal_eval(node.value)
             except ValueError:
                 continue
-            targets = {k: f"{package}.{v.lstrip('.')}" for k, v in table.items() if isinstance(k, str) and isinstance(v, str)}
+            targets = {k: f"{package}.{v.lstrip('.')}" for k, v in table.items()
+                       if isinstance(k, str) and isinstance(v, str)}
             if targets and len(targets) == len(table) and set(targets.values()) <= modules:
                 exports.update(targets)
     return exports
@@ -175,7 +176,8 @@ def test_the_graph_sees_function_local_relative_and_lazily_exported_imports():
                "dylora_moe.model.config", "dylora_moe.eval", "dylora_moe.eval.task", "dylora_moe.eval.x"}
     lazy = {"dylora_moe.model": lazy_exports('_MODULE_OF = {"DyLoRAMoE": ".dylora", "DyLoRAConfig": ".config"}\n'
                                              'OTHER = {"a": 1}\n', "dylora_moe.model", modules)}
-    assert lazy["dylora_moe.model"] == {"DyLoRAMoE": "dylora_moe.model.dylora", "DyLoRAConfig": "dylora_moe.model.config"}
+    assert lazy["dylora_moe.model"] == {"DyLoRAMoE": "dylora_moe.model.dylora",
+                                        "DyLoRAConfig": "dylora_moe.model.config"}
     source = ("import os\nimport dylora_moe\nfrom .task import Task\n"
               "def f():\n    from ..model import DyLoRAMoE\n    from ..errors import ConfigError\n"
               "class C:\n    def g(self):\n        if True:\n            from . import task\n")

@@ -81,7 +81,8 @@ def test_metadata(dist):
     assert "Programming Language :: Python :: 3" in md.get_all("Classifier")
     assert "dylora = dylora_moe.cli:main" in dist.entry_points
     requirements = [Requirement(r) for r in md.get_all("Requires-Dist")]
-    assert {"torch", "transformers", "peft", "datasets", "safetensors"} <= {r.name for r in requirements if not r.marker}
+    unconditional = {r.name for r in requirements if not r.marker}
+    assert {"torch", "transformers", "peft", "datasets", "safetensors"} <= unconditional
     for extra, distribution in EXTRAS.items():
         assert extra in md.get_all("Provides-Extra")
         installs = {canonicalize_name(r.name) for r in requirements if r.marker and r.marker.evaluate({"extra": extra})}
@@ -190,9 +191,11 @@ def test_installed_wheel_trains_the_default_outside_the_repository(dist, tmp_pat
     assert _run([dylora, "--version"], elsewhere, env).strip() == f"dylora-moe {VERSION}"
     assert "usage: dylora" in _run([python, "-m", "dylora_moe", "--help"], elsewhere, env)
     # the default model is the installed package's copy, not the repository's
-    located = _run([python, "-c", "from dylora_moe.model.base import resolve_model_path as r; print(r('tiny-python-lm'))"],
+    located = _run([python, "-c",
+                    "from dylora_moe.model.base import resolve_model_path as r; print(r('tiny-python-lm'))"],
                    elsewhere, env).strip()
-    assert Path(located) == venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages" / MODEL_DIR
+    python_dir = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    assert Path(located) == venv / "lib" / python_dir / "site-packages" / MODEL_DIR
 
     output = _run([dylora, "train", "--max_steps", "2", "--output_dir", "runs", "--run_id", "pkg"], elsewhere, env)
     assert "in 2 steps" in output, output

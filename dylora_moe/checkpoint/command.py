@@ -9,7 +9,6 @@ import argparse
 
 from ..errors import EXIT_STATUS_HELP
 
-
 REF_HELP = ("a checkpoint reference: a checkpoint, run or checkpoints directory; DIR:ALIAS of a local store "
             "(runs/RUN_ID/store:latest); wandb://ENTITY/PROJECT/NAME[:ALIAS]; an s3:// gs:// file:// store URL "
             "followed by :ALIAS, or a checkpoint folder URL")

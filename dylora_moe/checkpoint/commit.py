@@ -25,8 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from dylora_moe.checkpoint.format import MANIFEST_NAME, Manifest, hash_file, library_versions, payload_files
-from dylora_moe.errors import CheckpointError
+from ..errors import CheckpointError
+from .format import MANIFEST_NAME, Manifest, hash_file, library_versions, payload_files
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
-from dylora_moe.checkpoint.commit import TMP_PREFIX
-from dylora_moe.checkpoint.format import is_complete, read_manifest
-from dylora_moe.errors import CheckpointError
+from ..errors import CheckpointError
+from .commit import TMP_PREFIX
+from .format import is_complete, read_manifest
 
 log = logging.getLogger(__name__)
 

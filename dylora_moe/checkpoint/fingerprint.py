@@ -102,7 +102,8 @@ class ArchitectureFingerprint:
     def from_dict(cls, d: dict[str, Any]) -> "ArchitectureFingerprint":
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
-    def differences(self, requested: "ArchitectureFingerprint", grow_experts: bool = False) -> list[tuple[str, Any, Any]]:
+    def differences(self, requested: "ArchitectureFingerprint",
+                    grow_experts: bool = False) -> list[tuple[str, Any, Any]]:
         """(field, checkpoint value, requested value) for every field that forbids the resume."""
         diffs = []
         for name in self.__dataclass_fields__:

@@ -21,8 +21,8 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import dylora_moe
-from dylora_moe.errors import CheckpointError
+from .. import __version__
+from ..errors import CheckpointError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -42,7 +42,7 @@ def library_versions() -> dict[str, str | None]:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = None
-    versions["dylora_moe"] = dylora_moe.__version__
+    versions["dylora_moe"] = __version__
     return versions
 
 

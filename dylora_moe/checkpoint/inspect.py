@@ -65,7 +65,8 @@ def verify(ref: str) -> str:
     with tempfile.TemporaryDirectory() as work:
         directory = fetch(ref, Path(work))  # fetch verifies every checksum
         manifest = read_manifest(directory)
-        return f"ok: {ref} (step {manifest.global_step}, {len(manifest.files)} files, {manifest.total_size:,} bytes verified)"
+        return (f"ok: {ref} (step {manifest.global_step}, {len(manifest.files)} files, "
+                f"{manifest.total_size:,} bytes verified)")
 
 
 __all__ = ["list_refs", "show", "verify"]

@@ -52,13 +52,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dylora_moe.checkpoint.directory import latest_checkpoint, list_checkpoints
-from dylora_moe.checkpoint.format import is_complete, verify_checkpoint
-from dylora_moe.checkpoint.stores import CheckpointStore, StoreUnreachableError, open_store
-from dylora_moe.checkpoint.stores.base import ALIAS_RE, version_number
-from dylora_moe.checkpoint.stores.deadline import DEFAULT_FETCH_TIMEOUT_S, Deadline, retry_within
-from dylora_moe.checkpoint.stores.fsspec_store import PROTOCOLS as URL_SCHEMES
-from dylora_moe.errors import CheckpointError
+from ..errors import CheckpointError
+from .directory import latest_checkpoint, list_checkpoints
+from .format import is_complete, verify_checkpoint
+from .stores import CheckpointStore, StoreUnreachableError, open_store
+from .stores.base import ALIAS_RE, version_number
+from .stores.deadline import DEFAULT_FETCH_TIMEOUT_S, Deadline, retry_within
+from .stores.fsspec_store import PROTOCOLS as URL_SCHEMES
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,8 @@ def fetch(ref: str, dest_root: Path, *, run_dir: Path | None = None, bare_is_wan
                             deadline.what, retryable=lambda e: isinstance(e, StoreUnreachableError),
                             backoff_s=backoff_s, max_attempts=retries + 1)
     except StoreUnreachableError as e:
-        raise CheckpointError(f"Cannot fetch checkpoint {ref!r} after {deadline.attempts} attempt(s): {e}{_read_as(parsed)}") from e
+        raise CheckpointError(f"Cannot fetch checkpoint {ref!r} after {deadline.attempts} attempt(s): "
+                              f"{e}{_read_as(parsed)}") from e
     except CheckpointError as e:
         raise CheckpointError(f"Cannot fetch checkpoint {ref!r}: {e}{_read_as(parsed)}") from e
 

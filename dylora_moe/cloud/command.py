@@ -31,8 +31,17 @@ from ..errors import EXIT_BAD_INPUT, EXIT_STATUS_HELP, ConfigError, DyLoRAError
 from ..runtime.flags import parse_bool  # the same true/false words as `dylora train`
 from ..runtime.signals import StartupInterrupted
 from .secrets import SECRET_ENV_NAMES, parse_secret_refs
-from .vertex import (VertexError, VertexJobs, VertexSettings, build_custom_job, job_name, job_to_json,
-                     parse_labels, region_of, state_name)
+from .vertex import (
+    VertexError,
+    VertexJobs,
+    VertexSettings,
+    build_custom_job,
+    job_name,
+    job_to_json,
+    parse_labels,
+    region_of,
+    state_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +250,8 @@ def _check_job_command(train_args: list[str]) -> None:
     """The command the job will run must pass `dylora train`'s own validation (with a sample id)."""
     from ..train.config import config_from_args
 
-    config_from_args(_train_parser("dylora train").parse_args([a.replace(JOB_ID, "1234567890") for a in train_args[1:]]))
+    example_args = [a.replace(JOB_ID, "1234567890") for a in train_args[1:]]
+    config_from_args(_train_parser("dylora train").parse_args(example_args))
 
 
 def build_job(args: argparse.Namespace) -> tuple[Any, VertexSettings, dict[str, str]]:

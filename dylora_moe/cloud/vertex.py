@@ -80,7 +80,8 @@ class VertexSettings:
         None, "gs:// directory for the job's outputs; the checkpoint store is BASE/JOB_ID/store")
     display_name: str | None = _opt(None, "job name in the console (default: dylora-TIMESTAMP)")
     machine_type: str = _opt("n1-standard-8", "Compute Engine machine type")
-    accelerator_type: str | None = _opt(None, "e.g. NVIDIA_TESLA_T4, NVIDIA_L4, NVIDIA_H100_80GB (needs --accelerator_count)")
+    accelerator_type: str | None = _opt(
+        None, "e.g. NVIDIA_TESLA_T4, NVIDIA_L4, NVIDIA_H100_80GB (needs --accelerator_count)")
     accelerator_count: int = _opt(0, "accelerators per replica; training runs one process per accelerator")
     replica_count: int = _opt(1, "machines; more than 1 trains on all of them at once (a chief plus workers)")
     boot_disk_gb: int = _opt(100, "boot disk size per replica in GB (pd-ssd)")
@@ -219,8 +220,9 @@ def build_custom_job(settings: VertexSettings, container_args: list[str],
         env=[v1.EnvVar(name=k, value=v) for k, v in (env or {}).items()])
 
     def pool(replicas: int) -> Any:
+        disk = v1.DiskSpec(boot_disk_type="pd-ssd", boot_disk_size_gb=settings.boot_disk_gb)
         return v1.WorkerPoolSpec(machine_spec=machine, replica_count=replicas, container_spec=container,
-                                 disk_spec=v1.DiskSpec(boot_disk_type="pd-ssd", boot_disk_size_gb=settings.boot_disk_gb))
+                                 disk_spec=disk)
 
     pools = [pool(1)] + ([pool(settings.replica_count - 1)] if settings.replica_count > 1 else [])
     scheduling = v1.Scheduling(restart_job_on_worker_restart=settings.restarts_job_on_worker_restart)

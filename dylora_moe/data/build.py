@@ -17,11 +17,18 @@ from typing import Any
 
 import datasets
 
-from dylora_moe.data.mixing import (check_fraction, check_percent, mix_indices, parse_mixing,
-                                    split_indices, split_weighted_names, take_percent)
-from dylora_moe.data.registry import load_records
-from dylora_moe.data.template import ExampleTokenizer
-from dylora_moe.errors import DataError
+from ..errors import DataError
+from .mixing import (
+    check_fraction,
+    check_percent,
+    mix_indices,
+    parse_mixing,
+    split_indices,
+    split_weighted_names,
+    take_percent,
+)
+from .registry import load_records
+from .template import ExampleTokenizer
 
 log = logging.getLogger(__name__)
 

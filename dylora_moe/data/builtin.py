@@ -23,7 +23,7 @@ import inspect
 import textwrap
 from pathlib import Path
 
-from dylora_moe.data.stdlib_split import stdlib_files, stdlib_root
+from .stdlib_split import stdlib_files, stdlib_root
 
 DEFAULT_MAX_CHARS = 2000
 DEFAULT_MIN_BODY_NODES = 6

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dylora_moe.data.template import IGNORE_INDEX
+from .template import IGNORE_INDEX
 
 PADDED_KEYS = ("input_ids", "attention_mask", "labels")
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Real
 
-from dylora_moe.errors import DataError
+from ..errors import DataError
 
 MIXING_MODES = ("concat", "interleave")
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import datasets
 
-from dylora_moe.data.schemas import detect_schema, records_from_batch
-from dylora_moe.errors import DataError
+from ..errors import DataError
+from .schemas import detect_schema, records_from_batch
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def load_records(
         return _normalise(_load_files([path], f"file {path.name}"), stats, mbpp_first_test), stats
 
     if key == BUILTIN_NAME:
-        from dylora_moe.data.builtin import stdlib_function_records
+        from .builtin import stdlib_function_records
 
         stats = LoadStats(name=BUILTIN_NAME, origin="builtin")
         raw = datasets.Dataset.from_list(stdlib_function_records())

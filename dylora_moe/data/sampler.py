@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 
 from torch.utils.data import Sampler
 
-from dylora_moe.data.mixing import derive_seed
+from .mixing import derive_seed
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from dylora_moe.errors import DataError
+from ..errors import DataError
 
 RECORD_FIELDS = ("instruction", "input", "output", "source")
 

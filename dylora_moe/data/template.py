@@ -35,7 +35,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from dylora_moe.errors import DataError
+from ..errors import DataError
 
 IGNORE_INDEX = -100
 

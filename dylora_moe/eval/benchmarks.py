@@ -25,7 +25,8 @@ def _loader(benchmark: str) -> Callable[..., list[Task]]:
 def check_benchmarks(names: list[str], flag: str = "--benchmarks") -> list[str]:
     unknown = [n for n in names if n not in KNOWN_BENCHMARKS]
     if unknown or not names:
-        raise ConfigError(f"{flag} {','.join(names)!r}: unknown benchmark(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+        raise ConfigError(f"{flag} {','.join(names)!r}: unknown benchmark(s) "
+                          f"{', '.join(map(repr, unknown)) or '(none given)'}; "
                           f"known: {', '.join(KNOWN_BENCHMARKS)}.")
     return names
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 
 from ..errors import EXIT_STATUS_HELP
+from .benchmarks import KNOWN_BENCHMARKS
 from .config import REPORT_TO, config_from_args, default_of
 from .sandbox import ISOLATION_MODES
-from .benchmarks import KNOWN_BENCHMARKS
 
 EVAL_DESCRIPTION = """Score a model on HumanEval and MBPP by running its code. Completions are generated (batched,
 left-padded, KV cache), cut at each benchmark's stop sequences, syntax-checked, executed with the benchmark's
@@ -48,7 +48,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_argument_group("what to score")
     what.add_argument("--model", metavar="REF", help="a base model (hub id, local directory, tiny-python-lm), a run's "
-                      "final/ directory, or a checkpoint reference: run or checkpoint directory, latest (with --run_dir), "
+                      "final/ directory, or a checkpoint reference: run or checkpoint directory, latest "
+                      "(with --run_dir), "
                       "wandb://ENTITY/PROJECT/NAME[:ALIAS], ENTITY/PROJECT/NAME:ALIAS, s3:// gs:// file:// URLs "
                       "(fetched and every checksum verified, as --resume does)")
     what.add_argument("--samples", metavar="FILE", help="score completions made elsewhere: JSON lines with task_id "
@@ -58,7 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     what.add_argument("--benchmarks", type=_csv, metavar="NAMES",
                       help=f"comma-separated: {', '.join(KNOWN_BENCHMARKS)} (default: {_shown('benchmarks')})")
     what.add_argument("--limit", type=int, metavar="N", help="only the first N tasks of each benchmark")
-    what.add_argument("--tasks", type=_csv, metavar="IDS", help="only these tasks, e.g. HumanEval/0,HumanEval/7,MBPP/11 "
+    what.add_argument("--tasks", type=_csv, metavar="IDS",
+                      help="only these tasks, e.g. HumanEval/0,HumanEval/7,MBPP/11 "
                       "(a number alone picks that task in every benchmark)")
     what.add_argument("--data_dir", metavar="DIR", help="offline directory holding mbpp.jsonl in the hub schema "
                       "(default: $DYLORA_DATA_DIR, else the Hugging Face Hub)")
@@ -82,7 +84,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     box.add_argument("--max_processes", type=int,
                      help=f"processes a program may run at once (default: {_shown('max_processes')})")
     box.add_argument("--max_program_kb", type=int, metavar="KB",
-                     help=f"a completion's program longer than this is not run and fails (default: {_shown('max_program_kb')})")
+                     help="a completion's program longer than this is not run and fails "
+                          f"(default: {_shown('max_program_kb')})")
     box.add_argument("--workers", type=int, metavar="N", help="warm sandbox workers (default: CPU count, at most 8)")
     box.add_argument("--isolation", choices=ISOLATION_MODES, help="auto: bubblewrap when installed, else limits only; "
                      "bwrap: require it; limits: resource limits only")

@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import ConfigError
-from .sandbox import ISOLATION_MODES, SandboxLimits
 from .benchmarks import check_benchmarks
+from .sandbox import ISOLATION_MODES, SandboxLimits
 
 REPORT_TO = ("auto", "wandb", "none")
 

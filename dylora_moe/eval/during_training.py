@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from .benchmarks import check_benchmarks, load_tasks
 from .generation import SamplingSettings, generate_completions
 from .report import metrics_of
 from .sandbox import Sandbox
 from .scoring import score_completions
-from .benchmarks import check_benchmarks, load_tasks
 from .task import Task
 
 

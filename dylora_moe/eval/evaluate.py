@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError
+from .benchmarks import load_tasks, select_tasks
 from .config import EvalConfig
 from .generation import SamplingSettings, generate_completions
 from .loading import attach_mixture, choose_threads, download_dir, load_base, load_tokenizer_for, resolve_model
@@ -22,7 +23,6 @@ from .report import log_to_wandb, write_results, write_summary
 from .sample_files import read_samples, write_samples
 from .sandbox import Sandbox
 from .scoring import BenchmarkScore, score_completions
-from .benchmarks import load_tasks, select_tasks
 from .task import Task
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,13 @@ def _selected_tasks(cfg: EvalConfig) -> dict[str, list[Task]]:
         unmatched = [i for i in cfg.tasks if i not in matched and i not in numbers]
         if unmatched:
             examples = ", ".join(tasks[0].task_id for tasks in every.values())
-            raise ConfigError(f"--tasks: {', '.join(map(repr, unmatched))} match no task of {', '.join(cfg.benchmarks)} "
+            raise ConfigError(f"--tasks: {', '.join(map(repr, unmatched))} match no task of "
+                              f"{', '.join(cfg.benchmarks)} "
                               f"(ids look like {examples}).")
     empty = [b for b, tasks in chosen.items() if not tasks]
     if empty:
-        raise ConfigError(f"no task of {', '.join(empty)} is selected by --tasks {','.join(cfg.tasks or [])}: drop that "
+        raise ConfigError(f"no task of {', '.join(empty)} is selected by --tasks {','.join(cfg.tasks or [])}: "
+                          "drop that "
                           "benchmark from --benchmarks or name one of its tasks.")
     return chosen
 
@@ -80,7 +82,8 @@ def run_eval(cfg: EvalConfig) -> dict:
                     continue
                 scores.append(_score(cfg, chosen, found[benchmark], sandbox(), models[0], results_path))
             if not scores:
-                raise ConfigError(f"{cfg.samples} has no samples for the selected tasks of {', '.join(cfg.benchmarks)}.")
+                raise ConfigError(f"{cfg.samples} has no samples for the selected tasks of "
+                                  f"{', '.join(cfg.benchmarks)}.")
         else:
             models = _evaluate_models(cfg, tasks, sandbox, results_path, scores)
         description = sandbox().describe()

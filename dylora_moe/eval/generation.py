@@ -98,7 +98,8 @@ def _generate(model, tokenizer, tasks, settings, routing, room, window, progress
                 try:
                     with torch.no_grad():
                         output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens,
-                                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id,
+                                                eos_token_id=tokenizer.eos_token_id,
                                                 stop_strings=stop_strings or None, tokenizer=tokenizer, **sampling)
                 finally:
                     stats = routing.context.stop_collecting() if routing is not None else None

@@ -59,7 +59,8 @@ def _rows(data_dir: str | None) -> tuple[list[dict], list[dict]]:
     try:
         return list(load_from_hub(_TEST_SPEC)), list(load_from_hub(_PROMPT_SPEC))
     except Exception as err:  # offline hub, missing cache, ...
-        where = f"no MBPP file in {offline}" if offline is not None else "no offline directory (--data_dir or $DYLORA_DATA_DIR)"
+        where = (f"no MBPP file in {offline}" if offline is not None
+                 else "no offline directory (--data_dir or $DYLORA_DATA_DIR)")
         raise DataError(f"Cannot load MBPP: {where}, and the hub copy {_TEST_SPEC.hub_id} failed "
                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Give --data_dir "
                         "with mbpp.jsonl in the hub schema (text, code, task_id, test_list, test_setup_code).") from err

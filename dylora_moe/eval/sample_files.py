@@ -42,7 +42,8 @@ def read_samples(path: str | Path, tasks: list[Task]) -> dict[str, dict[str, lis
                 raise DataError(f"{path} line {number} is not a sample: expected a JSON object with 'task_id' and "
                                 f"'completion' ({type(err).__name__}: {err}).") from err
             if not isinstance(completion, str):
-                raise DataError(f"{path} line {number}: 'completion' must be a string, not {type(completion).__name__}.")
+                raise DataError(f"{path} line {number}: 'completion' must be a string, "
+                                f"not {type(completion).__name__}.")
             task = lookup.get(task_id.lower())
             if task is None:
                 unknown.append(task_id)

@@ -212,7 +212,8 @@ class Sandbox:
         self.bwrap = bwrap_path() if isolation in ("auto", "bwrap") else None
         if isolation == "bwrap" and self.bwrap is None:
             raise ConfigError("--isolation bwrap asks for bubblewrap, but no 'bwrap' is on PATH: install the "
-                              "Debian/Ubuntu package 'bubblewrap' (apt-get install bubblewrap) or use --isolation auto.")
+                              "Debian/Ubuntu package 'bubblewrap' (apt-get install bubblewrap) "
+                              "or use --isolation auto.")
         self.isolation = "bwrap" if self.bwrap else "limits"
         self.num_workers = max(1, workers or min(8, os.cpu_count() or 1))
         self.is_root = os.geteuid() == 0

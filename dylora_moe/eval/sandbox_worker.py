@@ -258,7 +258,10 @@ def run_one(program: str, timeout: float, limits: argparse.Namespace, nproc: int
             path = os.path.join(limits.work_root, entry)
             if any(root == path or root.startswith(path + "/") for root in _OWN_PYTHON):
                 continue  # the folders holding this Python's read-only mount, when it lives under /tmp
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) and not os.path.islink(path) else _unlink(path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                _unlink(path)
     return result
 
 

@@ -34,7 +34,8 @@ def common_options(parser: argparse.ArgumentParser) -> None:
                           help="percent of each held-out split (default: the run's, else 100)")
     held_out.add_argument("--seed", type=int, default=None, metavar="N",
                           help="the seed that chose the held-out split (default: the run's, else 42)")
-    held_out.add_argument("--batch_size", type=int, default=8, metavar="N", help="prompts per forward pass (default: 8)")
+    held_out.add_argument("--batch_size", type=int, default=8, metavar="N",
+                          help="prompts per forward pass (default: 8)")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

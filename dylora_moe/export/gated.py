@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..model.gates import GateSpec, fixed_gates
 from ..train.routing_report import HeldOut, training_config
 
+
 @dataclass
 class Gated:
     """One adapter to write: ``gates`` (layers x experts), what they are (``dataset:mbpp``) and the
@@ -71,14 +72,16 @@ def dataset_prototypes(model, tokenizer, spec: GateSpec, held_out: HeldOut) -> l
     run_datasets = split_weighted_names(held_out.datasets)[0] if held_out.datasets else None
     if spec.value == "all":
         if not run_datasets:
-            raise ConfigError(f"--gate {spec.text!r}: the datasets the mixture was trained on are not known (no training "
+            raise ConfigError(f"--gate {spec.text!r}: the datasets the mixture was trained on are not known "
+                              "(no training "
                               "config: the model is neither a checkpoint nor a run's final/ directory beside its "
                               "checkpoints); name them with --datasets A,B,...")
         names = run_datasets
     else:
         if run_datasets and spec.value not in run_datasets:
-            raise ConfigError(f"--gate {spec.text!r}: {spec.value!r} is not one of the datasets the mixture was trained "
-                              f"on ({', '.join(run_datasets)}); accepted: dataset:NAME with one of them, or dataset:all.")
+            raise ConfigError(f"--gate {spec.text!r}: {spec.value!r} is not one of the datasets the mixture was "
+                              f"trained on ({', '.join(run_datasets)}); accepted: dataset:NAME with one of them, "
+                              "or dataset:all.")
         names = [spec.value]
     table = held_out_routing(model, tokenizer, names, data_dir=held_out.data_dir,
                              max_seq_length=held_out.max_seq_length, validation_fraction=held_out.validation_fraction,

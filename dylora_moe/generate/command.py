@@ -49,12 +49,14 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import format_prompt
 
-    with tempfile.TemporaryDirectory(prefix="dylora-generate-") as downloads:  # a fetched checkpoint, loaded then removed
+    # a fetched checkpoint, loaded then removed
+    with tempfile.TemporaryDirectory(prefix="dylora-generate-") as downloads:
         model, tokenizer, what = _load(args.model, Path(downloads))
     prompt = args.prompt if args.raw else format_prompt(args.prompt)
     inputs = tokenizer(prompt, return_tensors="pt")
     torch.manual_seed(args.seed)
-    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else dict(do_sample=False)
+    sampling = (dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0
+                else dict(do_sample=False))
     # what was asked of which model goes to stderr; the completion alone to stdout, token by token
     print(f"{what}\nprompt: {args.prompt}\ncompletion:", file=sys.stderr, flush=True)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -98,7 +98,8 @@ def run_ranks(rendezvous: Rendezvous, args: list[str], run_id: str, program: lis
             raise RendezvousFailed(
                 f"node {rendezvous.node_rank} of {rendezvous.nnodes} could not meet the other nodes at "
                 f"{rendezvous.master_addr or 'localhost'}:{rendezvous.master_port or 'a local port'} within "
-                f"{config.rdzv_configs['timeout']} s ({type(err).__name__}: {' '.join(str(err).split())[:300].rstrip('.')}). "
+                f"{config.rdzv_configs['timeout']} s "
+                f"({type(err).__name__}: {' '.join(str(err).split())[:300].rstrip('.')}). "
                 "Every replica of the job must start and reach the chief's address (workerpool0 in CLUSTER_SPEC); "
                 "DYLORA_RENDEZVOUS_TIMEOUT_S sets how long to wait.") from err
         finally:

@@ -95,7 +95,8 @@ def _parse_cluster_spec(text: str) -> tuple[list[Any], list[Any], str, int]:
         spec = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{CLUSTER_SPEC_ENV} is not valid JSON ({e}); Vertex AI sets it to "
-                          '{"cluster": {"workerpool0": ["HOST:PORT"], ...}, "task": {"type": ..., "index": ...}}.') from e
+                          '{"cluster": {"workerpool0": ["HOST:PORT"], ...}, '
+                          '"task": {"type": ..., "index": ...}}.') from e
     cluster = spec.get("cluster") if isinstance(spec, dict) else None
     task = spec.get("task") if isinstance(spec, dict) else None
     if not isinstance(cluster, dict) or not isinstance(task, dict):

@@ -88,7 +88,8 @@ class DyLoRAConfig:
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise InvalidOption("num_experts", self.num_experts, "it must be an integer >= 1.")
         if not isinstance(self.shared_experts, int) or self.shared_experts < 0:
-            raise InvalidOption("shared_experts", self.shared_experts, "give an integer >= 0 (0: every expert is routed).")
+            raise InvalidOption("shared_experts", self.shared_experts,
+                                "give an integer >= 0 (0: every expert is routed).")
         if not isinstance(self.r, int) or self.r < 1:
             raise InvalidOption("lora_r", self.r, "it must be an integer >= 1.")
         if self.alpha is None or self.alpha <= 0:

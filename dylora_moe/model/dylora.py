@@ -263,7 +263,8 @@ class DyLoRAMoE(nn.Module):
                 for key, param in slots:
                     value = state[f"{name}.{key}"]
                     if value.shape != param.shape:
-                        raise ConfigError(f"{name}.{key} has shape {tuple(value.shape)}, expected {tuple(param.shape)}.")
+                        raise ConfigError(f"{name}.{key} has shape {tuple(value.shape)}, "
+                                          f"expected {tuple(param.shape)}.")
                     param.copy_(value)
                 layer.lora_B[:, rows:].zero_()
         self.routing.mature[:n] = mature

@@ -55,7 +55,8 @@ def parse_gate_spec(text: str, flag: str = "--gate") -> GateSpec:
         try:
             return GateSpec(text, "expert", int(rest))
         except ValueError:
-            raise ConfigError(f"{flag} {text!r}: the expert index {rest!r} is not an integer; accepted: {ACCEPTED}.") from None
+            raise ConfigError(f"{flag} {text!r}: the expert index {rest!r} is not an integer; "
+                              f"accepted: {ACCEPTED}.") from None
     if sep and head == "dataset":
         if not rest.strip():
             raise ConfigError(f"{flag} {text!r} names no dataset; accepted: {ACCEPTED}.")
@@ -86,7 +87,8 @@ def read_gates_file(model, path: str | Path, flag: str = "--gate") -> torch.Tens
     """Per-layer gates from a JSON file (see the module docstring for its forms)."""
     names, E = list(model.adapted_names), model.num_experts
     accepted = (f"accepted: {{\"gates\": G}} or G itself, where G is one gate of {E} numbers (every layer), a list of "
-                f"{len(names)} such gates (one per adapted layer) or an object from each adapted layer's name to its gate")
+                f"{len(names)} such gates (one per adapted layer) or an object from each adapted layer's name "
+                "to its gate")
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -100,7 +102,8 @@ def read_gates_file(model, path: str | Path, flag: str = "--gate") -> torch.Tens
         unknown, missing = sorted(set(data) - set(names)), [n for n in names if n not in data]
         if unknown or missing:
             raise ConfigError(f"{flag} {str(path)!r} does not name this mixture's adapted layers: unknown "
-                              f"{unknown[:3]}, missing {missing[:3]} (the layers are {names[0]} ... {names[-1]}); {accepted}.")
+                              f"{unknown[:3]}, missing {missing[:3]} (the layers are {names[0]} ... {names[-1]}); "
+                              f"{accepted}.")
         data = [data[n] for n in names]
     if isinstance(data, list) and data and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in data):
         data = [data] * len(names)

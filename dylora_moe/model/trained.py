@@ -24,7 +24,8 @@ def load_trained_mixture(model_ref: str | os.PathLike, flag: str = "--model"):
     model_dir = Path(model_ref)
     if not (model_dir / CONFIG_NAME).is_file():
         raise ConfigError(f"{flag} {str(model_ref)!r} is not a trained mixture (no {CONFIG_NAME}); give a run's "
-                          "'final' directory (runs/RUN_ID/final) or a checkpoint reference (a run or checkpoint directory, "
+                          "'final' directory (runs/RUN_ID/final) or a checkpoint reference "
+                          "(a run or checkpoint directory, "
                           "runs/RUN_ID/store:latest, s3://BUCKET/PATH/store:latest, wandb://E/P/NAME:ALIAS, ...).")
     model = DyLoRAMoE.from_pretrained(model_dir).eval()
     saved_tokenizer = (model_dir / "tokenizer_config.json").is_file()

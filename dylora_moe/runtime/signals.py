@@ -38,7 +38,8 @@ class StartupInterrupted(BaseException):
         super().__init__(signum)
 
     def as_preempted(self, detail: str = "before anything was saved. Run the same command again to start; "
-                     "with --resume auto and the same --run_id a run continues from its newest checkpoint.") -> Preempted:
+                     "with --resume auto and the same --run_id a run continues from its newest "
+                     "checkpoint.") -> Preempted:
         return Preempted(f"stopped by {signal_name(self.signum)} during start-up, {detail}")
 
 

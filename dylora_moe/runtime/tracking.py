@@ -74,7 +74,8 @@ class WandbSink(MetricsSink):
         self.run.finish(exit_code=exit_code)
 
 
-def make_sink(report_to: str, run_id: str, run_dir: Path, project: str, entity: str | None, config: dict) -> MetricsSink:
+def make_sink(report_to: str, run_id: str, run_dir: Path, project: str, entity: str | None,
+              config: dict) -> MetricsSink:
     if report_to == "auto":
         report_to = "wandb" if wandb_configured() else "tensorboard"
     if report_to == "wandb":

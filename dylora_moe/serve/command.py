@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if args.drain_timeout < 0:
         raise ConfigError(f"--drain_timeout {args.drain_timeout} is invalid: give seconds >= 0.")
     try:
-        import uvicorn  # noqa: F401
         import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError as err:
         raise ConfigError(f"dylora serve needs the 'serve' extra ({err.name} is missing): "
                           "pip install fastapi uvicorn (the serve extra).") from err

@@ -345,7 +345,8 @@ class Engine:
         for i, request in enumerate(requests):
             gate = self._gate_of(gates, i) if gates is not None else None
             for choice in range(request.sampling.n):
-                rows.append(_Sequence(request, choice, self._generator(request.sampling, choice), len(request.prompt_ids)))
+                rows.append(_Sequence(request, choice, self._generator(request.sampling, choice),
+                                      len(request.prompt_ids)))
                 request.emit(Started(choice, gate))
         if len(rows) != len(requests):
             index = torch.tensor(origin, device=self.device)

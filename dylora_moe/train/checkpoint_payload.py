@@ -27,8 +27,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..checkpoint.fingerprint import ArchitectureFingerprint
 from ..checkpoint.commit import write_checkpoint
+from ..checkpoint.fingerprint import ArchitectureFingerprint
 from ..checkpoint.format import checkpoint_name
 from ..errors import CheckpointError
 from ..model import DyLoRAMoE

@@ -41,7 +41,8 @@ def _mixture(name: str, help: str, **extra: Any) -> Any:
 @dataclass
 class TrainConfig:
     # base model and mixture
-    model_name: str = _opt(DEFAULT_MODEL_NAME, "base causal LM: hub id, local directory, or the shipped 'tiny-python-lm'")
+    model_name: str = _opt(DEFAULT_MODEL_NAME,
+                           "base causal LM: hub id, local directory, or the shipped 'tiny-python-lm'")
     num_experts: int = _mixture("num_experts", "number of routed LoRA experts")
     shared_experts: int = _mixture(
         "shared_experts", "LoRA experts every example uses beside the routed ones, each with the fixed gate "
@@ -86,8 +87,10 @@ class TrainConfig:
         1.0, "fraction of the planned optimizer steps after which all experts are marked mature "
         "(routing switches from dense to top-k); 1 keeps routing dense, 0 starts sparse")
     # data
-    datasets: str = _opt("stdlib_functions", "comma-separated dataset names or files; 'name:weight,...' sets mixing weights")
-    data_dir: str | None = _opt(None, "offline directory serving named datasets in their hub schema (env DYLORA_DATA_DIR)")
+    datasets: str = _opt("stdlib_functions",
+                         "comma-separated dataset names or files; 'name:weight,...' sets mixing weights")
+    data_dir: str | None = _opt(None,
+                                "offline directory serving named datasets in their hub schema (env DYLORA_DATA_DIR)")
     interleaved_sampling: bool = _opt(False, "balance the datasets (equal share each) instead of concatenating them")
     max_seq_length: int = _opt(512, "longest tokenised example (prompt + response)")
     validation_fraction: float = _opt(0.05, "share of each dataset held out for validation")
@@ -119,7 +122,8 @@ class TrainConfig:
     eval_benchmarks: str = _opt(
         "", "comma-separated benchmarks (humaneval, mbpp) whose real pass@1 is logged during training: greedy "
         "completions run with their tests in dylora eval's sandbox (empty: off)")
-    eval_every: int = _opt(0, "log the --eval_benchmarks pass@1 every N optimizer steps (0: at every --eval_steps evaluation)")
+    eval_every: int = _opt(
+        0, "log the --eval_benchmarks pass@1 every N optimizer steps (0: at every --eval_steps evaluation)")
     eval_max_tasks: int = _opt(20, "pass@1 on the first N tasks of each --eval_benchmarks benchmark")
     # output, logging, checkpoints
     output_dir: str = _opt("runs", "parent directory of run directories")
@@ -134,12 +138,14 @@ class TrainConfig:
         "of this run id, locally then in the store; none means a fresh start), wandb://E/P/NAME:ALIAS, "
         "s3://, gs://, file://, memory:// URLs")
     resume_from_checkpoint: str | None = _opt(None, "the seed's name for --resume")
-    wandb_checkpoint_artifact: str | None = _opt(None, "the seed's form: resume from W&B artifact ENTITY/PROJECT/NAME:ALIAS")
+    wandb_checkpoint_artifact: str | None = _opt(
+        None, "the seed's form: resume from W&B artifact ENTITY/PROJECT/NAME:ALIAS")
     start_from: str | None = _opt(
         None, "where a run with no checkpoint of its own starts (any reference, as for --resume): with "
         "--resume auto (implied), the run's own newest checkpoint always wins, so a restarted job continues "
         "from its own latest checkpoint, never from this reference again")
-    allow_fresh_start: bool = _opt(False, "if the resume reference cannot be fetched, warn and start fresh instead of failing")
+    allow_fresh_start: bool = _opt(
+        False, "if the resume reference cannot be fetched, warn and start fresh instead of failing")
     grow_experts: bool = _opt(False, "allow resuming with a larger --num_experts (the new experts start immature)")
     save_total_limit: int = _opt(3, "keep the newest N local checkpoints (plus the best)")
     checkpoint_store: str | None = _opt(
@@ -191,7 +197,8 @@ class TrainConfig:
         if self.fp16 and self.bf16:
             raise ConfigError("--fp16 and --bf16 were both given: choose one precision.")
         if self.fsdp and self.eval_benchmarks:
-            raise ConfigError(f"--eval_benchmarks {self.eval_benchmarks} cannot run with --fsdp: generating completions "
+            raise ConfigError(f"--eval_benchmarks {self.eval_benchmarks} cannot run with --fsdp: "
+                              "generating completions "
                               "needs the whole model in one process. Score the checkpoints with dylora eval instead.")
         if self.save_total_limit < 1:
             raise ConfigError(f"--save_total_limit {self.save_total_limit!r} is invalid: keep at least 1 checkpoint.")
@@ -372,7 +379,8 @@ def _coerce(f, value: Any, path: Path) -> Any:
             return ",".join(str(v) for v in value)
         return kind(value)
     except (ValueError, argparse.ArgumentTypeError) as err:
-        raise ConfigError(f"config file {str(path)!r}: {f.name}: {value!r} is not a valid {getattr(kind, '__name__', kind)}.") from err
+        raise ConfigError(f"config file {str(path)!r}: {f.name}: {value!r} is not a valid "
+                          f"{getattr(kind, '__name__', kind)}.") from err
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -263,7 +263,8 @@ class HeldOut:
             data_dir=self.data_dir or os.environ.get("DYLORA_DATA_DIR") or trained.get("data_dir") or None,
             max_seq_length=pick("max_seq_length", _training_default("max_seq_length")),
             validation_fraction=pick("validation_fraction", _training_default("validation_fraction")),
-            eval_subset=pick("eval_subset", _training_default("eval_subset")), seed=pick("seed", _training_default("seed")),
+            eval_subset=pick("eval_subset", _training_default("eval_subset")),
+            seed=pick("seed", _training_default("seed")),
             batch_size=self.batch_size)
 
 
@@ -284,7 +285,8 @@ def held_out_routing(model, tokenizer, datasets: str | list[str], *, data_dir: s
     if len(eval_data) == 0:
         raise ConfigError("the held-out split is empty: raise --validation_fraction or --eval_subset.")
     present = [n for n in names if n in set(eval_data["source"])]
-    return collect_routing(model, eval_batches(eval_data, PaddingCollator.for_tokenizer(tokenizer), batch_size), present)
+    batches = eval_batches(eval_data, PaddingCollator.for_tokenizer(tokenizer), batch_size)
+    return collect_routing(model, batches, present)
 
 
 def routing_report(model_ref: str, held_out: HeldOut, *, output_dir: str | None = None

@@ -38,5 +38,3 @@ def ckpts(tmp_path):
     parent = tmp_path / "run" / "checkpoints"
     return parent, lambda step, **kw: make_checkpoint(parent, step, **kw)
 
-
-from tests.conftest import free_port  # noqa: F401  (s3_endpoint comes from tests/conftest.py itself: one server per session)

@@ -14,8 +14,6 @@ import subprocess
 import sys
 import uuid
 
-import pytest
-
 from dylora_moe.checkpoint.stores import FsspecStore
 from dylora_moe.cli import main
 from tests.conftest import REPO_ROOT

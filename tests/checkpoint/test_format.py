@@ -18,8 +18,7 @@ from dylora_moe.checkpoint.commit import cleanup_partial, write_checkpoint
 from dylora_moe.checkpoint.directory import apply_retention, latest_checkpoint, list_checkpoints
 from dylora_moe.checkpoint.format import Manifest, checkpoint_name, is_complete, verify_checkpoint
 from dylora_moe.errors import CheckpointError
-
-from .conftest import payload
+from tests.checkpoint.conftest import payload
 
 
 def test_checkpoint_name():

@@ -11,12 +11,11 @@ import uuid
 import pytest
 
 pytest.importorskip("gcsfs")
-from tests.cloud.gcs_emulator import gcs_emulator  # noqa: E402  (sets GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT first)
-
 from dylora_moe.checkpoint.format import verify_checkpoint  # noqa: E402
 from dylora_moe.checkpoint.references import fetch, find_auto  # noqa: E402
 from dylora_moe.checkpoint.stores import FsspecStore, open_store  # noqa: E402
 from dylora_moe.errors import CheckpointError  # noqa: E402
+from tests.cloud.gcs_emulator import gcs_emulator  # noqa: E402  (sets GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT first)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,8 @@ def test_resume_from_gs_latest(gcs, ckpts, tmp_path):
     # `--resume auto` with no local checkpoint finds the store's newest version.
     assert find_auto(tmp_path / "fresh-run", store) == f"{prefix}:v1"
     # A version that does not exist is an error that lists what does.
-    with pytest.raises(CheckpointError, match=r"'v9' is not a complete version or alias.*available versions: \['v0', 'v1'\]"):
+    with pytest.raises(CheckpointError,
+                       match=r"'v9' is not a complete version or alias.*available versions: \['v0', 'v1'\]"):
         fetch(f"{prefix}:v9", tmp_path / "downloads")
 
 

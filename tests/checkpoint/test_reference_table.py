@@ -30,8 +30,7 @@ from dylora_moe.cloud.command import _start_from, _train_config
 from dylora_moe.errors import ConfigError, DyLoRAError
 from dylora_moe.eval.loading import resolve_model
 from dylora_moe.train.config import config_from_args
-
-from .conftest import payload
+from tests.checkpoint.conftest import payload
 
 RUN = "runs/exp1"  # relative to the test's working directory: looks like the seed's bare E/P/NAME
 
@@ -118,7 +117,8 @@ def world(tmp_path_factory, s3_endpoint):
     with gcs_emulator("ckpt"):
         _forget_gcs_clients()  # an earlier module's emulator (another port) may be cached
         for store in (LocalStore(tmp / RUN / "store"),
-                      open_store(f"s3://ckpt/{prefix}/store", storage_options={"client_kwargs": {"endpoint_url": s3_endpoint}}),
+                      open_store(f"s3://ckpt/{prefix}/store",
+                                 storage_options={"client_kwargs": {"endpoint_url": s3_endpoint}}),
                       open_store(f"gs://ckpt/{prefix}/store")):
             assert store.publish(sources[10], 10, ["latest", "best"]) == "v0"
             assert store.publish(sources[20], 20, ["latest"]) == "v1"

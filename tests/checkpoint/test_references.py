@@ -11,8 +11,7 @@ from dylora_moe.checkpoint.format import verify_checkpoint
 from dylora_moe.checkpoint.references import Reference, fetch, find_auto, parse_reference
 from dylora_moe.checkpoint.stores import FsspecStore, LocalStore
 from dylora_moe.errors import CheckpointError
-
-from .conftest import free_port
+from tests.conftest import free_port
 
 
 @pytest.mark.parametrize("ref, bare, expected", [

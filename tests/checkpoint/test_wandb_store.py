@@ -15,7 +15,8 @@ from dylora_moe.checkpoint.references import fetch
 from dylora_moe.checkpoint.stores import open_store
 from dylora_moe.checkpoint.stores.wandb_store import FINAL_BEST_NAME, WandbStore
 from dylora_moe.errors import CheckpointError
-from tests.checkpoint.conftest import free_port, make_checkpoint
+from tests.checkpoint.conftest import make_checkpoint
+from tests.conftest import free_port
 from tests.fakes.wandb_client import client_env
 from tests.fakes.wandb_server import ENTITY, FakeWandb
 
@@ -245,7 +246,8 @@ def test_refused_api_key_is_a_login_error_not_retried(tmp_path, monkeypatch):
             monkeypatch.setenv(name, value)
         try:
             with pytest.raises(CheckpointError, match=r"Cannot fetch checkpoint 'wandb://team/dylora/run1-"
-                                                      r"checkpoint:latest': Cannot reach W&B .*not logged in\. Log in \(wandb login"):
+                                                      r"checkpoint:latest': Cannot reach W&B .*not logged in\. "
+                                                      r"Log in \(wandb login"):
                 fetch("wandb://team/dylora/run1-checkpoint:latest", tmp_path, retries=2, backoff_s=0.01)
         finally:
             wandb.teardown()

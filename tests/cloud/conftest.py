@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("google.cloud.aiplatform_v1")
 
-from tests.conftest import REPO_ROOT  # noqa: E402
 from tests.cloud.fakes import FakeGoogleAPIs  # noqa: E402
+from tests.conftest import REPO_ROOT  # noqa: E402
 
 
 @pytest.fixture

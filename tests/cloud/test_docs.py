@@ -64,7 +64,8 @@ def test_build_script_dry_run_example_runs():
     result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert re.match(r"docker build --file \S+/docker/Dockerfile --tag us-central1-docker.pkg.dev/my-project/dylora/"
-                    r"dylora-moe:[0-9a-f]{7,}(-dirty)? --tag us-central1-docker.pkg.dev/my-project/dylora/dylora-moe:latest ",
+                    r"dylora-moe:[0-9a-f]{7,}(-dirty)? "
+                    r"--tag us-central1-docker.pkg.dev/my-project/dylora/dylora-moe:latest ",
                     result.stdout)
 
 

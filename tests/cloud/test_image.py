@@ -29,7 +29,8 @@ def test_dockerfile_contract():
     text = DOCKERFILE.read_text()
     base = next(line for line in text.splitlines() if line.startswith("ARG BASE_IMAGE="))
     assert base.startswith("ARG BASE_IMAGE=pytorch/pytorch:2.13.0-") and base.endswith("-runtime")  # pinned, CUDA torch
-    torch_pin = next(line for line in (REPO_ROOT / "constraints.txt").read_text().splitlines() if line.startswith("torch=="))
+    torch_pin = next(line for line in (REPO_ROOT / "constraints.txt").read_text().splitlines()
+                     if line.startswith("torch=="))
     assert torch_pin == "torch==2.13.0"  # the base image's torch is the pinned one
     assert "USER 1000:1000" in text and 'ENTRYPOINT ["dylora"]' in text
 
@@ -133,7 +134,8 @@ def test_the_images_pip_steps_give_a_working_dylora_in_a_clean_virtualenv(tmp_pa
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
-    base_torch = [python, "-m", "pip", "install", "-q", "--no-compile", "-c", str(REPO_ROOT / "constraints.txt"), "torch"]
+    base_torch = [python, "-m", "pip", "install", "-q", "--no-compile", "-c", str(REPO_ROOT / "constraints.txt"),
+                  "torch"]
     subprocess.run(base_torch, check=True, env=env, timeout=900)
     for command in pips:
         # The image's paths live under image_root here; everything else is the Dockerfile's text, except

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from google.cloud import aiplatform_v1
 
+from dylora_moe.errors import ConfigError
 from dylora_moe.job.entrypoint import machine_rendezvous
 from dylora_moe.job.launch import describe_failures, job_exit_status
 from dylora_moe.job.rendezvous import Rendezvous, from_environment, is_chief, is_launched_rank
-from dylora_moe.errors import ConfigError
 from tests.cloud.conftest import run_dylora
 from tests.conftest import REPO_ROOT, free_port
 
@@ -246,7 +246,8 @@ def test_a_replica_whose_chief_never_comes_stops_with_a_message_naming_it(tmp_pa
     result = subprocess.run([sys.executable, "-m", "dylora_moe.job.entrypoint", "--", "train", "--max_steps", "1"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
-    assert f"dylora job: error: node 1 of 2 could not meet the other nodes at 127.0.0.1:{port} within 1 s" in result.stderr
+    assert (f"dylora job: error: node 1 of 2 could not meet the other nodes at 127.0.0.1:{port} within 1 s"
+            in result.stderr)
     assert "DYLORA_RENDEZVOUS_TIMEOUT_S sets how long to wait" in result.stderr
     assert "Traceback" not in result.stderr
 

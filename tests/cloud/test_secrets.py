@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from dylora_moe.job.entrypoint import expand_variables
 from dylora_moe.cloud.secrets import SecretError, parse_secret_refs, resolve_secrets
 from dylora_moe.errors import ConfigError
+from dylora_moe.job.entrypoint import expand_variables
 from tests.conftest import REPO_ROOT
 
 WANDB = "projects/proj/secrets/wandb/versions/latest"
@@ -84,5 +84,6 @@ def test_job_variables_expand_from_the_environment():
     env = {"CLOUD_ML_JOB_ID": "8812"}
     assert expand_variables(["--run_id", "$(CLOUD_ML_JOB_ID)", "gs://b/x/$(CLOUD_ML_JOB_ID)/store", "$HOME"], env) == [
         "--run_id", "8812", "gs://b/x/8812/store", "$HOME"]
-    with pytest.raises(ConfigError, match=r"uses \$\(CLOUD_ML_JOB_ID\) but CLOUD_ML_JOB_ID is not set in the container"):
+    with pytest.raises(ConfigError,
+                       match=r"uses \$\(CLOUD_ML_JOB_ID\) but CLOUD_ML_JOB_ID is not set in the container"):
         expand_variables(["$(CLOUD_ML_JOB_ID)"], {})

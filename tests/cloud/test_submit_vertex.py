@@ -112,12 +112,14 @@ def test_pass_env_secrets_is_opt_in_and_never_printed(google, dylora, monkeypatc
     assert status == 0, err
     assert WANDB_KEY not in out + err
     shown = aiplatform_v1.CustomJob.from_json(out).job_spec.worker_pool_specs[0].container_spec.env
-    assert [(v.name, v.value) for v in shown] == [("WANDB_API_KEY", "<not printed: WANDB_API_KEY from the submitting shell>")]
+    assert [(v.name, v.value) for v in shown] == [
+        ("WANDB_API_KEY", "<not printed: WANDB_API_KEY from the submitting shell>")]
     status, out, err = dylora("submit", *BASE, "--pass_env_secrets")
     assert status == 0, err
     assert WANDB_KEY not in out + err
     [job] = google.sent_jobs()
-    assert [(v.name, v.value) for v in job.job_spec.worker_pool_specs[0].container_spec.env] == [("WANDB_API_KEY", WANDB_KEY)]
+    env = job.job_spec.worker_pool_specs[0].container_spec.env
+    assert [(v.name, v.value) for v in env] == [("WANDB_API_KEY", WANDB_KEY)]
     # Without the opt-in, the shell's secrets stay in the shell.
     assert dylora("submit", *BASE)[0] == 0
     assert list(google.sent_jobs()[1].job_spec.worker_pool_specs[0].container_spec.env) == []
@@ -180,7 +182,8 @@ def test_yaml_vertex_section_and_flags_override_it(google, dylora, tmp_path):
     config = tmp_path / "job.yaml"
     config.write_text("num_experts: 3\nlearning_rate: 2e-4\ndatasets: [code_alpaca, mbpp]\n"
                       "vertex:\n  project: proj\n  region: europe-west4\n  image: img:1\n"
-                      "  base_output_dir: gs://bkt/yaml\n  spot: true\n  machine_type: g2-standard-24\n  accelerator_type: NVIDIA_L4\n"
+                      "  base_output_dir: gs://bkt/yaml\n  spot: true\n  machine_type: g2-standard-24\n"
+                      "  accelerator_type: NVIDIA_L4\n"
                       "  accelerator_count: 2\n  labels: {team: ml}\n")
     status, out, err = dylora("submit", "vertex", "--config", str(config), "--region", "us-east1", "--dry-run",
                               "--", "--num_experts", "4")
@@ -216,7 +219,8 @@ RESTART_POLICY = [  # (options, restart_job_on_worker_restart sent, the one line
 ]
 
 
-@pytest.mark.parametrize("extra, restarts, line", RESTART_POLICY, ids=[" ".join(o) or "one replica" for o, _, _ in RESTART_POLICY])
+@pytest.mark.parametrize("extra, restarts, line", RESTART_POLICY,
+                         ids=[" ".join(o) or "one replica" for o, _, _ in RESTART_POLICY])
 def test_multinode_jobs_restart_together_unless_told_not_to(google, dylora, caplog, extra, restarts, line):
     caplog.set_level("INFO", logger="dylora_moe.cloud.command")
     status, out, err = dylora("submit", *BASE, *extra, "--dry-run")
@@ -255,7 +259,8 @@ BAD_INPUT = [
     (["--project", "p", "--region", "r", "--staging_bucket", "gs://b"], "needs --image"),
     (["--project", "p", "--region", "r", "--image", "i"], "needs --staging_bucket (or --base_output_dir)"),
     (["--accelerator_type", "NVIDIA_L4"], "--accelerator_type NVIDIA_L4 needs --accelerator_count N"),
-    (["--accelerator_type", "NVIDIA_GTX_1080", "--accelerator_count", "1"], "--accelerator_type 'NVIDIA_GTX_1080' is unknown; accepted: "),
+    (["--accelerator_type", "NVIDIA_GTX_1080", "--accelerator_count", "1"],
+     "--accelerator_type 'NVIDIA_GTX_1080' is unknown; accepted: "),
     (["--replica_count", "0"], "--replica_count 0 is invalid: it must be an integer >= 1."),
     (["--region", "mars-north9"], "--region 'mars-north9' is not a Vertex AI region; e.g. us-central1"),
     (["--region", "us-centrall1"], "--region 'us-centrall1' is not a Vertex AI region; close: us-central1, us-east1"),
@@ -263,7 +268,8 @@ BAD_INPUT = [
     (["--machine_type", "n1-standard-7"], "--machine_type 'n1-standard-7': n1 machines have 1, 2, 4, 8"),
     (["--machine_type", "big machine"], "--machine_type 'big machine' is not a Compute Engine machine type"),
     (["--accelerator_type", "NVIDIA_L4", "--accelerator_count", "1"],
-     "--accelerator_type NVIDIA_L4 runs on g2 machines (e.g. --machine_type g2-standard-8), not on --machine_type n1-standard-8"),
+     "--accelerator_type NVIDIA_L4 runs on g2 machines (e.g. --machine_type g2-standard-8), "
+     "not on --machine_type n1-standard-8"),
     (["--base_output_dir", "/local/out"], "--base_output_dir '/local/out' is invalid: give a Cloud Storage URL"),
     (["--staging_bucket", "s3://b"], "--staging_bucket 's3://b' is invalid"),
     (["--timeout", "soon"], "--timeout 'soon' is invalid"),

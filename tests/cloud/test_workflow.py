@@ -114,7 +114,8 @@ def test_preempted_job_restarts_to_the_same_weights_and_a_second_job_continues(
         assert expected.keys() == got.keys() and len(expected) > 0
         assert all(torch.equal(expected[k], got[k]) for k in expected)
         # The trained mixture also landed in AIP_MODEL_DIR, where a user looks for it.
-        assert fs.cat_file(f"bkt/exp/model/{WEIGHTS_NAME}") == (spot.disk / "runs" / "2002" / "final" / WEIGHTS_NAME).read_bytes()
+        final = spot.disk / "runs" / "2002" / "final"
+        assert fs.cat_file(f"bkt/exp/model/{WEIGHTS_NAME}") == (final / WEIGHTS_NAME).read_bytes()
 
         # A second job starts from the first job's artifact and continues from its last step.
         follow_up = job_command(capsys, small_model_dir, "--max_steps", str(STEPS + 2),
@@ -143,5 +144,6 @@ def test_the_tests_gcs_client_is_the_json_api_one_even_when_gcsfs_was_imported_f
 def _steps(fs, store: str) -> list[int]:
     """The global steps of the store's complete versions, read straight from the bucket."""
     root = store.removeprefix("gs://")
-    manifests = [f"{p}/manifest.json" for p in fs.ls(root, detail=False, refresh=True) if p.rsplit("/", 1)[-1].startswith("v")]
+    manifests = [f"{p}/manifest.json" for p in fs.ls(root, detail=False, refresh=True)
+                 if p.rsplit("/", 1)[-1].startswith("v")]
     return [json.loads(fs.cat_file(m))["global_step"] for m in manifests if fs.exists(m)]

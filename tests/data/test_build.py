@@ -8,11 +8,9 @@ from collections import Counter
 
 import pytest
 
-from dylora_moe.data import (IGNORE_INDEX, LengthGroupedBatchSampler, PaddingCollator,
-                             build_datasets, padding_waste)
+from dylora_moe.data import IGNORE_INDEX, LengthGroupedBatchSampler, PaddingCollator, build_datasets, padding_waste
 from dylora_moe.errors import DataError
-
-from .conftest import FIXTURES
+from tests.data.conftest import FIXTURES
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,7 @@ from collections import Counter
 
 import pytest
 
-from dylora_moe.data.mixing import (Mixing, mix_indices, parse_mixing, quotas, split_indices,
-                                    take_percent)
+from dylora_moe.data.mixing import Mixing, mix_indices, parse_mixing, quotas, split_indices, take_percent
 from dylora_moe.errors import DataError
 
 

@@ -12,8 +12,7 @@ import pytest
 from dylora_moe.data import registry
 from dylora_moe.data.registry import REGISTRY, known_names, load_records
 from dylora_moe.errors import DataError
-
-from .conftest import FIXTURES
+from tests.data.conftest import FIXTURES
 
 FIELDS = {"instruction", "input", "output", "source"}
 

@@ -50,7 +50,7 @@ def test_collator_pads_with_ignored_labels(tokenizer):
     assert labels[1] == long["labels"]
     # Exactly the response tokens (and their EOS) are counted by the loss.
     counted = (batch["labels"] != IGNORE_INDEX).sum().item()
-    assert counted == sum(l != IGNORE_INDEX for l in short["labels"] + long["labels"])
+    assert counted == sum(label != IGNORE_INDEX for label in short["labels"] + long["labels"])
 
 
 def test_pad_to_multiple_of(tokenizer):
@@ -81,14 +81,14 @@ def test_long_response_keeps_prompt_and_is_cut_on_the_right(tokenizer):
     assert example["length"] == 128
     assert example["input_ids"][: len(prompt)] == prompt
     assert example["labels"][: len(prompt)] == [IGNORE_INDEX] * len(prompt)
-    assert all(l != IGNORE_INDEX for l in example["labels"][len(prompt):])
+    assert all(label != IGNORE_INDEX for label in example["labels"][len(prompt):])
     assert example["labels"][-1] != tokenizer.eos_token_id  # cut before the end
 
 
 def test_huge_prompt_and_response_share_the_window(tokenizer):
     record = {"instruction": "word " * 500, "input": "", "output": "code " * 500}
     example = tokenize_example(tokenizer, record, max_seq_length=100)
-    labelled = sum(l != IGNORE_INDEX for l in example["labels"])
+    labelled = sum(label != IGNORE_INDEX for label in example["labels"])
     assert example["length"] == 100 and labelled == 50
 
 

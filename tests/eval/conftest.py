@@ -26,7 +26,7 @@ def mixture_dir(tmp_path_factory):
     so that its completions differ from the base model's."""
     import torch
 
-    from dylora_moe.model import DyLoRAMoE, DyLoRAConfig
+    from dylora_moe.model import DyLoRAConfig, DyLoRAMoE
     from dylora_moe.model.base import load_tokenizer
 
     torch.manual_seed(0)

@@ -23,7 +23,8 @@ def test_all_164_canonical_humaneval_solutions_pass_and_broken_ones_fail(humanev
     canonical = pool.run([t.program(t.reference) for t in humaneval])
     assert [t.task_id for t, r in zip(humaneval, canonical) if not r.passed] == []
     # Broken: the body returns nothing, or raises; the tests catch both everywhere.
-    broken = pool.run([t.program(c) for t in humaneval for c in ("    return None\n", "    raise NotImplementedError\n")])
+    broken = pool.run([t.program(c) for t in humaneval
+                       for c in ("    return None\n", "    raise NotImplementedError\n")])
     assert sum(r.passed for r in broken) == 0
     assert {r.outcome for r in broken} == {"failed"}
     unparsable = pool.run([humaneval[0].program(humaneval[0].reference + "\n    return (\n")])[0]
@@ -33,7 +34,8 @@ def test_all_164_canonical_humaneval_solutions_pass_and_broken_ones_fail(humanev
 @pytest.mark.slow
 def test_mbpp_reference_code_passes_its_tests_on_the_test_split(mbpp, pool):
     assert [int(t.task_id.split("/")[1]) for t in mbpp] == list(range(11, 511))
-    results = pool.run([t.program(t.reference) for t in mbpp], timeout_s=20.0)  # MBPP/123 takes seconds on a busy machine
+    # MBPP/123 takes seconds on a busy machine
+    results = pool.run([t.program(t.reference) for t in mbpp], timeout_s=20.0)
     assert [(t.task_id, r.outcome) for t, r in zip(mbpp, results) if not r.passed] == []
     wrong = pool.run([t.program("def unrelated():\n    return 0\n") for t in mbpp[:20]])
     assert {r.outcome for r in wrong} == {"failed"}
@@ -54,10 +56,12 @@ def test_mbpp_prompt_is_the_papers_three_shot_form(mbpp):
     task = mbpp[0]
     assert task.task_id == "MBPP/11"
     assert task.prompt.count("[BEGIN]") == 4 and task.prompt.count("[DONE]") == 3
-    assert task.prompt.startswith("You are an expert Python programmer, and here is your task: Write a function to find the similar elements")
+    assert task.prompt.startswith("You are an expert Python programmer, and here is your task: "
+                                  "Write a function to find the similar elements")
     assert task.prompt.endswith("assert remove_Occ(\"PHP\",\"P\") == \"H\"\n[BEGIN]\n")
     assert task.truncate("def f():\n    return 1\n[DONE]\nYou are") == "def f():\n    return 1\n"
-    assert task.program("def remove_Occ(s, ch): return s").startswith("def remove_Occ(s, ch): return s\nassert remove_Occ")
+    assert task.program("def remove_Occ(s, ch): return s").startswith(
+        "def remove_Occ(s, ch): return s\nassert remove_Occ")
 
 
 def test_unknown_benchmark_lists_the_known_ones():

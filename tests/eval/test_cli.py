@@ -32,7 +32,8 @@ def run_dir(mixture_dir, tmp_path_factory):
     """A run directory whose newest checkpoint holds the mixture (with its manifest and checksums)."""
     run = tmp_path_factory.mktemp("run-with-checkpoint")
     write_checkpoint(run / "checkpoints", checkpoint_name(10),
-                     lambda d: [shutil.copy(p, d / p.name) for p in mixture_dir.iterdir() if p.name.startswith("dylora_")],
+                     lambda d: [shutil.copy(p, d / p.name) for p in mixture_dir.iterdir()
+                                if p.name.startswith("dylora_")],
                      {"global_step": 10})
     return run
 
@@ -45,9 +46,12 @@ def test_unknown_benchmark_is_a_clear_error():
 
 @pytest.mark.parametrize("args,message", [
     ([], "give exactly one of --model REF"),
-    (["--model", "tiny-python-lm", "--n", "5"], "--n 5 with --temperature 0 would score 5 identical greedy completions"),
-    (["--model", "tiny-python-lm", "--n", "5", "--temperature", "0.2", "--k", "1,10"], "--k 10 needs at least that many samples"),
-    (["--model", "tiny-python-lm", "--baseline", "--limit", "1"], "--baseline compares a trained mixture with its base"),
+    (["--model", "tiny-python-lm", "--n", "5"],
+     "--n 5 with --temperature 0 would score 5 identical greedy completions"),
+    (["--model", "tiny-python-lm", "--n", "5", "--temperature", "0.2", "--k", "1,10"],
+     "--k 10 needs at least that many samples"),
+    (["--model", "tiny-python-lm", "--baseline", "--limit", "1"],
+     "--baseline compares a trained mixture with its base"),
     (["--model", "tiny-python-lm", "--tasks", "HumanEval/999"], "'HumanEval/999' match no task of humaneval"),
 ])
 def test_bad_options_are_refused_with_what_is_accepted(args, message, tmp_path, capsys):

@@ -1,8 +1,8 @@
 import pytest
 
+from dylora_moe.eval.benchmarks import load_tasks
 from dylora_moe.eval.during_training import evaluate_during_training
 from dylora_moe.eval.generation import SamplingSettings, generate_completions
-from dylora_moe.eval.benchmarks import load_tasks
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,8 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny, tasks)
     lengths = {len(tokenizer(t.prompt).input_ids) for t in tasks}
     assert len(lengths) > 1  # the batch really needs padding
     batched = generate_completions(model, tokenizer, tasks, settings, progress=False)
-    single = generate_completions(model, tokenizer, tasks, SamplingSettings(max_new_tokens=24, batch_size=1), progress=False)
+    single = generate_completions(model, tokenizer, tasks, SamplingSettings(max_new_tokens=24, batch_size=1),
+                                  progress=False)
     assert batched.completions == single.completions
     assert all(len(v) == 1 for v in batched.completions.values())
     assert tokenizer.padding_side == "right"  # restored for whoever uses the tokenizer next
@@ -61,5 +62,6 @@ def test_generation_leaves_the_callers_random_state_alone(tiny, tasks):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    generate_completions(model, tokenizer, tasks[:1], SamplingSettings(n=2, temperature=0.8, max_new_tokens=4), progress=False)
+    generate_completions(model, tokenizer, tasks[:1], SamplingSettings(n=2, temperature=0.8, max_new_tokens=4),
+                         progress=False)
     assert torch.equal(torch.rand(3), expected)  # a training run's dropout and data order are unaffected

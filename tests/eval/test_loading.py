@@ -15,7 +15,8 @@ def run(mixture_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     for step in (5, 10):
         write_checkpoint(run / "checkpoints", checkpoint_name(step),
-                         lambda d: [shutil.copy(p, d / p.name) for p in mixture_dir.iterdir() if p.name.startswith("dylora_")],
+                         lambda d: [shutil.copy(p, d / p.name) for p in mixture_dir.iterdir()
+                                    if p.name.startswith("dylora_")],
                          {"global_step": step})
     return run
 
@@ -31,7 +32,8 @@ def test_checkpoint_references_resolve_to_the_verified_checkpoint(form, run, tmp
     ref = {"run_dir": str(run), "latest": "latest", "checkpoint": str(newest), "file_url": newest.as_uri()}[form]
     source = resolve_model(ref, tmp_path, run_dir=str(run) if form == "latest" else None)
     assert source.is_mixture and source.base_name == "tiny-python-lm"
-    assert (source.mixture_dir / "dylora_model.safetensors").read_bytes() == (newest / "dylora_model.safetensors").read_bytes()
+    weights = "dylora_model.safetensors"
+    assert (source.mixture_dir / weights).read_bytes() == (newest / weights).read_bytes()
     if form == "file_url":
         assert tmp_path in source.mixture_dir.parents  # downloaded, then verified
 

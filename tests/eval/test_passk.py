@@ -11,7 +11,8 @@ from dylora_moe.eval.passk import mean_pass_at_k, pass_at_k
     (5, 2, 5, 1.0),             # n - c < k: some draw of 5 always holds a correct one
     (5, 0, 1, 0.0), (5, 0, 5, 0.0),
     (5, 5, 1, 1.0), (5, 5, 5, 1.0),
-    (20, 3, 10, 1 - (17 * 16 * 15 * 14 * 13 * 12 * 11 * 10 * 9 * 8) / (20 * 19 * 18 * 17 * 16 * 15 * 14 * 13 * 12 * 11)),
+    (20, 3, 10,
+     1 - (17 * 16 * 15 * 14 * 13 * 12 * 11 * 10 * 9 * 8) / (20 * 19 * 18 * 17 * 16 * 15 * 14 * 13 * 12 * 11)),
 ])
 def test_pass_at_k_matches_hand_computed_values(n, c, k, expected):
     assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)

@@ -47,13 +47,15 @@ def test_fork_count_is_capped_by_rlimit_nproc(bwrap_sandbox):
 
 def test_fork_bomb_is_contained_and_cleaned_up(bwrap_sandbox):
     # At most 2**6 = 64 spinning processes even without limits; RLIMIT_NPROC stops it at 16.
-    program = "import os\nfor _ in range(6):\n    try:\n        os.fork()\n    except OSError:\n        pass\nwhile True:\n    pass\n"
+    program = ("import os\nfor _ in range(6):\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+               "while True:\n    pass\n")
     result = run_attack(bwrap_sandbox, program)
     assert result.outcome == "timeout"
 
 
 def test_writes_outside_the_temporary_directory_are_refused(bwrap_sandbox):
-    targets = [REPO_ROOT / f"sandbox-escape-{uuid.uuid4().hex}.txt", Path.home() / f".sandbox-escape-{uuid.uuid4().hex}"]
+    targets = [REPO_ROOT / f"sandbox-escape-{uuid.uuid4().hex}.txt",
+               Path.home() / f".sandbox-escape-{uuid.uuid4().hex}"]
     try:
         for target in targets:
             result = run_attack(bwrap_sandbox, f"open({str(target)!r}, 'w').write('escaped')\n")
@@ -61,7 +63,8 @@ def test_writes_outside_the_temporary_directory_are_refused(bwrap_sandbox):
             assert result.detail.startswith(("PermissionError", "OSError", "FileNotFoundError")), result.detail
             assert not target.exists()
         # ... while its own /tmp works
-        assert bwrap_sandbox.run(["open('/tmp/scratch', 'w').write('ok')\nassert open('/tmp/scratch').read() == 'ok'\n"])[0].passed
+        assert bwrap_sandbox.run(
+            ["open('/tmp/scratch', 'w').write('ok')\nassert open('/tmp/scratch').read() == 'ok'\n"])[0].passed
     finally:
         for target in targets:
             target.unlink(missing_ok=True)
@@ -98,7 +101,8 @@ def test_a_server_on_the_hosts_loopback_is_unreachable(bwrap_sandbox):
 
 def test_a_program_that_exits_early_has_not_passed(bwrap_sandbox):
     exit_zero, hard_exit, raised, syntax = bwrap_sandbox.run(
-        ["import sys\nsys.exit(0)\nassert False\n", "import os\nos._exit(0)\n", "assert 1 == 2, 'wrong'\n", "def f(:\n"])
+        ["import sys\nsys.exit(0)\nassert False\n", "import os\nos._exit(0)\n", "assert 1 == 2, 'wrong'\n",
+         "def f(:\n"])
     assert (exit_zero.outcome, hard_exit.outcome) == ("crash", "crash")
     assert (raised.outcome, raised.detail) == ("failed", "AssertionError: wrong")
     assert syntax.outcome == "syntax" and syntax.seconds == 0.0  # rejected before execution
@@ -107,8 +111,10 @@ def test_a_program_that_exits_early_has_not_passed(bwrap_sandbox):
 
 def test_without_bwrap_the_limits_still_hold_and_the_report_says_so():
     with Sandbox(SandboxLimits(timeout_s=1.0, memory_mb=256), workers=1, isolation="limits") as sandbox:
-        assert sandbox.describe().startswith("limits only (--isolation limits): NO file-system, network or PID isolation")
-        loop, hog, ok = sandbox.run(["while True:\n    pass\n", "x = bytearray(2**30)\n", "assert sum(range(4)) == 6\n"])
+        assert sandbox.describe().startswith(
+            "limits only (--isolation limits): NO file-system, network or PID isolation")
+        loop, hog, ok = sandbox.run(["while True:\n    pass\n", "x = bytearray(2**30)\n",
+                                     "assert sum(range(4)) == 6\n"])
     assert (loop.outcome, hog.outcome, ok.outcome) == ("timeout", "memory", "passed")
 
 

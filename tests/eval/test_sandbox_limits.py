@@ -70,7 +70,8 @@ def test_a_program_over_the_size_cap_fails_without_being_compiled_or_run():
     with Sandbox(SandboxLimits(timeout_s=5.0), workers=1, isolation="limits") as sandbox:
         small, big = sandbox.run(["assert True\n", huge])
     assert small.passed
-    assert big.outcome == "failed" and big.detail.startswith("not run: the program is 352 KB, over --max_program_kb 256")
+    assert big.outcome == "failed"
+    assert big.detail.startswith("not run: the program is 352 KB, over --max_program_kb 256")
 
 
 def test_dylora_eval_samples_with_a_huge_completion_scores_it_as_failed(tmp_path):
@@ -79,7 +80,8 @@ def test_dylora_eval_samples_with_a_huge_completion_scores_it_as_failed(tmp_path
     import sys
 
     samples = tmp_path / "samples.jsonl"
-    samples.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return False\n" + "#" * 2_000_000}) + "\n")
+    samples.write_text(json.dumps({"task_id": "HumanEval/0",
+                                   "completion": "    return False\n" + "#" * 2_000_000}) + "\n")
     proc = subprocess.run([sys.executable, "-m", "dylora_moe.cli", "eval", "--samples", str(samples), "--benchmarks",
                            "humaneval", "--out", str(tmp_path / "out"), "--report_to", "none", "--isolation", "limits"],
                           capture_output=True, text=True, timeout=300)

@@ -27,5 +27,6 @@ def test_training_logs_real_pass_at_1_at_evaluation_points(tmp_path, capsys):
 def test_an_unknown_training_benchmark_is_refused_before_training(tmp_path, capsys):
     code = main(["train", "--output_dir", str(tmp_path), *FAST, "--eval_benchmarks", "humaneval,nope"])
     err = capsys.readouterr().err
-    assert code == 2 and "--eval_benchmarks 'humaneval,nope': unknown benchmark(s) 'nope'; known: humaneval, mbpp" in err
+    assert code == 2
+    assert "--eval_benchmarks 'humaneval,nope': unknown benchmark(s) 'nope'; known: humaneval, mbpp" in err
     assert not any(tmp_path.iterdir())  # nothing was started

@@ -71,7 +71,8 @@ def test_dataset_all_writes_one_prototype_per_training_dataset(run_dir, tmp_path
         record = json.loads((tmp_path / "out" / name / "dylora_gate.json").read_text())
         assert record["gate"] == f"dataset:{name}" and f"dataset:{name}: rank 6" in printed
         prototypes[name] = torch.tensor([record["gates"][n] for n in model.adapted_names])
-        torch.testing.assert_close(prototypes[name], mean_gates_one_by_one(model, tokenizer, name), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(prototypes[name], mean_gates_one_by_one(model, tokenizer, name),
+                                   atol=1e-5, rtol=1e-5)
         model.force_gates(prototypes[name])
         with torch.no_grad():
             expected = model(ids).logits
@@ -120,7 +121,8 @@ def test_cli_merge_writes_a_plain_model_that_gives_the_forced_logits(run_dir, tm
     pytest.param("export", "dataset:nope", "'nope' is not one of the datasets the mixture was trained on (code_alpaca, "
                  "mbpp)", marks=pytest.mark.slow),
     pytest.param("merge", "BAD_JSON", "is not a readable JSON gates file", marks=pytest.mark.slow),
-    pytest.param("export", "WRONG_SHAPE", "has gates of the wrong shape for this mixture (6 adapted layers x 3 experts)",
+    pytest.param("export", "WRONG_SHAPE",
+                 "has gates of the wrong shape for this mixture (6 adapted layers x 3 experts)",
                  marks=pytest.mark.slow),
 ])
 def test_cli_bad_input_exits_2_with_one_paragraph_and_writes_nothing(run_dir, tmp_path, command, gate, message):
@@ -138,7 +140,8 @@ def test_refusals_in_process(run_dir, small_model_dir, tmp_path, capsys):
     """A non-empty --out, dataset:all without a known run, token routing for merge: exit 2, nothing written."""
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    assert main(["export", "--model", str(run_dir / "final"), "--gate", "uniform", "--out", str(tmp_path / "full")]) == 2
+    assert main(["export", "--model", str(run_dir / "final"), "--gate", "uniform",
+                 "--out", str(tmp_path / "full")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
     assert main(["export", "--model", str(run_dir / "final"), "--gate", "uniform", "--out", str(tmp_path / "full"),

@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM
 from dylora_moe.errors import ConfigError
 from dylora_moe.model.export import GATES_NAME, check_mergeable, merge_adapter
 from dylora_moe.model.gates import uniform_gates
-from tests.conftest import REPO_ROOT
 from tests.export.conftest import BASES, mixture
 from tests.model.helpers import assert_exported_experts_give_the_forced_logits
 
@@ -66,8 +65,8 @@ def test_the_adapter_changes_with_the_gate_and_unused_experts_can_be_kept(input_
     gates = random_gates(model)
     model.export_gated(gates, tmp_path / "full", drop_unused=False)
     assert json.loads((tmp_path / "full" / "adapter_config.json").read_text())["r"] == 6
-    torch.testing.assert_close(peft_logits("llama", tmp_path / "full", input_ids), forced_logits(model, gates, input_ids),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(peft_logits("llama", tmp_path / "full", input_ids),
+                               forced_logits(model, gates, input_ids), atol=1e-5, rtol=1e-5)
     model.export_gated(uniform_gates(model), tmp_path / "uniform")
     uniform = peft_logits("llama", tmp_path / "uniform", input_ids)
     torch.testing.assert_close(uniform, forced_logits(model, uniform_gates(model), input_ids), atol=1e-5, rtol=1e-5)
@@ -91,7 +90,8 @@ def test_export_expert_is_the_one_hot_gate_and_keeps_its_behaviour(input_ids, tm
 
 def test_wrong_gates_are_refused(tmp_path):
     model = mixture("llama")
-    with pytest.raises(ConfigError, match=r"gates of shape \(6, 2\) do not fit this mixture: it needs \(6 adapted layers, 3 experts\)"):
+    with pytest.raises(ConfigError, match=r"gates of shape \(6, 2\) do not fit this mixture: "
+                                          r"it needs \(6 adapted layers, 3 experts\)"):
         model.export_gated(torch.ones(6, 2), tmp_path / "a")
     with pytest.raises(ConfigError, match="do not fit this mixture"):
         model.force_gates(torch.ones(2, 3))
@@ -121,8 +121,8 @@ def test_a_fresh_process_with_stock_peft_gives_the_forced_logits(base, input_ids
     torch.save(input_ids, tmp_path / "ids.pt")
     proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(tmp_path / "base"), str(tmp_path / "adapter"),
                            str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
-                          capture_output=True, text=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
-                                                                             "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "dylora" not in proc.stderr
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), forced_logits(model, gates, input_ids),

@@ -32,7 +32,8 @@ def test_bad_specs_say_what_is_accepted(text, message):
 def test_fixed_gates():
     model = mixture("llama")  # 6 adapted layers, 3 experts
     assert expert_gates(model, 1).tolist() == [[0.0, 1.0, 0.0]] * 6
-    with pytest.raises(ConfigError, match=r"expert index 3 is out of range: the mixture has 3 experts \(expert:0 to expert:2\)"):
+    with pytest.raises(ConfigError,
+                       match=r"expert index 3 is out of range: the mixture has 3 experts \(expert:0 to expert:2\)"):
         fixed_gates(model, parse_gate_spec("expert:3"))
     torch.testing.assert_close(uniform_gates(model), torch.full((6, 3), 1 / 3))
     grown = model.add_expert()  # admission 0: the uniform gate leaves it out, as the router would

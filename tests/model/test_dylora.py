@@ -3,8 +3,7 @@ import torch
 
 from dylora_moe.errors import ConfigError
 from dylora_moe.model import DyLoRAConfig, DyLoRAMoE
-from tests.model.helpers import (assert_exported_experts_give_the_forced_logits, randomize_experts, tiny_gpt2,
-                                 tiny_llama)
+from tests.model.helpers import assert_exported_experts_give_the_forced_logits, randomize_experts, tiny_gpt2, tiny_llama
 
 
 def trained_mixture(base=None, **config):
@@ -65,11 +64,13 @@ def test_trainable_state_holds_no_base_parameter_and_round_trips(input_ids):
     state = model.trainable_state_dict()
     base_tensors = {p.data_ptr() for p in model.base_model.parameters() if not p.requires_grad}
     assert all(t.data_ptr() not in base_tensors for t in state.values())
-    assert set(state) == {f"{n}.{k}" for n, _ in model.adapted_layers() for k in ("lora_A", "lora_B", "router.weight")} | {"routing.mature", "routing.admission"}
+    assert set(state) == ({f"{n}.{k}" for n, _ in model.adapted_layers() for k in ("lora_A", "lora_B", "router.weight")}
+                          | {"routing.mature", "routing.admission"})
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
     assert sum(t.numel() for k, t in state.items() if not k.startswith("routing.")) == n_trainable
 
-    fresh = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=3, r=4, alpha=24.0, dropout=0.0, target_modules="q_proj,v_proj")).eval()
+    fresh = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=3, r=4, alpha=24.0, dropout=0.0,
+                                                 target_modules="q_proj,v_proj")).eval()
     fresh.load_trainable_state_dict(state)
     assert fresh.routing.mature.tolist() == [False, True, False]
     assert all(torch.equal(a, b) for a, b in zip(fresh.trainable_state_dict().values(), state.values()))
@@ -209,7 +210,8 @@ def test_export_rejects_out_of_range_expert(tmp_path):
 
 def test_mlp_adapts_the_feed_forward_projections_of_llama_and_gpt2():
     llama = DyLoRAMoE(tiny_llama(), DyLoRAConfig(num_experts=2, r=2, target_modules="mlp"))
-    assert llama.adapted_names == [f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
+    assert llama.adapted_names == [f"model.layers.{i}.mlp.{p}" for i in range(2)
+                                   for p in ("gate_proj", "up_proj", "down_proj")]
     gpt2 = DyLoRAMoE(tiny_gpt2(), DyLoRAConfig(num_experts=2, r=2, target_modules="mlp"))
     assert gpt2.adapted_names == [f"transformer.h.{i}.mlp.{p}" for i in range(2) for p in ("c_fc", "c_proj")]
     assert DyLoRAConfig(target_modules="mlp").to_dict()["target_modules"] == "mlp"

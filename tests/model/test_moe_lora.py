@@ -1,5 +1,4 @@
 import collections
-import copy
 
 import pytest
 import torch
@@ -8,7 +7,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dylora_moe.model import DyLoRAConfig, DyLoRAMoE
 from dylora_moe.model.moe_lora import MoELoRALinear
-
 from tests.model.helpers import randomize_experts, tiny_gpt2, tiny_llama
 
 
@@ -52,7 +50,8 @@ def _grad_norms(model):
 
 
 def test_dense_mode_gradients_reach_every_expert_and_router(llama, input_ids):
-    model = DyLoRAMoE(llama, DyLoRAConfig(num_experts=4, r=4, alpha=32.0, dropout=0.0))  # a moderate scale: no saturated softmax
+    # a moderate scale: no saturated softmax
+    model = DyLoRAMoE(llama, DyLoRAConfig(num_experts=4, r=4, alpha=32.0, dropout=0.0))
     randomize_experts(model)
     assert model.routing.dense
     model(input_ids, labels=input_ids).loss.backward()
@@ -85,7 +84,8 @@ def test_topk_routes_each_token_to_exactly_k_experts(llama, k):
 
 
 def test_dense_gate_is_tempered_softmax(llama):
-    model = DyLoRAMoE(llama, DyLoRAConfig(num_experts=3, r=4, router_temperature=2.0, routing="token", router_scale=1.0))
+    model = DyLoRAMoE(llama, DyLoRAConfig(num_experts=3, r=4, router_temperature=2.0, routing="token",
+                                          router_scale=1.0))
     randomize_experts(model)
     layer = next(iter(dict(model.adapted_layers()).values()))
     x = torch.randn(5, 64)
@@ -170,7 +170,8 @@ def test_per_example_top_k_computes_only_the_chosen_experts_and_equals_the_fused
         calls = []
         original = MoELoRALinear._chosen_only
         monkeypatch.setattr(MoELoRALinear, "_chosen_only",
-                            lambda self, gate: calls.append(original(self, gate)) or (chosen_only and original(self, gate)))
+                            lambda self, gate: (calls.append(original(self, gate))
+                                                or (chosen_only and original(self, gate))))
         ids = torch.randint(3, 128, (3, 9))
         out = model(ids, labels=ids)
         out.loss.backward()

@@ -5,8 +5,7 @@ import torch
 
 from dylora_moe.errors import ConfigError
 from dylora_moe.model import DyLoRAConfig, DyLoRAMoE
-from tests.model.helpers import (assert_exported_experts_give_the_forced_logits, randomize_experts, tiny_gpt2,
-                                 tiny_llama)
+from tests.model.helpers import assert_exported_experts_give_the_forced_logits, randomize_experts, tiny_gpt2, tiny_llama
 
 
 def shared_mixture(base=None, **config):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from .conftest import PROMPTS
+from tests.serve.conftest import PROMPTS
 
 MAX_TOKENS = 12
 
@@ -118,7 +118,8 @@ def test_n_choices_with_a_seed_are_reproducible(client):
     assert len(set(texts)) > 1  # each choice draws from its own stream
     other = client.completions.create(**{**kwargs, "seed": 8})
     assert [c.text for c in other.choices] != texts
-    assert {c.model_extra["dylora"]["gate"] == first.choices[0].model_extra["dylora"]["gate"] for c in first.choices} == {True}
+    first_gate = first.choices[0].model_extra["dylora"]["gate"]
+    assert {c.model_extra["dylora"]["gate"] == first_gate for c in first.choices} == {True}
 
 
 def test_greedy_n_gives_n_equal_choices(client):

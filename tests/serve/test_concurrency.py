@@ -2,7 +2,7 @@
 
 import threading
 
-from .conftest import API_KEY, PROMPTS
+from tests.serve.conftest import API_KEY, PROMPTS
 
 
 def test_sixteen_concurrent_clients_get_their_own_completions(server, loaded, alone):
@@ -41,8 +41,6 @@ def test_sixteen_concurrent_clients_get_their_own_completions(server, loaded, al
     assert results == expected
     assert engine.max_rows_seen > 1, "the requests were not batched together"
     # each was routed from its own prompt: the gate it reports is the one it gets alone
-    import openai
-
     client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
     for i in (0, 5, 11):
         solo = client.completions.create(model="mixture", prompt=PROMPTS[i], max_tokens=1).model_extra["dylora"]["gate"]

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from .conftest import PROMPTS
+from tests.serve.conftest import PROMPTS
 
 
 def build_mixture(**options):

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import API_KEY, PROMPTS, serving
+from tests.serve.conftest import API_KEY, PROMPTS, serving
 
 
 def error_of(call) -> openai.APIStatusError:

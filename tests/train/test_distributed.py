@@ -107,13 +107,15 @@ def test_the_whole_state_of_one_process_is_its_own_state_in_the_checkpoint_layou
     assert weights.keys() == own.keys() and all(torch.equal(weights[k], own[k]) for k in own)
     whole, saved = ranks.full_optimizer_state(model, optimizer), optimizer.state_dict()
     assert whole["param_groups"] == saved["param_groups"] and list(whole["state"]) == list(saved["state"])
-    assert all(torch.equal(whole["state"][i][k], saved["state"][i][k]) for i in saved["state"] for k in saved["state"][i])
+    assert all(torch.equal(whole["state"][i][k], saved["state"][i][k])
+               for i in saved["state"] for k in saved["state"][i])
 
     fresh = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.1)
     ranks.load_optimizer_state(model, fresh, whole)
     loaded = fresh.state_dict()
     assert loaded["param_groups"] == saved["param_groups"]  # tuples (betas) stay tuples
-    assert all(torch.equal(loaded["state"][i][k], saved["state"][i][k]) for i in saved["state"] for k in saved["state"][i])
+    assert all(torch.equal(loaded["state"][i][k], saved["state"][i][k])
+               for i in saved["state"] for k in saved["state"][i])
 
 
 def test_an_optimizer_without_state_is_passed_through_untouched(small_model_dir):

@@ -98,7 +98,8 @@ def _wait_for(predicate, proc, what, timeout=240):
 
 @pytest.mark.slow
 def test_a_second_run_on_the_same_run_dir_is_refused_and_kill_9_leaves_no_stale_lock(small_model_dir, tmp_path):
-    holder = subprocess.Popen(train_argv(small_model_dir, tmp_path, "shared", "--num_epochs", "50", "--save_steps", "1"),
+    holder = subprocess.Popen(train_argv(small_model_dir, tmp_path, "shared", "--num_epochs", "50",
+                                         "--save_steps", "1"),
                               cwd=REPO_ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
     try:
         first_step = tmp_path / "shared" / "checkpoints" / "step-00000001"
@@ -164,8 +165,8 @@ def test_a_checkpoint_never_confirmed_by_the_store_is_published_after_the_restar
 def test_retention_keeps_checkpoints_from_before_a_restart_until_the_store_confirms_them(small_model_dir, tmp_path):
     """In process, with a store that holds back the re-published checkpoint: it must survive retention."""
     from dylora_moe.checkpoint.stores import LocalStore
-    from dylora_moe.train.config import TrainConfig
     from dylora_moe.errors import UnpublishedCheckpoints
+    from dylora_moe.train.config import TrainConfig
     from dylora_moe.train.trainer import Trainer
 
     def config(**kw):
@@ -231,7 +232,8 @@ def test_an_unusable_store_fails_before_training(small_model_dir, tmp_path, s3_e
                               "--store_timeout_s", "5", "--max_steps", "1"), env=env)
     finally:
         silent.close()
-    assert_clean_failure(done, 1, "checkpoint store s3://ckpt/silent", "did not answer within 5 s", "Nothing was trained")
+    assert_clean_failure(done, 1, "checkpoint store s3://ckpt/silent", "did not answer within 5 s",
+                         "Nothing was trained")
     assert not (tmp_path / "silent" / "checkpoints").exists()
 
     # Missing credentials: a permanent error, not retried.

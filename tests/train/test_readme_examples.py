@@ -37,8 +37,8 @@ def readme_commands(*subcommands: str) -> list[str]:
 
 def test_the_readme_shows_the_examples_this_file_runs():
     train = readme_commands("train")
-    assert ('dylora train --datasets "code_alpaca:2,evol_instruct:1" --data_dir ../shared/datasets --num_experts 6 --top_k 2 '
-            '--maturity_fraction 0.5') in train
+    assert ('dylora train --datasets "code_alpaca:2,evol_instruct:1" --data_dir ../shared/datasets '
+            '--num_experts 6 --top_k 2 --maturity_fraction 0.5') in train
     assert len(readme_commands("generate")) >= 1 and len(readme_commands("ckpt")) >= 3
 
 
@@ -57,7 +57,7 @@ def s3(workdir):
     pytest.importorskip("s3fs")
     from moto.server import ThreadedMotoServer
 
-    from tests.checkpoint.conftest import free_port
+    from tests.conftest import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -151,7 +151,7 @@ def test_sigterm_to_a_real_dylora_train_then_resume_auto(small_model_dir, tmp_pa
     argv += ["--max_steps", str(step + 2)]
     done = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert f"resuming from" in done.stderr and f"at step {step}" in done.stderr
+    assert "resuming from" in done.stderr and f"at step {step}" in done.stderr
     summary = json.loads((tmp_path / "spot" / "summary.json").read_text())
     assert summary["steps"] == step + 2
 

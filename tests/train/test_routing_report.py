@@ -98,7 +98,8 @@ def test_report_routing_reads_the_runs_own_datasets_and_settings_and_verifies_ch
     (the run's datasets, split, sequence length); a damaged checkpoint is refused, not read."""
     train = run_cli("train", "--output_dir", str(tmp_path / "runs"), "--run_id", "r", "--datasets", "code_alpaca,mbpp",
                     "--data_dir", DATA_DIR, "--max_seq_length", "96", "--training_subset", "3", "--eval_subset", "30",
-                    "--max_steps", "2", "--eval_steps", "0", "--report_to", "none", "--progress", "false", "--seed", "7")
+                    "--max_steps", "2", "--eval_steps", "0", "--report_to", "none", "--progress", "false",
+                    "--seed", "7")
     assert train.returncode == 0, train.stderr
     run = tmp_path / "runs" / "r"
     trained = json.loads((run / "routing_report.json").read_text())

@@ -10,14 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dylora_moe.checkpoint.stores.background import BackgroundPublisher
-from dylora_moe.checkpoint.stores.base import (CheckpointStore, StoreUnreachableError,
-                                               VersionInfo)
-from dylora_moe.checkpoint.stores.download import check_free_space, install_download
-from dylora_moe.checkpoint.stores.fsspec_store import FsspecStore
-from dylora_moe.checkpoint.stores.local import LocalStore
-from dylora_moe.checkpoint.stores.object_store import ObjectCheckpointStore
-from dylora_moe.errors import CheckpointError
+from ...errors import CheckpointError
+from .background import BackgroundPublisher
+from .base import CheckpointStore, StoreUnreachableError, VersionInfo
+from .download import check_free_space, install_download
+from .fsspec_store import FsspecStore
+from .local import LocalStore
+from .object_store import ObjectCheckpointStore
 
 __all__ = ["BackgroundPublisher", "CheckpointStore", "FsspecStore", "LocalStore", "ObjectCheckpointStore",
            "StoreUnreachableError", "VersionInfo", "check_free_space", "install_download", "open_store"]
@@ -37,7 +36,7 @@ def open_store(address: str | Path | None, *, run: Any = None, run_dir: Path | N
         if run is None:
             raise CheckpointError("store address 'wandb' is the checkpoint artifact of the active W&B run, and "
                                   "there is none; give wandb://ENTITY/PROJECT/NAME or open a W&B run first.")
-        from dylora_moe.checkpoint.stores.wandb_store import WandbStore
+        from .wandb_store import WandbStore
 
         return WandbStore.for_run(run)
     if not address:
@@ -46,7 +45,7 @@ def open_store(address: str | Path | None, *, run: Any = None, run_dir: Path | N
         return LocalStore.for_run_dir(run_dir)
     address = str(address)
     if address.startswith("wandb://"):
-        from dylora_moe.checkpoint.stores.wandb_store import WandbStore
+        from .wandb_store import WandbStore
 
         parts = address[len("wandb://"):].strip("/").split("/")
         if len(parts) != 3 or not all(parts):

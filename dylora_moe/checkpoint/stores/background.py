@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from dylora_moe.checkpoint.commit import TMP_PREFIX
-from dylora_moe.checkpoint.format import checkpoint_name
-from dylora_moe.checkpoint.stores.base import DEFAULT_ALIASES, CheckpointStore
-from dylora_moe.checkpoint.stores.deadline import StoreSilent, call
-from dylora_moe.checkpoint.stores.probe import is_permanent
-from dylora_moe.errors import CheckpointError
+from ...errors import CheckpointError
+from ..commit import TMP_PREFIX
+from ..format import checkpoint_name
+from .base import DEFAULT_ALIASES, CheckpointStore
+from .deadline import StoreSilent, call
+from .probe import is_permanent
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from dylora_moe.errors import CheckpointError
+from ...errors import CheckpointError
 
 VERSION_RE = re.compile(r"^v(\d+)$")
 ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Callable, TypeVar
 
-from dylora_moe.errors import CheckpointError
+from ...errors import CheckpointError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

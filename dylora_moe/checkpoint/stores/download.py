@@ -13,12 +13,11 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from dylora_moe.checkpoint.commit import commit_staged, make_staging_dir
-from dylora_moe.checkpoint.format import (MANIFEST_NAME, Manifest, hash_file, is_complete, read_manifest,
-                                          verify_checkpoint)
-from dylora_moe.checkpoint.stores.base import StoreUnreachableError
-from dylora_moe.checkpoint.stores.deadline import Deadline
-from dylora_moe.errors import CheckpointError
+from ...errors import CheckpointError
+from ..commit import commit_staged, make_staging_dir
+from ..format import MANIFEST_NAME, Manifest, hash_file, is_complete, read_manifest, verify_checkpoint
+from .base import StoreUnreachableError
+from .deadline import Deadline
 
 log = logging.getLogger(__name__)
 

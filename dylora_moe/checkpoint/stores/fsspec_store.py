@@ -22,8 +22,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from dylora_moe.checkpoint.stores.object_store import ObjectCheckpointStore
-from dylora_moe.errors import CheckpointError
+from ...errors import CheckpointError
+from .object_store import ObjectCheckpointStore
 
 PROTOCOLS = ("file", "memory", "s3", "gs", "gcs")
 _GCSFS = "gcsfs (pip install gcsfs: the gcs extra)"

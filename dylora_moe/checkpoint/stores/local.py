@@ -13,8 +13,8 @@ import secrets
 import shutil
 from pathlib import Path
 
-from dylora_moe.checkpoint.commit import fsync_path
-from dylora_moe.checkpoint.stores.object_store import ObjectCheckpointStore
+from ..commit import fsync_path
+from .object_store import ObjectCheckpointStore
 
 
 class LocalStore(ObjectCheckpointStore):

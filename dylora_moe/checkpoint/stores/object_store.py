@@ -24,12 +24,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from dylora_moe.checkpoint.format import MANIFEST_NAME, Manifest, checkpoint_name, verify_checkpoint
-from dylora_moe.checkpoint.stores.base import (DEFAULT_ALIASES, VERSION_RE, CheckpointStore,
-                                               StoreUnreachableError, VersionInfo, check_ref_name,
-                                               publish_aliases, version_number)
-from dylora_moe.checkpoint.stores.download import install_download
-from dylora_moe.errors import CheckpointError
+from ...errors import CheckpointError
+from ..format import MANIFEST_NAME, Manifest, checkpoint_name, verify_checkpoint
+from .base import (
+    DEFAULT_ALIASES,
+    VERSION_RE,
+    CheckpointStore,
+    StoreUnreachableError,
+    VersionInfo,
+    check_ref_name,
+    publish_aliases,
+    version_number,
+)
+from .download import install_download
 
 log = logging.getLogger(__name__)
 

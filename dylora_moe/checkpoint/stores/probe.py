@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 import re
 
-from dylora_moe.checkpoint.stores.base import CheckpointStore
-from dylora_moe.checkpoint.stores.deadline import Deadline, StoreSilent, describe_error, retry_within
-from dylora_moe.errors import CheckpointError
+from ...errors import CheckpointError
+from .base import CheckpointStore
+from .deadline import Deadline, StoreSilent, describe_error, retry_within
 
 log = logging.getLogger(__name__)
 
