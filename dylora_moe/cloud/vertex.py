@@ -58,7 +58,8 @@ def _aiplatform_v1():
     try:
         from google.cloud import aiplatform_v1
     except ImportError as e:
-        raise ConfigError("dylora submit needs google-cloud-aiplatform (pip install google-cloud-aiplatform google-cloud-secret-manager gcsfs: the cloud extra), "
+        raise ConfigError("dylora submit needs google-cloud-aiplatform (pip install google-cloud-aiplatform "
+                          "google-cloud-secret-manager gcsfs: the cloud extra), "
                           "which is not installed.") from e
     return aiplatform_v1
 

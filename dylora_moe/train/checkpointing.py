@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
-from ..checkpoint.fingerprint import ArchitectureFingerprint, FingerprintMismatch
 from ..checkpoint.commit import cleanup_partial
 from ..checkpoint.directory import apply_retention, latest_checkpoint, list_checkpoints
+from ..checkpoint.fingerprint import ArchitectureFingerprint, FingerprintMismatch
 from ..checkpoint.format import checkpoint_name, read_manifest
 from ..checkpoint.resume import resolve_resume
 from ..checkpoint.stores import BackgroundPublisher, CheckpointStore, open_store
@@ -32,8 +32,14 @@ from ..checkpoint.stores.download import free_bytes
 from ..checkpoint.stores.probe import probe_store
 from ..errors import CheckpointError, ConfigError, UnpublishedCheckpoints
 from ..model import DyLoRAConfig, DyLoRAMoE
-from .checkpoint_payload import (GatheredState, RunRecord, TrainingPayload, read_training_checkpoint, restore_weights,
-                                 save_training_checkpoint)
+from .checkpoint_payload import (
+    GatheredState,
+    RunRecord,
+    TrainingPayload,
+    read_training_checkpoint,
+    restore_weights,
+    save_training_checkpoint,
+)
 from .config import TrainConfig
 from .history import MetricHistory
 from .run_lock import RunDirLock
@@ -95,7 +101,8 @@ class Checkpointer:
         if self.store is None:
             address = self.config.checkpoint_store
             if address == "wandb" and wandb_run is None:
-                raise ConfigError("--checkpoint_store wandb needs W&B metrics: add --report_to wandb (and WANDB_API_KEY or WANDB_MODE).")
+                raise ConfigError("--checkpoint_store wandb needs W&B metrics: add --report_to wandb (and "
+                                  "WANDB_API_KEY or WANDB_MODE).")
             self.store = open_store(address, run=wandb_run, run_dir=self.run_dir, timeout_s=self.config.store_timeout_s)
         probe_store(self.store, self.config.store_timeout_s)
         return self.store
@@ -190,7 +197,8 @@ class Checkpointer:
         try:
             stored = {v.step for v in self.store.list_versions()}
         except CheckpointError as err:
-            log.warning("cannot list %s to find unpublished checkpoints (%s); they are kept locally", self.store.url, err)
+            log.warning("cannot list %s to find unpublished checkpoints (%s); they are kept locally",
+                        self.store.url, err)
             return
         for step, path in local:
             if step not in stored:

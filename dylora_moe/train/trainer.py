@@ -28,11 +28,10 @@ from ..errors import EXIT_PREEMPTED, ConfigError, Preempted, UnpublishedCheckpoi
 from ..model import DyLoRAConfig, DyLoRAMoE
 from ..model.base import load_base_model, load_tokenizer
 from ..runtime.signals import SignalWatch, StartupInterrupted, signal_name
-from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow, StepMetrics, validation_loss
-from .checkpoint_payload import (GatheredState, RunRecord, fingerprint_of, restore_progress, rng_state,
-                                 trainable_weights)
-from .checkpointing import Checkpointer, Resumed
 from .batch_plan import BatchPlan
+from .callbacks import EarlyStopping, MaturitySchedule, MetricWindow, StepMetrics, validation_loss
+from .checkpoint_payload import GatheredState, RunRecord, fingerprint_of, restore_progress, rng_state, trainable_weights
+from .checkpointing import Checkpointer, Resumed
 from .config import TrainConfig
 from .distributed import Ranks
 from .example_trace import ExampleTrace
