@@ -47,6 +47,7 @@ class _Pair:
     passed: int = 0
     finished: int = 0  # directions that ended with EOF
     dead: bool = False
+    tripped: bool = False  # the reset was decided (by one direction's pump: the other must not count it again)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def kill(self) -> bool:
@@ -210,8 +211,11 @@ class FaultProxy:
                 if self.latency_s:
                     time.sleep(self.latency_s)
                 with pair.lock:
+                    if pair.tripped:
+                        return
                     pair.passed += len(data)
                     trip = pair.reset_at is not None and pair.passed >= pair.reset_at
+                    pair.tripped = trip
                 if trip:  # the faulted connection dies in the middle of its traffic
                     head = len(data) - (pair.passed - pair.reset_at)
                     with contextlib.suppress(OSError):
