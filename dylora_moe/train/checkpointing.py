@@ -226,6 +226,10 @@ class Checkpointer:
         apply_retention(self.checkpoint_dir, self.config.save_total_limit, best, keep=unconfirmed)
         return directory
 
+    def local_path(self, step: int) -> Path:
+        """Where this run's checkpoint of ``step`` is (or would be) written."""
+        return self.checkpoint_dir / checkpoint_name(step)
+
     def has_local(self, step: int) -> bool:
         return (self.checkpoint_dir / checkpoint_name(step)).exists()
 

@@ -187,6 +187,14 @@ class TrainConfig:
             raise ConfigError(f"--learning_rate {self.learning_rate!r} is invalid: it must be > 0.")
         if not 0 <= self.maturity_fraction <= 1:
             raise ConfigError(f"--maturity_fraction {self.maturity_fraction!r} is invalid: give a value from 0 to 1.")
+        if not self.lora_alpha and self.learning_rate > 5e-4:
+            logging.getLogger(__name__).warning(
+                "--learning_rate %g with the default --lora_alpha (32 x experts x rank: alpha/r 128) trained worse "
+                "than lr 5e-4 when both were tuned, and diverged from 2e-3 (docs/benchmarks.md): lower --lora_alpha "
+                "as you raise the learning rate (their product is what matters), e.g. --lora_alpha %g.",
+                self.learning_rate, max(1.0, DyLoRAConfig(num_experts=self.num_experts, r=self.lora_r,
+                                                          shared_experts=self.shared_experts).alpha
+                                        * 5e-4 / self.learning_rate))
         if self.top_k != _MIXTURE_DEFAULTS["top_k"] and self.maturity_fraction >= 1:
             logging.getLogger(__name__).warning(
                 "--top_k %d has no effect: routing stays dense while any expert is immature, and with "

@@ -22,7 +22,6 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from ..checkpoint.format import checkpoint_name
 from ..checkpoint.stores import CheckpointStore
 from ..errors import EXIT_PREEMPTED, ConfigError, Preempted, UnpublishedCheckpoints
 from ..model import DyLoRAConfig, DyLoRAMoE
@@ -340,7 +339,7 @@ class Trainer:
         bar.close()
         budget = self.config.preemption_budget_s
         if self._saved_step == self.state.global_step:  # this step's checkpoint was just written: not again
-            directory = self.checkpointer.checkpoint_dir / checkpoint_name(self.state.global_step)
+            directory = self.checkpointer.local_path(self.state.global_step)
             self.ranks.on_main(lambda: self.checkpointer.flush(budget), "publishing the checkpoint of this step")
         else:
             directory = self.save_checkpoint(wait_s=budget)

@@ -57,7 +57,9 @@ def wait_until(condition, what: str, limit_s: float = 300.0) -> None:
 
 
 def saved_steps(run_dir: Path) -> int:
-    return len(list((run_dir / "checkpoints").glob("step-*"))) if (run_dir / "checkpoints").is_dir() else 0
+    """The newest local checkpoint's step (retention removes old ones, so not their count)."""
+    steps = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")]
+    return max(steps, default=0)
 
 
 def test_sigkills_of_ranks_and_of_the_launcher_then_resume_auto_end_with_the_uninterrupted_weights(

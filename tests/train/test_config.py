@@ -165,3 +165,13 @@ def test_train_help_prints_each_default_once():
     text = " ".join(out.getvalue().split())
     assert "(default: RUN_DIR/store)" in text and "(default: RUN_DIR/store) (default: None)" not in text
     assert text.count("(default: 32 x (num_experts + shared_experts) x lora_r)") == 1
+
+
+def test_a_high_learning_rate_with_the_default_alpha_warns_with_an_alpha_to_use(caplog):
+    config_from_args(build_parser().parse_args(["train", "--learning_rate", "2e-3"]))
+    (warning,) = [r.getMessage() for r in caplog.records if "--learning_rate" in r.getMessage()]
+    assert "--learning_rate 0.002 with the default --lora_alpha" in warning and "e.g. --lora_alpha 512" in warning
+    caplog.clear()
+    config_from_args(build_parser().parse_args(["train", "--learning_rate", "2e-3", "--lora_alpha", "512"]))
+    config_from_args(build_parser().parse_args(["train"]))
+    assert not [r for r in caplog.records if "--learning_rate" in r.getMessage()]

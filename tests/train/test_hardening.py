@@ -137,7 +137,7 @@ def test_a_checkpoint_never_confirmed_by_the_store_is_published_after_the_restar
     run_dir, store = tmp_path / "p", tmp_path / "p" / "store"
     # As if the process died while uploading step 4: the version has no manifest, latest still says step 2,
     # and a staging folder of an interrupted checkpoint write is left behind.
-    for version in store.glob("v*"):  # step 4 was published twice (in the loop, then at the end)
+    for version in store.glob("v*"):  # step 4 (published once: its evaluation comes before its save)
         if json.loads((version / "manifest.json").read_text())["global_step"] == 4:
             (version / "manifest.json").unlink()
     (store / "aliases" / "step-4.json").unlink()
@@ -155,9 +155,9 @@ def test_a_checkpoint_never_confirmed_by_the_store_is_published_after_the_restar
     versions = sorted(p.name for p in store.iterdir() if p.name.startswith("v"))
     complete = {v: json.loads((store / v / "manifest.json").read_text())["global_step"]
                 for v in versions if (store / v / "manifest.json").is_file()}
-    steps = sorted(complete.values())  # (the last step is published twice: in the loop, then after the final eval)
-    assert set(steps) == {2, 4, 6} and steps.count(4) == 1  # step 4 published again, as one new version
-    assert len(versions) == len(complete) + 2  # the two unfinished versions are never reused nor listed
+    steps = sorted(complete.values())  # every step once
+    assert steps == [2, 4, 6]  # step 4 published again, as one new version; no step twice
+    assert len(versions) == len(complete) + 1  # the unfinished version is never reused nor listed
     assert json.loads((store / "aliases" / "latest.json").read_text())["step"] == 6
     assert intact_checkpoints(run_dir) == [6]  # retention removed step 4 only after the store confirmed it
 

@@ -62,7 +62,7 @@ def test_a_sigterm_on_a_save_step_publishes_that_step_once(small_model_dir, tmp_
     assert proc.returncode == 75, err
     steps = store_steps(tmp_path / "sig")
     assert steps == sorted(set(steps)), steps  # no step twice
-    assert steps == intact_checkpoints(tmp_path / "sig")  # and every local checkpoint confirmed
+    assert set(intact_checkpoints(tmp_path / "sig")) <= set(steps)  # every local checkpoint confirmed
 
 
 def test_the_run_ends_naming_its_pictures_and_the_next_commands(small_model_dir, tmp_path):

@@ -11,7 +11,7 @@ from tests.conftest import SHARED_DATASETS
 
 MODEL = os.environ.get("DYLORA_TEST_MODEL", DEFAULT_MODEL_NAME)
 FAST = ["--model_name", MODEL, "--report_to", "none", "--progress", "false", "--logging_steps", "2",
-        "--save_steps", "0", "--max_seq_length", "256", "--learning_rate", "2e-3", "--train_batch_size", "8"]
+        "--save_steps", "0", "--max_seq_length", "256", "--train_batch_size", "8"]  # the tuned learning rate and alpha
 
 
 def run_train(tmp_path, *argv):
