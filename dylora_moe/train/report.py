@@ -111,11 +111,15 @@ def plot_loss(history: list[dict[str, Any]], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     if train:
         steps, losses = zip(*train)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="training loss (response tokens)")
         window = max(1, len(losses) // 20)
-        smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
-                  for i in range(len(losses))]
-        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"training loss, mean of {window} steps")
+        if window == 1:  # few steps: the losses themselves (markers, since a short run may have one point)
+            ax.plot(steps, losses, color="tab:blue", linewidth=2, marker="o" if len(steps) < 3 else None,
+                    label="training loss (response tokens)")
+        else:
+            ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="training loss (response tokens)")
+            smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+                      for i in range(len(losses))]
+            ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"training loss, mean of {window} steps")
     if held_out:
         steps, losses = zip(*held_out)
         ax.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="held-out loss")
