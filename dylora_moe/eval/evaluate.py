@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError
+from ..model.base import choose_threads
 from .benchmarks import load_tasks, select_tasks
 from .config import EvalConfig
 from .generation import SamplingSettings, generate_completions
-from .loading import attach_mixture, choose_threads, download_dir, load_base, load_tokenizer_for, resolve_model
+from .loading import attach_mixture, download_dir, load_base, load_tokenizer_for, resolve_model
 from .report import log_to_wandb, write_results, write_summary
 from .sample_files import read_samples, write_samples
 from .sandbox import Sandbox

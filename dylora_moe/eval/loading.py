@@ -26,8 +26,6 @@ from ..checkpoint.references import fetch_model
 from ..model.base import load_base_model, load_tokenizer
 from ..model.io import CONFIG_NAME
 
-SMALL_MODEL_PARAMETERS = 100_000_000
-
 
 @dataclass
 class ModelSource:
@@ -70,17 +68,6 @@ def load_base(source: ModelSource):
 
     model = load_base_model(source.base_name, flag="--model" if not source.is_mixture else "--model_name").eval()
     return model.to("cuda") if torch.cuda.is_available() else model
-
-
-def choose_threads(model, requested: int | None) -> int | None:
-    """``--threads``, else 1 for small models on CPU: their per-token operations are too small to
-    split across threads, and on a busy machine extra threads only wait for each other (the
-    shipped 4M-parameter model generates about 5x faster on one thread here). None: torch's default."""
-    if requested:
-        return requested
-    parameters = sum(p.numel() for p in model.parameters())
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    return 1 if on_cpu and parameters < SMALL_MODEL_PARAMETERS else None
 
 
 def attach_mixture(source: ModelSource, base_model):

@@ -41,17 +41,14 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
     import sys
-    import tempfile
-    from pathlib import Path
 
     import torch
     from transformers import TextStreamer
 
     from ..data import format_prompt
+    from .loading import load_for_inference
 
-    # a fetched checkpoint, loaded then removed
-    with tempfile.TemporaryDirectory(prefix="dylora-generate-") as downloads:
-        model, tokenizer, what = _load(args.model, Path(downloads))
+    model, tokenizer, what = load_for_inference(args.model, "dylora-generate")
     prompt = args.prompt if args.raw else format_prompt(args.prompt)
     inputs = tokenizer(prompt, return_tensors="pt")
     torch.manual_seed(args.seed)
@@ -64,33 +61,3 @@ def run(args: argparse.Namespace) -> int:
         model.generate(**inputs, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                        eos_token_id=tokenizer.eos_token_id, streamer=streamer, **sampling)
     return 0
-
-
-def _load(ref: str, downloads):
-    """(model, tokenizer, a line saying what was loaded) for ``--model REF``: a run directory (its
-    ``final/``), a saved mixture, a checkpoint reference (fetched and verified), or a base model."""
-    from pathlib import Path
-
-    from ..checkpoint.references import fetch_model
-    from ..model.base import DEFAULT_MODEL_NAME, load_base_model, load_tokenizer
-    from ..model.io import CONFIG_NAME
-    from ..model.trained import load_trained_mixture
-
-    final = Path(ref).expanduser() / "final"
-    if (final / CONFIG_NAME).is_file():  # a run directory: the model it finished with
-        ref = str(final)
-    directory = fetch_model(ref, downloads)
-    if directory is None and (Path(ref).expanduser() / CONFIG_NAME).is_file():
-        directory = Path(ref).expanduser()
-    if directory is not None:
-        model, tokenizer = load_trained_mixture(directory)
-        base = model.config.base_model_name_or_path
-        what = f"model: the mixture {ref} ({model.num_experts} experts on {base})"
-    else:  # a base model by name or directory: the model before training, for comparison
-        base = ref
-        model, tokenizer = load_base_model(ref, flag="--model").eval(), load_tokenizer(ref, flag="--model")
-        what = f"model: the base model {ref} (no experts)"
-    if base == DEFAULT_MODEL_NAME:
-        what += (f"\nnote: {DEFAULT_MODEL_NAME} is the tiny demo model shipped with dylora-moe (a few million "
-                 "parameters): expect rough completions; train a real base with --model_name for useful ones")
-    return model, tokenizer, what

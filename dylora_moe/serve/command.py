@@ -10,7 +10,6 @@ import argparse
 import logging
 import os
 import signal
-from pathlib import Path
 
 from ..errors import EXIT_STATUS_HELP, ConfigError
 
@@ -66,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    threads = args.threads or _default_threads(model)
+    from ..model.base import choose_threads
+
+    threads = choose_threads(model, args.threads)
     if threads:
         torch.set_num_threads(threads)
     return serve(model, tokenizer, args.served_model_name or args.model, host=args.host, port=args.port,
@@ -75,41 +76,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load_model(ref: str):
-    """(model in eval mode, tokenizer) for any --model reference: a checkpoint reference (fetched and
-    verified), a saved mixture directory, or a base model."""
-    import tempfile
+    """(model in eval mode, tokenizer) for any --model reference, as dylora generate loads it."""
+    from ..generate.loading import load_for_inference
 
-    from ..checkpoint.references import fetch_model
-    from ..model.base import load_base_model, load_tokenizer
-    from ..model.io import CONFIG_NAME
-    from ..model.trained import load_trained_mixture
-
-    with tempfile.TemporaryDirectory(prefix="dylora-serve-") as downloads:  # loaded, then removed
-        fetched = fetch_model(ref, Path(downloads))
-        if fetched is not None or (Path(ref).expanduser() / CONFIG_NAME).is_file():
-            return load_trained_mixture(fetched or Path(ref).expanduser())
-    path = Path(ref).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise ConfigError(f"--model {ref!r}: the directory holds neither a trained mixture ({CONFIG_NAME}), a "
-                          f"checkpoint nor a model (config.json). {GIVE}")
-    if not path.exists() and (ref.startswith(("/", ".", "~")) or ref.count("/") > 1):
-        raise ConfigError(f"--model {ref!r}: no such directory. {GIVE}")
-    try:
-        return load_base_model(ref).eval(), load_tokenizer(ref)
-    except ConfigError as err:
-        raise ConfigError(f"--model {ref!r}: {err} A trained mixture or a checkpoint reference works too "
-                          "(runs/RUN_ID/final, runs/RUN_ID/store:latest, wandb://E/P/NAME:ALIAS, ...).") from None
-
-
-GIVE = ("Give a trained mixture (a run's final/ directory, runs/RUN_ID/final), a checkpoint reference (a run or "
-        "checkpoint directory, runs/RUN_ID/store:latest, s3://BUCKET/PATH/store:latest, wandb://E/P/NAME:ALIAS), or a "
-        "base model (a local model directory, a hub id, or 'tiny-python-lm').")
-
-
-def _default_threads(model) -> int | None:
-    """1 thread for small models on CPU: their per-token operations are too small to split (as dylora eval)."""
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    return 1 if on_cpu and sum(p.numel() for p in model.parameters()) < 100_000_000 else None
+    model, tokenizer, _ = load_for_inference(ref, "dylora-serve")
+    return model, tokenizer
 
 
 def served_model(model, tokenizer, name: str):
